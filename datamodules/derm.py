@@ -1,0 +1,447 @@
+"""Dermatology image-text data: generic CSV, Derm1M and ISIC 2019 / HAM10000 layouts.
+
+Every reader returns one table (pandas) with the columns ``path, caption, label, group, split, line``
+(``line`` is the 1-based line in the source CSV, header = line 1) so that errors can name the row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.synthetic.derm import CLASS_NAMES as DEMO_CLASS_NAMES
+from datamodules.synthetic.derm import DEMO_CSV, generate_derm_demo
+from mmclin.errors import DataError
+from mmclin.tasks.zero_shot import DERM_TEMPLATES
+
+log = logging.getLogger(__name__)
+
+# ISIC 2019 ground-truth columns -> class names (Codella et al. 2018; Combalia et al. 2019).
+ISIC_CLASS_NAMES = {
+    "MEL": "melanoma",
+    "NV": "melanocytic nevus",
+    "BCC": "basal cell carcinoma",
+    "AK": "actinic keratosis",
+    "BKL": "benign keratosis",
+    "DF": "dermatofibroma",
+    "VASC": "vascular lesion",
+    "SCC": "squamous cell carcinoma",
+    "UNK": "unknown",
+}
+# HAM10000 `dx` codes -> class names (Tschandl et al., Sci Data 2018).
+HAM_DX_NAMES = {
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "bcc": "basal cell carcinoma",
+    "akiec": "actinic keratosis",
+    "bkl": "benign keratosis",
+    "df": "dermatofibroma",
+    "vasc": "vascular lesion",
+}
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+TABLE_COLUMNS = ["path", "caption", "label", "group", "split", "line"]
+
+
+def _read_csv(csv_path: Path, required: Sequence[str], separator: str = ",") -> pd.DataFrame:
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: CSV file not found")
+    frame = pd.read_csv(csv_path, sep=separator, dtype=str, keep_default_na=False)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(f"{csv_path}: missing column(s) {missing}; the file has {list(frame.columns)}")
+    return frame
+
+
+def _resolve(root: Path, image_dir: str, name: str, suffix: str = "") -> str:
+    path = Path(name + suffix)
+    return str(path if path.is_absolute() else root / image_dir / path)
+
+
+def read_image_text_csv(
+    csv_path: str | os.PathLike,
+    root: str | os.PathLike,
+    image_key: str = "filepath",
+    caption_key: str = "title",
+    label_key: str | None = None,
+    group_key: str | None = None,
+    split_key: str | None = None,
+    image_dir: str = "",
+    separator: str = ",",
+) -> pd.DataFrame:
+    """Read an image-text CSV (open_clip_train's ``--csv-img-key/--csv-caption-key`` convention).
+
+    Args:
+        csv_path: the CSV file.
+        root: directory that relative image paths are resolved against (``root/image_dir/<image>``).
+        image_key: column holding the image path.
+        caption_key: column holding the caption.
+        label_key: optional column holding a class name (for zero-shot evaluation).
+        group_key: optional column (lesion or patient id) that seeded splits keep together.
+        split_key: optional column holding train/val/test.
+        image_dir: sub-directory of `root` holding the images.
+        separator: CSV field separator.
+    """
+    csv_path = Path(csv_path)
+    keys = [k for k in (image_key, caption_key, label_key, group_key, split_key) if k]
+    frame = _read_csv(csv_path, keys, separator)
+    lines = np.arange(len(frame)) + 2
+    captions = frame[caption_key].str.strip()
+    empty = np.flatnonzero(captions.eq("").to_numpy())
+    if len(empty):
+        raise DataError(
+            f"{csv_path}: empty caption in column '{caption_key}' at line(s) {lines[empty][:10].tolist()}"
+            + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        )
+    root = Path(root)
+    table = pd.DataFrame(
+        {
+            "path": [_resolve(root, image_dir, p) for p in frame[image_key]],
+            "caption": captions,
+            "label": frame[label_key].str.strip() if label_key else "",
+            "group": frame[group_key] if group_key else "",
+            "split": frame[split_key].str.strip().str.lower() if split_key else "",
+            "line": lines,
+        }
+    )
+    return table
+
+
+def read_derm1m(csv_path: str | os.PathLike, root: str | os.PathLike, caption_key: str = "truncated_caption",
+                label_key: str = "disease_label", group_key: str | None = None) -> pd.DataFrame:
+    """Read a Derm1M CSV (``filename, caption, truncated_caption, disease_label, ...``; Yan et al. 2025).
+
+    DermLIP trains on ``truncated_caption``; images are ``root/<filename>``.
+    """
+    return read_image_text_csv(csv_path, root, "filename", caption_key, label_key, group_key)
+
+
+def read_isic(
+    csv_path: str | os.PathLike,
+    root: str | os.PathLike,
+    image_dir: str = "ISIC_2019_Training_Input",
+    metadata_csv: str | os.PathLike | None = None,
+    templates: Sequence[str] = DERM_TEMPLATES,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Read ISIC 2019 ground truth (``image, MEL, NV, ...`` one-hot) or HAM10000 metadata (``image_id, dx``).
+
+    Captions are built from the class name and a template drawn with `seed`. The lesion id (HAM10000
+    ``lesion_id`` or the ISIC metadata CSV's) becomes the split group; images without one form their own group.
+    """
+    csv_path = Path(csv_path)
+    frame = _read_csv(csv_path, [])
+    if "dx" in frame.columns:  # HAM10000_metadata.csv
+        frame = _read_csv(csv_path, ["image_id", "dx"])
+        images = frame["image_id"]
+        unknown = ~frame["dx"].isin(HAM_DX_NAMES)
+        if unknown.any():
+            i = int(np.flatnonzero(unknown.to_numpy())[0])
+            raise DataError(f"{csv_path} line {i + 2}: dx '{frame['dx'].iloc[i]}' is not one of {list(HAM_DX_NAMES)}")
+        labels = frame["dx"].map(HAM_DX_NAMES)
+        groups = frame.get("lesion_id", pd.Series([""] * len(frame)))
+    else:  # ISIC_2019_Training_GroundTruth.csv
+        codes = [c for c in ISIC_CLASS_NAMES if c in frame.columns]
+        frame = _read_csv(csv_path, ["image", *codes[:1]])
+        onehot = frame[codes].astype(float).to_numpy()
+        bad = np.flatnonzero(onehot.sum(axis=1) != 1)
+        if len(bad):
+            raise DataError(f"{csv_path} line {bad[0] + 2}: expected exactly one 1.0 among {codes}")
+        images = frame["image"]
+        labels = pd.Series([ISIC_CLASS_NAMES[codes[k]] for k in onehot.argmax(axis=1)])
+        groups = pd.Series([""] * len(frame))
+        if metadata_csv is not None:
+            meta = _read_csv(Path(root) / metadata_csv, ["image", "lesion_id"]).set_index("image")["lesion_id"]
+            groups = images.map(meta).fillna("")
+    rng = np.random.default_rng(seed)
+    captions = [templates[int(rng.integers(len(templates)))].format(name) for name in labels]
+    root = Path(root)
+    return pd.DataFrame(
+        {
+            "path": [_resolve(root, image_dir, name, "" if Path(name).suffix else ".jpg") for name in images],
+            "caption": captions,
+            "label": labels.to_numpy(),
+            "group": groups.to_numpy(),
+            "split": "",
+            "line": np.arange(len(frame)) + 2,
+        }
+    )
+
+
+def check_images(table: pd.DataFrame, source: str, on_missing: Literal["error", "skip"], verify: bool = False):
+    """Drop or reject rows whose image is missing (or, with `verify`, does not decode).
+
+    Returns the kept rows and the number skipped. With ``on_missing='error'`` the first bad row raises a
+    DataError such as ``ISIC.csv line 17: image 'x.jpg' not found``.
+    """
+    bad: list[tuple[int, str]] = []
+    for i, (path, line) in enumerate(zip(table["path"], table["line"])):
+        problem = None
+        if not os.path.isfile(path):
+            problem = f"image '{path}' not found"
+        elif verify:
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises many types for corrupt files
+                problem = f"image '{path}' cannot be decoded ({type(e).__name__}: {e})"
+        if problem:
+            if on_missing == "error":
+                raise DataError(f"{source} line {line}: {problem} (set on_missing: skip to drop such rows)")
+            bad.append((i, problem))
+    if bad:
+        log.warning("%s: skipped %d of %d rows with missing or unreadable images", source, len(bad), len(table))
+    keep = np.ones(len(table), bool)
+    keep[[i for i, _ in bad]] = False
+    return table[keep].reset_index(drop=True), len(bad)
+
+
+def split_table(table: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
+    """Fill the ``split`` column: keep a given split, else a seeded split by group (lesion/patient) id.
+
+    Rows that share a group always land in the same split; rows without a group are their own group.
+    """
+    table = table.copy()
+    if table["split"].ne("").all():
+        unknown = sorted(set(table["split"]) - set(SPLIT_ALIASES))
+        if unknown:
+            raise DataError(f"unknown split value(s) {unknown}; expected one of {sorted(SPLIT_ALIASES)}")
+        table["split"] = table["split"].map(SPLIT_ALIASES)
+        return table
+    groups = np.where(table["group"].eq(""), "__row" + table["line"].astype(str), table["group"])
+    unique = np.unique(groups)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    n_test, n_val = round(len(unique) * test_fraction), round(len(unique) * val_fraction)
+    assign = np.empty(len(unique), dtype=object)
+    assign[order[:n_test]] = "test"
+    assign[order[n_test:n_test + n_val]] = "val"
+    assign[order[n_test + n_val:]] = "train"
+    table["split"] = assign[np.searchsorted(unique, groups)]
+    return table
+
+
+class ImageTextDataset(Dataset):
+    """Yields ``{"image": (3, H, W), "text": (context_length,) token ids, "caption", "label", "path"}``."""
+
+    def __init__(self, table: pd.DataFrame, classnames: Sequence[str], transform: Callable,
+                 tokenizer: Callable | None, source: str = ""):
+        self.table = table.reset_index(drop=True)
+        self.class_index = {c: i for i, c in enumerate(classnames)}
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.table.iloc[i]
+        try:
+            with Image.open(row["path"]) as im:
+                image = im.convert("RGB")
+        except Exception as e:
+            raise DataError(f"{self.source} line {row['line']}: cannot read image '{row['path']}': {e}") from e
+        item = {
+            "image": self.transform(image),
+            "caption": row["caption"],
+            "label": self.class_index.get(row["label"], -1),
+            "path": row["path"],
+        }
+        if self.tokenizer is not None:
+            item["text"] = self.tokenizer([row["caption"]])[0]
+        return item
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("MMCLIN_CACHE", Path.home() / ".cache" / "mmclin"))
+
+
+class DermDataModule(L.LightningDataModule):
+    """Image-caption pairs for CLIP training and zero-shot evaluation in dermatology.
+
+    With ``root`` unset the seeded demo dataset (Derm1M layout) is generated once into the cache
+    directory (``$MMCLIN_CACHE`` or ``~/.cache/mmclin``) and read with the Derm1M reader.
+    Image transforms and the tokenizer come from the model (``image_text_preprocess()``), as open_clip
+    pairs them with its weights; without a model, open_clip's default transform at `image_size` is used.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        format: Literal["csv", "derm1m", "isic"] = "derm1m",
+        csv: str | None = None,
+        image_dir: str = "",
+        metadata_csv: str | None = None,
+        image_key: str = "filepath",
+        caption_key: str | None = None,
+        label_key: str | None = None,
+        group_key: str | None = None,
+        split_key: str | None = None,
+        separator: str = ",",
+        classes: list[str] | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        on_missing: Literal["error", "skip"] = "error",
+        verify_images: bool = False,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        image_size: int = 224,
+        demo_lesions_per_class: int = 90,
+        demo_image_size: int = 128,
+        cache_dir: str | None = None,
+    ):
+        """
+        Args:
+            root: dataset directory; unset = generate and use the demo dataset.
+            format: ``csv`` (generic image-text CSV), ``derm1m`` or ``isic`` (ISIC 2019 / HAM10000).
+            csv: CSV path relative to `root` (default per format: Derm1M_v2_pretrain.csv,
+                ISIC_2019_Training_GroundTruth.csv; required for ``csv``).
+            image_dir: sub-directory of `root` with the images (ISIC: ISIC_2019_Training_Input).
+            metadata_csv: ISIC metadata CSV (relative to root) providing ``lesion_id`` groups.
+            image_key: image column (``csv`` format).
+            caption_key: caption column (``csv``: required; ``derm1m``: default truncated_caption).
+            label_key: class-name column (``derm1m`` default disease_label); enables zero-shot evaluation.
+            group_key: lesion/patient id column kept on one side of a seeded split.
+            split_key: column with train/val/test; if unset, a seeded group split is drawn.
+            separator: CSV separator.
+            classes: class names in order; default: demo classes, else the sorted labels found.
+            val_fraction: fraction of groups for validation in a seeded split.
+            test_fraction: fraction of groups for test in a seeded split.
+            seed: seed of the split (and of ISIC caption templates).
+            on_missing: ``error`` stops at the first row whose image is missing; ``skip`` drops and counts them.
+            verify_images: also decode-check every image at setup (slow on large sets).
+            batch_size: training batch size per process.
+            eval_batch_size: validation/test batch size (default: batch_size).
+            num_workers: DataLoader worker processes.
+            image_size: image side for the fallback transform when no model provides one.
+            demo_lesions_per_class: demo size (two images per lesion).
+            demo_image_size: demo JPEG side in pixels.
+            cache_dir: where the demo is generated (default ``$MMCLIN_CACHE`` or ``~/.cache/mmclin``).
+        """
+        super().__init__()
+        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction must be in [0, 1); got {val_fraction} + {test_fraction}")
+        if format == "csv" and (root is None or csv is None or caption_key is None):
+            raise ValueError("format 'csv' needs root, csv and caption_key")
+        self.save_hyperparameters()
+        self.demo = root is None
+        self._table: pd.DataFrame | None = None
+        self.n_skipped = 0
+        self.datasets: dict[str, ImageTextDataset] = {}
+
+    # -- where the data is -------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        if self.demo:
+            h = self.hparams
+            cache = Path(h.cache_dir) if h.cache_dir else _default_cache_dir()
+            return cache / f"derm-demo-v1-n{h.demo_lesions_per_class}-s{h.demo_image_size}"
+        return Path(self.hparams.root)
+
+    @property
+    def csv_path(self) -> Path:
+        default = {"derm1m": DEMO_CSV, "isic": "ISIC_2019_Training_GroundTruth.csv"}.get(self.hparams.format)
+        return self.root / (self.hparams.csv or default)
+
+    def prepare_data(self) -> None:
+        if self.demo:
+            h = self.hparams
+            generate_derm_demo(self.root, h.demo_lesions_per_class, image_size=h.demo_image_size, seed=0)
+
+    def read_table(self) -> pd.DataFrame:
+        """The whole dataset as one table with splits assigned (read once, then cached)."""
+        if self._table is not None:
+            return self._table
+        h = self.hparams
+        if self.demo:
+            self.prepare_data()
+        if h.format == "derm1m":
+            group_key = h.group_key or ("lesion_id" if self.demo else None)
+            table = read_derm1m(self.csv_path, self.root, h.caption_key or "truncated_caption",
+                                h.label_key or "disease_label", group_key)
+        elif h.format == "isic":
+            table = read_isic(self.csv_path, self.root, h.image_dir or "ISIC_2019_Training_Input", h.metadata_csv,
+                              seed=h.seed)
+        else:
+            table = read_image_text_csv(self.csv_path, self.root, h.image_key, h.caption_key, h.label_key,
+                                        h.group_key, h.split_key, h.image_dir, h.separator)
+        if h.classes:
+            labelled = table["label"].ne("")
+            unknown = labelled & ~table["label"].isin(h.classes)
+            if unknown.any():
+                row = table[unknown].iloc[0]
+                raise DataError(f"{self.csv_path} line {row['line']}: label '{row['label']}' is not in classes "
+                                f"{list(h.classes)}")
+        table, self.n_skipped = check_images(table, str(self.csv_path), h.on_missing, h.verify_images)
+        if table.empty:
+            raise DataError(f"{self.csv_path}: no usable rows")
+        self._table = split_table(table, h.val_fraction, h.test_fraction, h.seed)
+        return self._table
+
+    @property
+    def classnames(self) -> list[str]:
+        """Class names in label order (linked into the model for zero-shot evaluation)."""
+        if self.hparams.classes:
+            return list(self.hparams.classes)
+        if self.demo:
+            return list(DEMO_CLASS_NAMES)
+        labels = self.read_table()["label"]
+        return sorted(set(labels[labels.ne("")]))
+
+    # -- datasets and loaders ------------------------------------------------------------------------
+    def _preprocess(self) -> tuple[Callable, Callable, Callable | None]:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if model is not None and hasattr(model, "image_text_preprocess"):
+            return model.image_text_preprocess()
+        from open_clip import image_transform
+
+        size = self.hparams.image_size
+        return image_transform(size, is_train=True), image_transform(size, is_train=False), None
+
+    def setup(self, stage: str | None = None) -> None:
+        table = self.read_table()
+        train_tf, eval_tf, tokenizer = self._preprocess()
+        for split in ("train", "val", "test"):
+            part = table[table["split"] == split]
+            tf = train_tf if split == "train" else eval_tf
+            self.datasets[split] = ImageTextDataset(part, self.classnames, tf, tokenizer, str(self.csv_path))
+        sizes = {k: len(v) for k, v in self.datasets.items()}
+        log.info("%s: %s images (%d skipped)", self.csv_path, sizes, self.n_skipped)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        if len(dataset) == 0:
+            raise DataError(f"{self.csv_path}: the '{split}' split is empty")
+        h = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
+            shuffle=train,
+            drop_last=train and len(dataset) > h.batch_size,
+            num_workers=h.num_workers,
+            persistent_workers=h.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

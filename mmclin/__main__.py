@@ -1,0 +1,3 @@
+from mmclin.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""The ``mmclin`` / ``lightning`` command: a LightningCLI over every model and datamodule of the project."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+import datamodules  # noqa: F401  (registers datamodules so configs can name them by class)
+import encoders  # noqa: F401
+import mmclin.models  # noqa: F401
+
+
+class MMClinCLI(LightningCLI):
+    """LightningCLI in subclass mode: ``model:`` and ``data:`` take ``class_path``/``init_args``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # Class names are known only once the data is; the model needs them for zero-shot evaluation.
+        parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        """Print the final validation figures and where the checkpoint went."""
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        if metrics:
+            width = max(map(len, metrics))
+            lines = [f"  {k:<{width}}  {v:.4f}" if math.isfinite(v) else f"  {k:<{width}}  nan"
+                     for k, v in sorted(metrics.items())]
+            rank_zero_info("Validation metrics (last epoch):\n" + "\n".join(lines))
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt is not None and ckpt.best_model_path:
+            rank_zero_info(f"Best checkpoint: {ckpt.best_model_path}")
+        if ckpt is not None and ckpt.last_model_path:
+            rank_zero_info(f"Last checkpoint: {ckpt.last_model_path}")
+
+
+def main(args: list[str] | None = None) -> None:
+    MMClinCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""CLIP-style contrastive training of an open_clip model, with zero-shot and retrieval validation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from open_clip.loss import ClipLoss, SigLipLoss
+from timm.optim import param_groups_weight_decay
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import get_cosine_schedule_with_warmup
+
+from mmclin.models.open_clip_build import build_open_clip
+from mmclin.tasks.zero_shot import classification_metrics, retrieval_metrics, zero_shot_classifier
+
+MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100 (Radford et al. 2021)
+
+
+class CLIPModule(L.LightningModule):
+    """Contrastive image-text training (CLIP or SigLIP loss) around any open_clip model.
+
+    Validation logs zero-shot classification (``val/zs_acc``, ``val/zs_bacc``, ``val/zs_auroc``) with a
+    prompt-template ensemble over ``classnames`` (linked from the datamodule), and image<->text
+    retrieval (``val/i2t_r{1,5,10}``, ``val/t2i_r{1,5,10}``) over the whole validation split.
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        model_config: dict | None = None,
+        pretrained: str | None = None,
+        loss: Literal["clip", "siglip"] = "clip",
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        lr: float = 5e-4,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup: float = 0.05,
+        grad_checkpointing: bool = False,
+        aug_cfg: dict | None = None,
+        classnames: list[str] | None = None,
+        templates: str | list[str] = "derm",
+        sdpa_backend: Literal["auto", "default", "math"] = "auto",
+    ):
+        """
+        Args:
+            model_name: open_clip registry name (``ViT-B-16``) or ``local-dir:PATH`` with open_clip_config.json.
+            model_config: inline open_clip model config instead of a name (random init unless `pretrained`).
+            pretrained: local checkpoint file with full CLIP weights.
+            loss: ``clip`` (InfoNCE, open_clip ClipLoss) or ``siglip`` (sigmoid, open_clip SigLipLoss).
+            local_loss: ClipLoss: each process scores its local batch against all gathered features.
+            gather_with_grad: ClipLoss: gathered features carry gradients (needed for exact DDP loss).
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay (not applied to 1-D parameters: gains, biases, logit scale).
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            warmup: linear warm-up length: a fraction of the total steps if < 1, else a number of steps.
+            grad_checkpointing: recompute activations in the backward pass to save memory.
+            aug_cfg: open_clip AugmentationCfg fields for the training transform (scale, color_jitter, ...).
+            classnames: zero-shot class names in label order (linked from the datamodule).
+            templates: prompt templates: a set name (``derm``) or a list of strings with one ``{}``.
+            sdpa_backend: attention kernel; ``auto`` uses the math kernel for bf16 on CPU, where the
+                fused kernels' backward is slower (see docs/benchmarks.md), and the default elsewhere.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        parts = build_open_clip(model_name, model_config, pretrained, aug_cfg)
+        self.model = parts.model
+        self.tokenizer = parts.tokenizer
+        self.train_transform, self.eval_transform = parts.train_transform, parts.eval_transform
+        self.model_cfg, self.preprocess_cfg = parts.model_cfg, parts.preprocess_cfg
+        if loss == "siglip" and "init_logit_bias" not in self.model_cfg:
+            raise ValueError("loss 'siglip' needs a model with a logit bias: set model_config.init_logit_bias (-10)")
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.loss_fn: torch.nn.Module | None = None
+        self._val_outputs: list[dict[str, torch.Tensor]] = []
+
+    # -- what the datamodule and tools need ----------------------------------------------------------
+    def image_text_preprocess(self):
+        """(train transform, eval transform, tokenizer), as open_clip pairs them with this model."""
+        return self.train_transform, self.eval_transform, self.tokenizer
+
+    def encode(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None):
+        """L2-normalised image (B, D) and/or text (B, D) embeddings."""
+        with self._attention_context():
+            image = self.model.encode_image(images, normalize=True) if images is not None else None
+            text = self.model.encode_text(texts, normalize=True) if texts is not None else None
+        return image, text
+
+    # -- training --------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if self.hparams.loss == "siglip":
+            self.loss_fn = SigLipLoss(rank=rank, world_size=world)
+        else:
+            self.loss_fn = ClipLoss(local_loss=self.hparams.local_loss, gather_with_grad=self.hparams.gather_with_grad,
+                                    cache_labels=True, rank=rank, world_size=world)
+
+    def _attention_context(self):
+        backend = self.hparams.sdpa_backend
+        if backend == "auto":
+            on_cpu = self.device.type == "cpu"
+            bf16 = self._trainer is not None and "bf16" in str(self.trainer.precision)
+            backend = "math" if on_cpu and bf16 else "default"
+        return sdpa_kernel([SDPBackend.MATH]) if backend == "math" else contextlib.nullcontext()
+
+    def contrastive_loss(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """Loss over the global batch (features gathered across processes by open_clip's loss)."""
+        with self._attention_context():
+            out = self.model(images, texts)
+        return self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
+                            **({"logit_bias": out["logit_bias"]} if "logit_bias" in out else {}))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.contrastive_loss(batch["image"], batch["text"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=len(batch["image"]))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        groups = param_groups_weight_decay(self.model, h.weight_decay)  # as open_clip_train: no decay on 1-D
+        optimizer = torch.optim.AdamW(groups, lr=h.lr, betas=h.betas, eps=h.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(h.warmup * total) if h.warmup < 1 else int(h.warmup)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation: zero-shot and retrieval over the whole split -------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        image, text = self.encode(batch["image"], batch["text"])
+        self._val_outputs.append({"image": image.float(), "text": text.float(), "label": batch["label"]})
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in ("image", "text", "label")}
+        gathered = self.all_gather(local)
+        if self.trainer.world_size > 1:  # (world, N, ...) -> (world * N, ...); DistributedSampler pads evenly
+            gathered = {k: v.flatten(0, 1) for k, v in gathered.items()}
+        metrics = evaluate_embeddings(self, gathered["image"], gathered["text"], gathered["label"])
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
+        self._val_outputs = []
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_test_epoch_end(self) -> None:
+        local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in ("image", "text", "label")}
+        metrics = evaluate_embeddings(self, local["image"], local["text"], local["label"])
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()})
+
+
+def evaluate_embeddings(module: CLIPModule, image: torch.Tensor, text: torch.Tensor, label: torch.Tensor) -> dict:
+    """Retrieval recall@K, and zero-shot figures where the module has classnames and rows have labels."""
+    metrics = retrieval_metrics(image, text)
+    names = module.hparams.classnames
+    has_label = label >= 0
+    if names and has_label.any():
+        classifier = zero_shot_classifier(module.model, module.tokenizer, names, module.hparams.templates,
+                                          module.device).float()
+        scores = image[has_label] @ classifier
+        zs = classification_metrics(scores, label[has_label], names)
+        metrics.update(zs_acc=zs["accuracy"], zs_bacc=zs["balanced_accuracy"], zs_auroc=zs["macro_auroc"])
+    return metrics
+
+
+def load_clip(source: str, map_location: str = "cpu") -> CLIPModule:
+    """A CLIPModule from one of our Lightning checkpoints (``.ckpt``) or an open_clip local directory.
+
+    A directory written by ``tools/export.py`` also carries the class names and templates it was trained with.
+    """
+    path = Path(source)
+    if path.is_dir():
+        extra = json.loads((path / "open_clip_config.json").read_text()).get("mmclin", {}) if (
+            path / "open_clip_config.json").is_file() else {}
+        module = CLIPModule(model_name=f"local-dir:{path}", classnames=extra.get("classnames"),
+                            templates=extra.get("templates", "derm"))
+    elif path.is_file():
+        # The weights come from the checkpoint, so the original `pretrained` file need not exist any more.
+        module = CLIPModule.load_from_checkpoint(path, map_location=map_location, weights_only=True, pretrained=None)
+    else:
+        raise FileNotFoundError(f"{source}: neither a checkpoint file nor an open_clip directory")
+    return module.eval()
