@@ -48,8 +48,9 @@ HAM_DX_NAMES = {
     "df": "dermatofibroma",
     "vasc": "vascular lesion",
 }
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-TABLE_COLUMNS = ["path", "caption", "label", "group", "split", "line"]
+SPLIT_ALIASES = {
+    "train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"
+}
 
 
 def _read_csv(csv_path: Path, required: Sequence[str], separator: str = ",") -> pd.DataFrame:
@@ -180,8 +181,8 @@ def read_isic(
 def check_images(table: pd.DataFrame, source: str, on_missing: Literal["error", "skip"], verify: bool = False):
     """Drop or reject rows whose image is missing (or, with `verify`, does not decode).
 
-    Returns the kept rows and the number skipped. With ``on_missing='error'`` the first bad row raises a
-    DataError such as ``ISIC.csv line 17: image 'x.jpg' not found``.
+    Returns the kept rows and a table of the skipped ones (``line``, ``path``, ``problem``). With
+    ``on_missing='error'`` the first bad row raises a DataError such as ``ISIC.csv line 17: image 'x.jpg' not found``.
     """
     bad: list[tuple[int, str]] = []
     for i, (path, line) in enumerate(zip(table["path"], table["line"])):
@@ -202,7 +203,8 @@ def check_images(table: pd.DataFrame, source: str, on_missing: Literal["error", 
         log.warning("%s: skipped %d of %d rows with missing or unreadable images", source, len(bad), len(table))
     keep = np.ones(len(table), bool)
     keep[[i for i, _ in bad]] = False
-    return table[keep].reset_index(drop=True), len(bad)
+    skipped = table.iloc[[i for i, _ in bad]][["line", "path"]].assign(problem=[p for _, p in bad])
+    return table[keep].reset_index(drop=True), skipped.reset_index(drop=True)
 
 
 def split_table(table: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
@@ -337,7 +339,7 @@ class DermDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.demo = root is None
         self._table: pd.DataFrame | None = None
-        self.n_skipped = 0
+        self.skipped = pd.DataFrame(columns=["line", "path", "problem"])  # rows dropped by on_missing: skip
         self.datasets: dict[str, ImageTextDataset] = {}
 
     # -- where the data is -------------------------------------------------------------------------
@@ -383,7 +385,7 @@ class DermDataModule(L.LightningDataModule):
                 row = table[unknown].iloc[0]
                 raise DataError(f"{self.csv_path} line {row['line']}: label '{row['label']}' is not in classes "
                                 f"{list(h.classes)}")
-        table, self.n_skipped = check_images(table, str(self.csv_path), h.on_missing, h.verify_images)
+        table, self.skipped = check_images(table, str(self.csv_path), h.on_missing, h.verify_images)
         if table.empty:
             raise DataError(f"{self.csv_path}: no usable rows")
         self._table = split_table(table, h.val_fraction, h.test_fraction, h.seed)
@@ -417,7 +419,7 @@ class DermDataModule(L.LightningDataModule):
             tf = train_tf if split == "train" else eval_tf
             self.datasets[split] = ImageTextDataset(part, self.classnames, tf, tokenizer, str(self.csv_path))
         sizes = {k: len(v) for k, v in self.datasets.items()}
-        log.info("%s: %s images (%d skipped)", self.csv_path, sizes, self.n_skipped)
+        log.info("%s: %s images (%d skipped)", self.csv_path, sizes, len(self.skipped))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets[split]

@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     model = load_clip(args.model)
-    data = DermDataModule(root=args.root, format=args.format, csv=args.csv, image_dir=args.image_dir, metadata_csv=args.metadata_csv,
-                          image_key=args.image_key, caption_key=args.caption_key, label_key=args.label_key,
+    data = DermDataModule(root=args.root, format=args.format, csv=args.csv, image_dir=args.image_dir,
+                          metadata_csv=args.metadata_csv, image_key=args.image_key, caption_key=args.caption_key, label_key=args.label_key,
                           on_missing=args.on_missing)
     table = data.read_table()
     split = args.split or ("test" if args.root is None else "all")
@@ -117,17 +117,22 @@ def main(argv: list[str] | None = None) -> dict:
     predictions.to_csv(out / "predictions.csv", index=False)
     plot_confusion_matrix(metrics["confusion_matrix"], classnames, out / "confusion_matrix.png",
                           title=f"zero-shot, n={metrics['n']}, balanced acc {metrics['balanced_accuracy']:.3f}")
-    metrics.update(source=str(data.csv_path), split=split, n_skipped_missing_images=data.n_skipped,
+    data.skipped.to_csv(out / "skipped_rows.csv", index=False)
+    metrics.update(source=str(data.csv_path), split=split, n_skipped_rows=len(data.skipped),
                    classnames=classnames, templates=templates, model=str(args.model))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-    print(f"{data.csv_path} [{split}]: n={metrics['n']} scored, {data.n_skipped} rows skipped (missing images)")
+    print(f"{data.csv_path} [{split}]: n={metrics['n']} scored, {len(data.skipped)} rows skipped")
+    for row in data.skipped.head(5).itertuples():
+        print(f"  skipped line {row.line}: {row.problem}")
+    if len(data.skipped) > 5:
+        print(f"  ... {len(data.skipped) - 5} more in skipped_rows.csv")
     print(f"accuracy {metrics['accuracy']:.4f}  balanced_accuracy {metrics['balanced_accuracy']:.4f}  "
           f"macro_auroc {metrics['macro_auroc']:.4f}")
     for name, row in metrics["per_class"].items():
         if row["support"]:
             print(f"  {name:<24} recall {row['recall']:.3f}  precision {row['precision']:.3f}  n={row['support']}")
-    print(f"wrote {out}/metrics.json, confusion_matrix.png, predictions.csv")
+    print(f"wrote {out}/metrics.json, confusion_matrix.png, predictions.csv, skipped_rows.csv")
     return metrics
 
 
