@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     model = load_clip(args.model)
     data = DermDataModule(root=args.root, format=args.format, csv=args.csv, image_dir=args.image_dir,
-                          metadata_csv=args.metadata_csv, image_key=args.image_key, caption_key=args.caption_key, label_key=args.label_key,
-                          on_missing=args.on_missing)
+                          metadata_csv=args.metadata_csv, image_key=args.image_key, caption_key=args.caption_key,
+                          label_key=args.label_key, on_missing=args.on_missing)
     table = data.read_table()
     split = args.split or ("test" if args.root is None else "all")
     if split != "all":
