@@ -96,7 +96,10 @@ class CLIPModule(L.LightningModule):
 
     # -- training --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        world, rank = self.trainer.world_size, self.trainer.global_rank
+        self.configure_loss(self.trainer.global_rank, self.trainer.world_size)
+
+    def configure_loss(self, rank: int = 0, world: int = 1) -> None:
+        """Build the loss for this process's place in the job (features are gathered across `world`)."""
         if self.hparams.loss == "siglip":
             self.loss_fn = SigLipLoss(rank=rank, world_size=world)
         else:

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# A CLIP small enough for a test step in well under a second on a laptop CPU.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test when this clone has none beside it."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not present (real sample data lives in ../shared/data beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """A cache dir shared by the tests so the demo dataset is generated once per session."""
+    path = tmp_path_factory.mktemp("mmclin-cache")
+    os.environ["MMCLIN_CACHE"] = str(path)
+    return path
