@@ -35,15 +35,22 @@ class MMClinCLI(LightningCLI):
             rank_zero_info(f"Last checkpoint: {ckpt.last_model_path}")
 
 
-def main(args: list[str] | None = None) -> None:
-    MMClinCLI(
+def build_cli(args: list[str] | None = None, run: bool = True) -> MMClinCLI:
+    """The CLI; with ``run=False`` it only parses and instantiates (``cli.model``, ``cli.datamodule``, ``cli.trainer``)."""
+    return MMClinCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
+        run=run,
         save_config_kwargs={"overwrite": True},
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``mmclin``, ``lightning`` and ``python -m mmclin``."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

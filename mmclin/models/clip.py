@@ -79,6 +79,7 @@ class CLIPModule(L.LightningModule):
             raise ValueError("loss 'siglip' needs a model with a logit bias: set model_config.init_logit_bias (-10)")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        self.model.train()  # HF towers come out of from_pretrained in eval mode (dropout off)
         self.loss_fn: torch.nn.Module | None = None
         self._val_outputs: list[dict[str, torch.Tensor]] = []
 
@@ -121,6 +122,11 @@ class CLIPModule(L.LightningModule):
         return self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
                             **({"logit_bias": out["logit_bias"]} if "logit_bias" in out else {}))
 
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        # Gradient checkpointing recomputes attention in the backward pass: it must use the same kernel.
+        with self._attention_context():
+            super().backward(loss, *args, **kwargs)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.contrastive_loss(batch["image"], batch["text"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
@@ -153,7 +159,7 @@ class CLIPModule(L.LightningModule):
             return
         local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in ("image", "text", "label")}
         gathered = self.all_gather(local)
-        if self.trainer.world_size > 1:  # (world, N, ...) -> (world * N, ...); DistributedSampler pads evenly
+        if gathered["label"].dim() > 1:  # distributed strategies return (world, N, ...): -> (world * N, ...)
             gathered = {k: v.flatten(0, 1) for k, v in gathered.items()}
         metrics = evaluate_embeddings(self, gathered["image"], gathered["text"], gathered["label"])
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)

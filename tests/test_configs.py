@@ -1,0 +1,94 @@
+"""Every YAML in configs/ parses and instantiates; overlays compose with their base and run a step when tiny."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CONFIGS
+
+from mmclin.cli import build_cli
+
+RUNNABLE = sorted(CONFIGS.glob("*.yaml"))
+OVERLAYS = sorted((CONFIGS / "overlays").glob("*.yaml"))
+BASE_OF_OVERLAY = {"derm1m-vitb16.yaml": "derm-clip.yaml", "fsdp.yaml": "derm-clip.yaml", "ddp-cpu.yaml": "derm-clip.yaml"}
+ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+
+
+def test_every_config_is_covered():
+    assert RUNNABLE and {p.name for p in OVERLAYS} <= set(BASE_OF_OVERLAY)
+
+
+@pytest.mark.parametrize("config", RUNNABLE, ids=lambda p: p.name)
+def test_config_instantiates(config: Path, demo_cache):
+    cli = build_cli(["-c", str(config)], run=False)
+    assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_overlay_parses_on_its_base(overlay: Path, demo_cache):
+    base = CONFIGS / BASE_OF_OVERLAY[overlay.name]
+    strategy = [] if overlay.name == "ddp-cpu.yaml" else ["--trainer.strategy", "auto"]
+    tiny = ["--model.init_args.model_config", yaml.safe_dump(_tiny_vision_only())] if "vitb16" in overlay.name else []
+    cli = build_cli(["-c", str(base), "-c", str(overlay), *ON_CPU, *strategy, *tiny], run=False)
+    assert cli.trainer is not None
+
+
+def _tiny_vision_only(text_cfg: dict | None = None) -> dict:
+    return {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
+        "text_cfg": text_cfg or {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A randomly initialised BERT with its tokenizer, saved like a local copy of PubMedBERT."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "of", "lesion", "skin", "melanoma", "nevus", "image"]
+    (path / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(100)]))
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    config = BertConfig(vocab_size=112, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+def test_derm1m_overlay_runs_a_step_with_a_local_hf_text_tower(tiny_bert_dir, demo_cache, tmp_path):
+    text_cfg = {"hf_model_name": str(tiny_bert_dir), "hf_tokenizer_name": str(tiny_bert_dir), "hf_proj_type": "mlp",
+                "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32}
+    override = tmp_path / "tiny.yaml"
+    override.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "ddp", "max_steps": 1, "max_epochs": 1,
+                    "limit_val_batches": 1, "default_root_dir": str(tmp_path),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path)}}},
+        "model": {"init_args": {"model_config": _tiny_vision_only(text_cfg), "warmup": 0}},
+        "data": {"init_args": {"batch_size": 8, "num_workers": 0, "demo_lesions_per_class": 4,
+                               "demo_image_size": 32}},
+    }))
+    cli = build_cli(["fit", "-c", str(CONFIGS / "derm-clip.yaml"), "-c", str(CONFIGS / "overlays/derm1m-vitb16.yaml"),
+                     "-c", str(override)])
+    assert cli.trainer.global_step == 1
+    assert type(cli.model.model.text).__name__ == "HFTextEncoder"
+    (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    assert 0 <= metrics["val/zs_bacc"] <= 1
+
+
+def test_fsdp_overlay_builds_its_strategy():
+    """FSDP needs GPUs to run; here its strategy block is checked by building the strategy object."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+    from open_clip.transformer import ResidualAttentionBlock
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    block = yaml.safe_load((CONFIGS / "overlays" / "fsdp.yaml").read_text())["trainer"]["strategy"]
+    strategy = parser.instantiate_classes(parser.parse_object({"strategy": block})).strategy
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]  # Lightning turns the class list into a ModuleWrapPolicy
+    assert ResidualAttentionBlock in policy._module_classes

@@ -1,0 +1,69 @@
+"""tools/export.py and tools/zero_shot.py on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_CLIP, shared_data
+
+from mmclin.models.clip import CLIPModule, load_clip
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import export  # noqa: E402
+import zero_shot  # noqa: E402
+
+CLASSES = ["melanoma", "melanocytic nevus", "basal cell carcinoma", "actinic keratosis", "benign keratosis",
+           "dermatofibroma", "vascular lesion"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    module = CLIPModule(model_config=TINY_CLIP, classnames=CLASSES)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_export_loads_in_stock_open_clip_with_equal_embeddings(checkpoint, tmp_path):
+    out = export.main(["--format", "open_clip", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "oc")])
+    assert {p.name for p in out.iterdir()} == {"open_clip_config.json", "open_clip_model.safetensors"}
+    module = load_clip(str(checkpoint))
+    assert export.max_embedding_difference(module, out) == pytest.approx(0, abs=1e-6)
+    # and the exported directory is itself a model source for our tools, class names included
+    again = load_clip(str(out))
+    assert again.hparams.classnames == CLASSES
+    image = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again.encode(image)[0], module.encode(image)[0])
+
+
+def test_zero_shot_on_isic_sample_reports_missing_rows(checkpoint, tmp_path):
+    root = shared_data("derm_isic_sample")
+    out = tmp_path / "zs"
+    metrics = zero_shot.main(["--model", str(checkpoint), "--root", str(root), "--format", "isic",
+                              "--csv", "ISIC_2019_Training_GroundTruth_rows.csv", "--image-dir", "full_res",
+                              "--on-missing", "skip", "--out", str(out)])
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["n"] == metrics["n"] == 5 and written["n_skipped_rows"] == 24
+    assert {"accuracy", "balanced_accuracy", "macro_auroc", "per_class"} <= set(written)
+    assert written["per_class"]["melanoma"]["support"] == 2 and written["per_class"]["melanocytic nevus"]["support"] == 3
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == 5 and set(predictions["predicted"]) <= set(CLASSES)
+    assert predictions.filter(like="p_").sum(axis=1).round(3).eq(1).all()
+    assert len(pd.read_csv(out / "skipped_rows.csv")) == 24
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_zero_shot_missing_images_are_an_error_by_default(checkpoint, tmp_path):
+    root = shared_data("derm_isic_sample")
+    with pytest.raises(Exception, match=r"line 7: image .*ISIC_0000006.jpg' not found"):
+        zero_shot.main(["--model", str(checkpoint), "--root", str(root), "--format", "isic",
+                        "--csv", "ISIC_2019_Training_GroundTruth_rows.csv", "--image-dir", "full_res",
+                        "--out", str(tmp_path)])
