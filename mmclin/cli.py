@@ -36,7 +36,7 @@ class MMClinCLI(LightningCLI):
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMClinCLI:
-    """The CLI; with ``run=False`` it only parses and instantiates (``cli.model``, ``cli.datamodule``, ``cli.trainer``)."""
+    """The CLI; with ``run=False`` it only parses and instantiates (cli.model, cli.datamodule, cli.trainer)."""
     return MMClinCLI(
         L.LightningModule,
         L.LightningDataModule,

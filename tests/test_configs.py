@@ -12,7 +12,7 @@ from mmclin.cli import build_cli
 
 RUNNABLE = sorted(CONFIGS.glob("*.yaml"))
 OVERLAYS = sorted((CONFIGS / "overlays").glob("*.yaml"))
-BASE_OF_OVERLAY = {"derm1m-vitb16.yaml": "derm-clip.yaml", "fsdp.yaml": "derm-clip.yaml", "ddp-cpu.yaml": "derm-clip.yaml"}
+BASE_OF_OVERLAY = {name: "derm-clip.yaml" for name in ("derm1m-vitb16.yaml", "fsdp.yaml", "ddp-cpu.yaml")}
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
 
 

@@ -53,7 +53,8 @@ def test_zero_shot_on_isic_sample_reports_missing_rows(checkpoint, tmp_path):
     written = json.loads((out / "metrics.json").read_text())
     assert written["n"] == metrics["n"] == 5 and written["n_skipped_rows"] == 24
     assert {"accuracy", "balanced_accuracy", "macro_auroc", "per_class"} <= set(written)
-    assert written["per_class"]["melanoma"]["support"] == 2 and written["per_class"]["melanocytic nevus"]["support"] == 3
+    per_class = written["per_class"]
+    assert per_class["melanoma"]["support"] == 2 and per_class["melanocytic nevus"]["support"] == 3
     predictions = pd.read_csv(out / "predictions.csv")
     assert len(predictions) == 5 and set(predictions["predicted"]) <= set(CLASSES)
     assert predictions.filter(like="p_").sum(axis=1).round(3).eq(1).all()
