@@ -22,7 +22,7 @@ def _last_val(metrics_csv: Path) -> dict[str, float]:
 def test_derm_clip_learns_zero_shot_on_held_out_demo(demo_cache, tmp_path):
     main([
         "fit", "-c", str(CONFIGS / "derm-clip.yaml"),
-        "--trainer.max_epochs", "10", "--trainer.check_val_every_n_epoch", "10", "--data.batch_size", "32",
+        "--trainer.max_epochs", "20", "--trainer.check_val_every_n_epoch", "20", "--data.batch_size", "32",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--data.demo_lesions_per_class", "40",
     ])
@@ -41,4 +41,4 @@ def test_console_entry_points_print_config():
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "class_path: mmclin.models.CLIPModule" in out.stdout
-        assert "classnames" in out.stdout
+        assert "class_path: datamodules.DermDataModule" in out.stdout

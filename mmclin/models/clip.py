@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -202,8 +203,14 @@ def load_clip(source: str, map_location: str = "cpu") -> CLIPModule:
         module = CLIPModule(model_name=f"local-dir:{path}", classnames=extra.get("classnames"),
                             templates=extra.get("templates", "derm"))
     elif path.is_file():
-        # The weights come from the checkpoint, so the original `pretrained` file need not exist any more.
-        module = CLIPModule.load_from_checkpoint(path, map_location=map_location, weights_only=True, pretrained=None)
+        # The weights come from the checkpoint, so the original `pretrained` file need not exist any more; and
+        # open_clip's "initialized randomly" warning while the architecture is built would be misleading here.
+        logging.disable(logging.WARNING)
+        try:
+            module = CLIPModule.load_from_checkpoint(path, map_location=map_location, weights_only=True,
+                                                     pretrained=None)
+        finally:
+            logging.disable(logging.NOTSET)
     else:
         raise FileNotFoundError(f"{source}: neither a checkpoint file nor an open_clip directory")
     return module.eval()
