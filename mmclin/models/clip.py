@@ -163,7 +163,9 @@ class CLIPModule(L.LightningModule):
         if gathered["label"].dim() > 1:  # distributed strategies return (world, N, ...): -> (world * N, ...)
             gathered = {k: v.flatten(0, 1) for k, v in gathered.items()}
         metrics = evaluate_embeddings(self, gathered["image"], gathered["text"], gathered["label"])
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
+        # Every process holds the gathered split, so all compute (and log) the same figures; callbacks such
+        # as ModelCheckpoint then find the monitored metric on every rank.
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self._val_outputs = []
 
     def test_step(self, batch, batch_idx):
