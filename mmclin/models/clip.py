@@ -141,7 +141,10 @@ class CLIPModule(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         groups = param_groups_weight_decay(self.model, h.weight_decay)  # as open_clip_train: no decay on 1-D
-        optimizer = torch.optim.AdamW(groups, lr=h.lr, betas=h.betas, eps=h.eps)
+        # The fused kernel updates all tensors in one pass: ~9x faster optimizer step than foreach on CPU
+        # for the demo model (docs/benchmarks.md); it needs every parameter on CPU or CUDA as a plain tensor.
+        fused = all(p.device.type in ("cpu", "cuda") and type(p.data) is torch.Tensor for p in self.parameters())
+        optimizer = torch.optim.AdamW(groups, lr=h.lr, betas=h.betas, eps=h.eps, fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(h.warmup * total) if h.warmup < 1 else int(h.warmup)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
