@@ -57,10 +57,14 @@ def _read_csv(csv_path: Path, required: Sequence[str], separator: str = ",") -> 
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: CSV file not found")
     frame = pd.read_csv(csv_path, sep=separator, dtype=str, keep_default_na=False)
+    _require_columns(frame, required, csv_path)
+    return frame
+
+
+def _require_columns(frame: pd.DataFrame, required: Sequence[str], csv_path: Path) -> None:
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {missing}; the file has {list(frame.columns)}")
-    return frame
 
 
 def _resolve(root: Path, image_dir: str, name: str, suffix: str = "") -> str:
@@ -142,7 +146,7 @@ def read_isic(
     csv_path = Path(csv_path)
     frame = _read_csv(csv_path, [])
     if "dx" in frame.columns:  # HAM10000_metadata.csv
-        frame = _read_csv(csv_path, ["image_id", "dx"])
+        _require_columns(frame, ["image_id"], csv_path)
         images = frame["image_id"]
         unknown = ~frame["dx"].isin(HAM_DX_NAMES)
         if unknown.any():
@@ -152,7 +156,7 @@ def read_isic(
         groups = frame.get("lesion_id", pd.Series([""] * len(frame)))
     else:  # ISIC_2019_Training_GroundTruth.csv
         codes = [c for c in ISIC_CLASS_NAMES if c in frame.columns]
-        frame = _read_csv(csv_path, ["image", *codes[:1]])
+        _require_columns(frame, ["image", *codes[:1]] if codes else ["image", "MEL"], csv_path)
         onehot = frame[codes].astype(float).to_numpy()
         bad = np.flatnonzero(onehot.sum(axis=1) != 1)
         if len(bad):

@@ -77,6 +77,8 @@ def test_derm1m_overlay_runs_a_step_with_a_local_hf_text_tower(tiny_bert_dir, de
     assert type(cli.model.model.text).__name__ == "HFTextEncoder"
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule)
     assert 0 <= metrics["val/zs_bacc"] <= 1
+    (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    assert {"test/zs_bacc", "test/i2t_r10"} <= set(metrics)
 
 
 def test_fsdp_overlay_builds_its_strategy():

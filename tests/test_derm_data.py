@@ -108,3 +108,22 @@ def test_tokens_and_labels_reach_the_batch(small_demo):
     item = dataset[0]
     assert item["text"].dtype == torch.long and item["text"].shape == (77,)
     assert CLASS_NAMES[item["label"]] == table["label"].iloc[0]
+
+
+def test_ham10000_metadata_layout(small_demo, tmp_path):
+    images = sorted((small_demo / "images").glob("*.jpg"))[:3]
+    for im in images:
+        (tmp_path / f"{im.stem}.jpg").write_bytes(im.read_bytes())
+    dxs = ["mel", "nv", "df"]
+    rows = [f"HAM_L{i // 2},{im.stem},{dx},histo,50,male,back" for i, (im, dx) in enumerate(zip(images, dxs))]
+    (tmp_path / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+                                                    + "\n".join(rows) + "\n")
+    table = read_isic(tmp_path / "HAM10000_metadata.csv", tmp_path, image_dir="")
+    assert table["label"].tolist() == ["melanoma", "melanocytic nevus", "dermatofibroma"]
+    assert table["group"].tolist() == ["HAM_L0", "HAM_L0", "HAM_L1"]
+    (tmp_path / "bad.csv").write_text("lesion_id,image_id,dx\nL1,x,melanoma\n")
+    with pytest.raises(DataError, match=r"bad.csv line 2: dx 'melanoma' is not one of"):
+        read_isic(tmp_path / "bad.csv", tmp_path)
+    (tmp_path / "nolabels.csv").write_text("image,foo\nx,1\n")
+    with pytest.raises(DataError, match=r"missing column\(s\) \['MEL'\]"):
+        read_isic(tmp_path / "nolabels.csv", tmp_path)

@@ -159,6 +159,18 @@ class CLIPModule(L.LightningModule):
         self._val_outputs.append({"image": image.float(), "text": text.float(), "label": batch["label"]})
 
     def on_validation_epoch_end(self) -> None:
+        self._log_split_metrics("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split_metrics("test")
+
+    def _log_split_metrics(self, prefix: str) -> None:
+        """Gather the split's embeddings from every process, score them, log ``{prefix}/...``."""
         if not self._val_outputs:
             return
         local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in ("image", "text", "label")}
@@ -168,18 +180,8 @@ class CLIPModule(L.LightningModule):
         metrics = evaluate_embeddings(self, gathered["image"], gathered["text"], gathered["label"])
         # Every process holds the gathered split, so all compute (and log) the same figures; callbacks such
         # as ModelCheckpoint then find the monitored metric on every rank.
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
+        self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self._val_outputs = []
-
-    def test_step(self, batch, batch_idx):
-        return self.validation_step(batch, batch_idx)
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def on_test_epoch_end(self) -> None:
-        local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in ("image", "text", "label")}
-        metrics = evaluate_embeddings(self, local["image"], local["text"], local["label"])
-        self.log_dict({f"test/{k}": v for k, v in metrics.items()})
 
 
 def evaluate_embeddings(module: CLIPModule, image: torch.Tensor, text: torch.Tensor, label: torch.Tensor) -> dict:
