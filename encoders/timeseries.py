@@ -205,7 +205,7 @@ class PatchTransformerEncoder(nn.Module):
             rope = torch.cat([angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)], -1)
             tokens = tokens.reshape(b, c * n_patches, -1)
             for block in self.blocks:
-                tokens = block(tokens, rope, mask[:, None, None, :])
+                tokens = block(tokens, None, mask[:, None, None, :])
             tokens = self.norm(tokens)
         tokens = torch.where(mask[..., None], tokens, 0.0)
         channel_index = torch.arange(c, device=series.device).repeat_interleave(n_patches)
