@@ -193,6 +193,7 @@ class PatchTransformerEncoder(nn.Module):
         tokens = tokens + self.channel_embed.weight[:c, None, :]
         time_index = torch.arange(n_patches, device=series.device, dtype=torch.float32)
         mask = (time_index < counts[:, None]).repeat(1, c)  # (B, C*T), channel-major like the tokens
+        # timm's freq_bands(dim, step=2) are the Transformer/RoPE frequencies 1 / 10000 ** (2i / dim).
         if self.positions == "sinusoidal":
             angles = time_index[:, None] * freq_bands(self.out_dim, step=2, device=series.device)
             tokens = tokens + torch.cat([angles.sin(), angles.cos()], -1).to(tokens.dtype)
@@ -205,7 +206,7 @@ class PatchTransformerEncoder(nn.Module):
             rope = torch.cat([angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)], -1)
             tokens = tokens.reshape(b, c * n_patches, -1)
             for block in self.blocks:
-                tokens = block(tokens, None, mask[:, None, None, :])
+                tokens = block(tokens, rope, mask[:, None, None, :])
             tokens = self.norm(tokens)
         tokens = torch.where(mask[..., None], tokens, 0.0)
         channel_index = torch.arange(c, device=series.device).repeat_interleave(n_patches)

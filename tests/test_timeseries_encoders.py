@@ -110,6 +110,18 @@ def test_positions_make_patch_order_matter(positions):
     assert (out.pooled - out_reversed.pooled).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("positions", ["sinusoidal", "rotary"])
+def test_positions_follow_time_not_lead(positions):
+    torch.manual_seed(0)
+    enc = tiny_patch(n_channels=2, positions=positions).eval()
+    with torch.no_grad():
+        enc.channel_embed.weight.zero_()
+        out = enc(torch.randn(1, 1, 200).repeat(1, 2, 1))
+    # Identical leads without a lead embedding: patch t of lead 0 and of lead 1 share a position, so they match.
+    per_lead = out.tokens[0].view(2, -1, enc.out_dim)
+    torch.testing.assert_close(per_lead[0], per_lead[1], atol=1e-5, rtol=1e-4)
+
+
 def test_rotary_and_sinusoidal_differ():
     series = torch.randn(2, 3, 200)
     outputs = {}
@@ -158,7 +170,7 @@ def test_patch_transformer_learns_sine_frequency():
     series = (torch.sin(2 * math.pi * freq * t + phase) + 0.1 * torch.randn(n, t.numel())).unsqueeze(1)
     enc = PatchTransformerEncoder(1, patch_size=10, d_model=16, n_layers=1, n_heads=2)
     head = torch.nn.Linear(enc.out_dim, 2)
-    optimizer = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=3e-3)
+    optimizer = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=1e-2)
     for _ in range(20):
         loss = torch.nn.functional.cross_entropy(head(enc(series).pooled), labels)
         optimizer.zero_grad()
