@@ -1,5 +1,6 @@
 """Lightning modules, one per file."""
 
 from mmclin.models.clip import CLIPModule
+from mmclin.models.mllm import MultimodalLM
 
-__all__ = ["CLIPModule"]
+__all__ = ["CLIPModule", "MultimodalLM"]

@@ -1,0 +1,240 @@
+"""Encoder(s) + connector + causal LM, fused by soft prompt or gated cross-attention, trained on answers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_positions
+from mmclin.fusion.projector import MLPProjector
+from mmclin.fusion.soft_prompt import IGNORE_INDEX, splice_media
+from mmclin.llm import MEDIA_TOKEN, lm_hidden_size, load_causal_lm
+from mmclin.tasks.qa import QACollator, parse_choice
+
+
+class MultimodalLM(L.LightningModule):
+    """Question answering (or any text output) over media with a causal LM from transformers.
+
+    ``fusion="soft_prompt"`` replaces each ``<media>`` placeholder's embedding by the connector's tokens
+    (LLaVA / OpenTSLM-SoftPrompt); ``fusion="cross_attention"`` keeps the placeholder in the text and lets the
+    text attend to the tokens of every medium before it through gated cross-attention (Flamingo /
+    OpenTSLM-Flamingo). The loss covers answer tokens only. Validation scores closed questions twice: by
+    parsing greedy generations into a choice, and by ranking the allowed choices by their likelihood.
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, nn.Module],
+        lm: dict[str, Any],
+        fusion: Literal["soft_prompt", "cross_attention"] = "soft_prompt",
+        connector: Callable[[int, int], nn.Module] | None = None,
+        xattn_every_n: int = 1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup: float = 0.05,
+        max_new_tokens: int = 8,
+        predictions_dir: str | None = None,
+    ):
+        """
+        Args:
+            encoders: one encoder per modality key of the batch (e.g. ``{"series": PatchTransformerEncoder}``);
+                each maps (N, C, L) + lengths to tokens with an ``out_dim`` width.
+            lm: arguments of :func:`mmclin.llm.load_causal_lm` (``source`` or ``tiny``, ``freeze``, ``lora``...).
+            fusion: ``soft_prompt`` or ``cross_attention``.
+            connector: builds the connector from (encoder width, LM width); default an MLP projector
+                (use ``PerceiverResampler`` for a token count independent of the series length).
+            xattn_every_n: cross-attention blocks before every n-th decoder layer.
+            lr: peak AdamW learning rate for the trainable parameters.
+            weight_decay: AdamW weight decay.
+            warmup: linear warm-up: a fraction of the total steps if < 1, else a number of steps.
+            max_new_tokens: generation length during evaluation.
+            predictions_dir: where evaluation predictions are written (``predictions-rank{r}.jsonl``, merged to
+                ``predictions.jsonl``); default the trainer's log directory.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if not encoders:
+            raise ValueError("encoders must name at least one modality, e.g. {'series': ...}")
+        self.encoders = nn.ModuleDict(encoders)
+        self.lm, self.tokenizer = load_causal_lm(**lm)
+        self.media_token_id = self.tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
+        width = lm_hidden_size(self.lm)
+        build = connector or (lambda d_in, d_out: MLPProjector(d_in, d_out))
+        self.connectors = nn.ModuleDict({k: build(e.out_dim, width) for k, e in encoders.items()})
+        self.fusion = attach_cross_attention(self.lm, width, every_n=xattn_every_n) if fusion == "cross_attention" \
+            else None
+        self.collator = QACollator(self.tokenizer)
+        self._predictions: list[dict] = []
+
+    # -- media -------------------------------------------------------------------------------------------
+    def encode_media(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens (N, T, D_lm), mask (N, T) and owning sample (N,) of every medium in the batch."""
+        keys = [k for k in self.encoders if k in batch]
+        if len(keys) != 1:
+            raise ValueError(f"a batch must carry exactly one of the modalities {list(self.encoders)}; has {keys}")
+        key = keys[0]
+        out = self.encoders[key](batch[key], batch.get(f"{key}_lengths"))
+        tokens, mask = self.connectors[key](out.tokens, out.mask)
+        return tokens, mask, batch[f"{key}_sample"]
+
+    @staticmethod
+    def _group(tokens: torch.Tensor, mask: torch.Tensor, owner: torch.Tensor, batch_size: int):
+        """Padded (B, M, T, D) media, their mask (B, M, T) and presence (B, M), in text order per sample."""
+        counts = torch.bincount(owner, minlength=batch_size)
+        m = int(counts.max())
+        grouped = tokens.new_zeros(batch_size, m, *tokens.shape[1:])
+        grouped_mask = mask.new_zeros(batch_size, m, mask.shape[1])
+        slot = torch.cat([torch.arange(int(c), device=owner.device) for c in counts])
+        order = torch.argsort(owner, stable=True)
+        grouped[owner[order], slot] = tokens[order]
+        grouped_mask[owner[order], slot] = mask[order]
+        return grouped, grouped_mask, grouped_mask.any(-1)
+
+    def lm_forward(self, input_ids, attention_mask, media, labels=None, repeat: int = 1):
+        """LM outputs for text with media; `repeat` > 1 repeats each sample's media for consecutive rows."""
+        tokens, mask, present = media
+        if repeat > 1:
+            tokens, mask, present = (x.repeat_interleave(repeat, 0) for x in (tokens, mask, present))
+        if self.fusion is None:
+            spliced = splice_media(input_ids, self.lm.get_input_embeddings(), self.media_token_id, tokens, mask,
+                                   attention_mask, labels)
+            return self.lm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                           position_ids=spliced.position_ids, labels=spliced.labels), spliced.labels
+        positions = placeholder_positions(input_ids, self.media_token_id, present, attention_mask)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self.fusion.media(tokens, mask, positions):
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+        return out, labels
+
+    def _media(self, batch: dict):
+        tokens, mask, owner = self.encode_media(batch)
+        return self._group(tokens, mask, owner, len(batch["input_ids"]))
+
+    # -- training ----------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out, _ = self.lm_forward(batch["input_ids"], batch["attention_mask"], self._media(batch), batch["labels"])
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return out.loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.hparams.warmup
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup * total) if warmup < 1 else int(warmup),
+                                                    total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rank_choices(self, batch: dict, media) -> list[str | None]:
+        """For each sample, the allowed choice with the highest total log-likelihood given the prompt."""
+        picks: list[str | None] = [None] * len(batch["choices"])
+        k = max((len(c) for c in batch["choices"]), default=0)
+        if k == 0:
+            return picks
+        tok = self.tokenizer
+        rows, labels, owners = [], [], []
+        for i, choices in enumerate(batch["choices"]):
+            prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+            for j in range(k):  # pad to k choices per sample so media can be repeated uniformly
+                choice = choices[j] if j < len(choices) else choices[0]
+                ids = tok(" " + choice, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                rows.append(prompt + ids)
+                labels.append([IGNORE_INDEX] * len(prompt) + ids)
+                owners.append(i)
+        width = max(map(len, rows))
+        input_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=self.device)
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        target = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels], device=self.device)
+        out, shifted = self.lm_forward(input_ids, attention, media, target, repeat=k)
+        logits, shifted = out.logits[:, :-1].float(), shifted[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), shifted.clamp(min=0), reduction="none")
+        score = -(nll * (shifted != IGNORE_INDEX)).sum(-1).view(-1, k)
+        for i, choices in enumerate(batch["choices"]):
+            if choices:
+                picks[i] = choices[int(score[i, : len(choices)].argmax())]
+        return picks
+
+    @torch.no_grad()
+    def generate_answers(self, batch: dict, media) -> list[str]:
+        ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+        options = {"max_new_tokens": self.hparams.max_new_tokens, "do_sample": False,
+                   "pad_token_id": self.tokenizer.pad_token_id}
+        tokens, tmask, present = media
+        if self.fusion is None:
+            spliced = splice_media(ids, self.lm.get_input_embeddings(), self.media_token_id, tokens, tmask, mask,
+                                   padding_side="left")
+            new = self.lm.generate(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                                   **options)
+        else:
+            positions = placeholder_positions(ids, self.media_token_id, present, mask)
+            with self.fusion.media(tokens, tmask, positions):
+                new = self.lm.generate(input_ids=ids, attention_mask=mask, **options)[:, ids.shape[1]:]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        media = self._media(batch)
+        out, _ = self.lm_forward(batch["input_ids"], batch["attention_mask"], media, batch["labels"])
+        self.log("val/loss", out.loss, batch_size=len(batch["input_ids"]), sync_dist=True)
+        generated = self.generate_answers(batch, media)
+        ranked = self.rank_choices(batch, media)
+        for i, text in enumerate(generated):
+            parsed = parse_choice(text, batch["choices"][i]) if batch["choices"][i] else text.strip()
+            self._predictions.append({"question": batch["question"][i], "answer": batch["answer"][i],
+                                      "generated": text, "parsed": parsed, "ranked": ranked[i],
+                                      "choices": batch["choices"][i], "meta": batch["meta"][i]})
+
+    test_step = validation_step
+
+    def on_validation_epoch_start(self) -> None:
+        self._predictions = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_epoch("test")
+
+    def _finish_epoch(self, prefix: str) -> None:
+        """Accuracy by generation and by likelihood ranking; predictions written per rank, merged on rank 0."""
+        n = len(self._predictions)
+        by_generation = sum(p["parsed"] == p["answer"] for p in self._predictions)
+        by_ranking = sum(p["ranked"] == p["answer"] for p in self._predictions)
+        totals = self.all_gather(torch.tensor([n, by_generation, by_ranking], device=self.device)).reshape(-1, 3)
+        n, by_generation, by_ranking = totals.sum(0).tolist()
+        if n:
+            self.log_dict({f"{prefix}/acc_generation": by_generation / n, f"{prefix}/acc_likelihood": by_ranking / n})
+        self._write_predictions(prefix)
+
+    def _write_predictions(self, prefix: str) -> None:
+        trainer = self._trainer
+        root = self.hparams.predictions_dir or (trainer.log_dir if trainer is not None else None)
+        if root is None:
+            return
+        directory = Path(root) / f"{prefix}-predictions"
+        directory.mkdir(parents=True, exist_ok=True)
+        rank = self.global_rank
+        with open(directory / f"rank{rank}.jsonl", "w", encoding="utf-8") as f:
+            for p in self._predictions:
+                f.write(json.dumps(p) + "\n")
+        if trainer is not None and trainer.world_size > 1:
+            trainer.strategy.barrier()
+        if rank == 0:
+            parts = sorted(directory.glob("rank*.jsonl"))
+            tmp = directory / "predictions.jsonl.tmp"
+            with open(tmp, "w", encoding="utf-8") as out:
+                for part in parts:
+                    out.write(part.read_text(encoding="utf-8"))
+            os.replace(tmp, directory / "predictions.jsonl")

@@ -1,0 +1,113 @@
+"""Question answering over media: batching of prompts, answers and media, and answer parsing.
+
+A sample is a dict ``{"series": [ (C, L) tensors ], "question": str, "answer": str, "choices": [str] | None}``;
+each ``<media>`` placeholder in the question stands for one series, in order. A question without
+placeholders gets one per series in front of it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from mmclin.errors import DataError
+from mmclin.fusion.soft_prompt import IGNORE_INDEX
+from mmclin.llm import MEDIA_TOKEN
+
+PROMPT_TEMPLATE = "{question}\nAnswer:"
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, side: str) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    padded = [([value] * (width - len(r)) + list(r)) if side == "left" else (list(r) + [value] * (width - len(r)))
+              for r in rows]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+class QACollator:
+    """Turns QA samples into a batch for :class:`~mmclin.models.mllm.MultimodalLM`.
+
+    The batch holds ``input_ids``/``attention_mask``/``labels`` (prompt + answer, right-padded, loss only on the
+    answer and its end-of-sequence token), ``prompt_ids``/``prompt_mask`` (prompt only, left-padded, for
+    generation and choice ranking), the media flattened over the batch as ``series`` (N, C, L_max) with
+    ``series_lengths`` (N,) and ``series_sample`` (N,) (the sample each medium belongs to, in text order),
+    and the raw ``question``, ``answer``, ``choices`` and ``meta``.
+    """
+
+    def __init__(self, tokenizer, prompt_template: str = PROMPT_TEMPLATE, media_token: str = MEDIA_TOKEN):
+        """
+        Args:
+            tokenizer: the LM's tokenizer, with ``media_token`` as a single special token and a pad token.
+            prompt_template: format string with ``{question}``.
+            media_token: the placeholder text of one medium.
+        """
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs a pad token (mmclin.llm.add_media_token sets one)")
+        self.tokenizer = tokenizer
+        self.prompt_template = prompt_template
+        self.media_token = media_token
+
+    def prompt(self, question: str, n_media: int) -> str:
+        found = question.count(self.media_token)
+        if found == 0:
+            question = self.media_token * n_media + "\n" + question
+        elif found != n_media:
+            raise DataError(f"question has {found} {self.media_token} placeholder(s) but {n_media} series: {question!r}")
+        return self.prompt_template.format(question=question)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        tok = self.tokenizer
+        prompts = [tok(self.prompt(s["question"], len(s["series"])))["input_ids"] for s in samples]
+        answers = [tok(" " + s["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                   for s in samples]
+        full = [p + a for p, a in zip(prompts, answers)]
+        labels = [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)]
+        series = [x for s in samples for x in s["series"]]
+        if not series:
+            raise DataError("a QA batch needs at least one series")
+        channels = {x.shape[0] for x in series}
+        if len(channels) != 1:
+            raise DataError(f"series in one batch must share their channel count; got {sorted(channels)}")
+        lengths = torch.tensor([x.shape[-1] for x in series])
+        padded = torch.zeros(len(series), series[0].shape[0], int(lengths.max()))
+        for i, x in enumerate(series):
+            padded[i, :, : x.shape[-1]] = torch.as_tensor(x, dtype=torch.float32)
+        return {
+            "input_ids": _pad(full, tok.pad_token_id, "right"),
+            "attention_mask": _pad([[1] * len(r) for r in full], 0, "right"),
+            "labels": _pad(labels, IGNORE_INDEX, "right"),
+            "prompt_ids": _pad(prompts, tok.pad_token_id, "left"),
+            "prompt_mask": _pad([[1] * len(r) for r in prompts], 0, "left"),
+            "series": padded,
+            "series_lengths": lengths,
+            "series_sample": torch.tensor([i for i, s in enumerate(samples) for _ in s["series"]]),
+            "question": [s["question"] for s in samples],
+            "answer": [s["answer"] for s in samples],
+            "choices": [list(s.get("choices") or []) for s in samples],
+            "meta": [s.get("meta", {}) for s in samples],
+        }
+
+
+def normalise_answer(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s-]", " ", text.lower())).strip()
+
+
+def parse_choice(generated: str, choices: Sequence[str]) -> str | None:
+    """The allowed choice a generated answer states, or None.
+
+    An exact match (after lower-casing and dropping punctuation) wins; otherwise the choice named earliest in
+    the text, longest first at equal positions (so "sinus bradycardia" beats "sinus"). Position, not list order,
+    decides, so the parser has no bias towards the first-listed choice.
+    """
+    text = normalise_answer(generated.split("\n")[0])
+    options = {normalise_answer(c): c for c in choices}
+    if text in options:
+        return options[text]
+    found = []
+    for norm, original in options.items():
+        match = re.search(rf"(?<!\w){re.escape(norm)}(?!\w)", text)
+        if match:
+            found.append((match.start(), -len(norm), original))
+    return min(found)[2] if found else None

@@ -1,0 +1,53 @@
+"""MultimodalLM learns a question about a series through either fusion mode; predictions are written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from encoders.timeseries import PatchTransformerEncoder
+from mmclin.models.mllm import MultimodalLM
+from mmclin.tasks.qa import parse_choice
+
+
+def _samples(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(256) / 64.0  # 4 s at 64 Hz
+    out = []
+    for i in range(n):
+        high = i % 2 == 1
+        freq = (8.0 if high else 1.5) + float(torch.rand(1, generator=g))
+        phase = float(torch.rand(1, generator=g)) * 2 * math.pi
+        series = torch.sin(2 * math.pi * freq * t + phase)[None] + 0.1 * torch.randn(1, 256, generator=g)
+        out.append({"series": [series], "question": "Is the rhythm slow or fast?", "answer": "fast" if high else "slow",
+                    "choices": ["slow", "fast"]})
+    return out
+
+
+@pytest.mark.parametrize("fusion", ["soft_prompt", "cross_attention"])
+def test_learns_a_closed_question_about_a_series(fusion, tmp_path):
+    L.seed_everything(0)
+    encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=32, n_layers=1, n_heads=2)
+    model = MultimodalLM({"series": encoder}, lm={"tiny": {"hidden_size": 32, "intermediate_size": 64}, "freeze": "none"},
+                         fusion=fusion, lr=3e-3, predictions_dir=str(tmp_path))
+    train = DataLoader(_samples(64, 0), batch_size=16, shuffle=True, collate_fn=model.collator)
+    val = DataLoader(_samples(32, 1), batch_size=16, collate_fn=model.collator)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=40, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, train, val)
+    (metrics,) = trainer.validate(model, val)
+    assert metrics["val/acc_likelihood"] >= 0.8, metrics  # majority baseline 0.5
+    lines = (tmp_path / "val-predictions" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 32 and {"generated", "parsed", "ranked"} <= set(json.loads(lines[0]))
+
+
+def test_choice_parser_has_no_order_bias():
+    choices = ["sinus rhythm", "sinus bradycardia", "atrial fibrillation"]
+    assert parse_choice("Sinus bradycardia.", choices) == "sinus bradycardia"
+    assert parse_choice("atrial fibrillation, not sinus rhythm", choices) == "atrial fibrillation"
+    assert parse_choice("no idea", choices) is None
