@@ -33,8 +33,8 @@ def _samples(n: int, seed: int) -> list[dict]:
 def test_learns_a_closed_question_about_a_series(fusion, tmp_path):
     L.seed_everything(0)
     encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=32, n_layers=1, n_heads=2)
-    model = MultimodalLM({"series": encoder}, lm={"tiny": {"hidden_size": 32, "intermediate_size": 64}, "freeze": "none"},
-                         fusion=fusion, lr=3e-3, predictions_dir=str(tmp_path))
+    tiny_lm = {"tiny": {"hidden_size": 32, "intermediate_size": 64}, "freeze": "none"}  # random init: train it
+    model = MultimodalLM({"series": encoder}, lm=tiny_lm, fusion=fusion, lr=3e-3, predictions_dir=str(tmp_path))
     train = DataLoader(_samples(64, 0), batch_size=16, shuffle=True, collate_fn=model.collator)
     val = DataLoader(_samples(32, 1), batch_size=16, collate_fn=model.collator)
     trainer = L.Trainer(accelerator="cpu", max_epochs=40, logger=False, enable_checkpointing=False,

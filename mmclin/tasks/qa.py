@@ -54,7 +54,8 @@ class QACollator:
         if found == 0:
             question = self.media_token * n_media + "\n" + question
         elif found != n_media:
-            raise DataError(f"question has {found} {self.media_token} placeholder(s) but {n_media} series: {question!r}")
+            raise DataError(f"question has {found} {self.media_token} placeholder(s) but {n_media} series: "
+                            f"{question!r}")
         return self.prompt_template.format(question=question)
 
     def __call__(self, samples: list[dict]) -> dict:
