@@ -1,0 +1,319 @@
+"""Sleep staging as question answering: one 30-s PSG epoch (optionally with context) -> its AASM stage.
+
+Reads every ``*-PSG.edf`` / ``*-Hypnogram.edf`` pair of a Sleep-EDF style folder with `datamodules.sleep`, or the
+seeded demo (`datamodules.synthetic.sleep`) when ``root`` is unset. Splits are drawn by subject (the ``ss`` of
+``SC4ssN``), so no subject's nights are on both sides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_scored_psg
+from datamodules.synthetic.sleep import generate_sleep_demo
+from mmclin.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUESTION = "Which sleep stage is this {epoch_s:g}-second epoch: W, N1, N2, N3 or R?"
+CONTEXT_QUESTION = ("This recording spans {window_s:g} seconds. Which sleep stage is its middle {epoch_s:g}-second "
+                    "epoch: W, N1, N2, N3 or R?")
+
+
+@dataclass
+class SleepNight:
+    """One scored PSG held in memory."""
+
+    signal: np.ndarray  # (C, L) float32, uV as in the EDF, at the datamodule's target_fs
+    stages: np.ndarray  # (n_epochs,) int64, index into AASM_STAGES or -1, for the epochs kept in `signal`
+    first_epoch: int  # file epoch of stages[0]: only the span of usable epochs (plus context) is kept
+    subject: str  # "ss" of SC4ssN
+    night: str  # "N" of SC4ssN
+    record: str  # PSG file path
+
+
+def subject_and_night(path: str | os.PathLike) -> tuple[str, str]:
+    """``SC4011E0-PSG.edf`` -> ("01", "1"); other names give (first 6 characters, 7th character)."""
+    name = Path(path).name
+    if len(name) < 7:
+        raise DataError(f"{path}: file name too short to hold a subject id (expected e.g. SC4ssNE0-PSG.edf)")
+    return (name[3:5], name[5]) if name[:2] in ("SC", "ST") else (name[:6], name[6])
+
+
+def split_subjects(subjects: Sequence[str], val: float | Sequence[str], test: float | Sequence[str],
+                   seed: int) -> dict[str, str]:
+    """Subject -> "train" | "val" | "test": explicit id lists, or seeded fractions of the subjects."""
+    subjects = sorted(set(subjects))
+    assign = dict.fromkeys(subjects, "train")
+    order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
+    for split, chosen in (("test", test), ("val", val)):
+        if isinstance(chosen, float | int):
+            if not 0 <= chosen < 1:
+                raise ValueError(f"{split}_subjects as a fraction must be in [0, 1); got {chosen}")
+            free = [s for s in order if assign[s] == "train"]
+            chosen = free[:max(1, round(chosen * len(subjects))) if chosen > 0 else 0]
+        unknown = sorted(set(chosen) - set(subjects))
+        if unknown:
+            raise DataError(f"{split}_subjects {unknown} not among the subjects found: {subjects}")
+        taken = [s for s in chosen if assign[s] != "train"]
+        if taken:
+            raise ValueError(f"subject(s) {taken} asked for both val and test")
+        assign.update(dict.fromkeys(chosen, split))
+    return assign
+
+
+class SleepEpochQA(Dataset):
+    """QA samples ``{"series": [(C, L)], "channels", "fs", "question", "answer", "choices", "label", "meta"}``.
+
+    ``L = (2 * context_epochs + 1) * epoch_s * fs``; context past the recording's ends is zero-padded.
+    """
+
+    def __init__(self, nights: Sequence[SleepNight], index: np.ndarray, channels: Sequence[str], fs: float,
+                 epoch_s: float, context_epochs: int, question: str):
+        """
+        Args:
+            nights: the recordings.
+            index: (N, 2) int rows of (night position in `nights`, epoch index).
+            channels: channel names of every series.
+            fs: sampling rate, Hz.
+            epoch_s: epoch length, s.
+            context_epochs: epochs of context on each side.
+            question: question text.
+        """
+        self.nights, self.index = nights, index
+        self.channels, self.fs, self.question = list(channels), fs, question
+        self.epoch_len = round(epoch_s * fs)
+        self.context = context_epochs
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def labels(self) -> np.ndarray:
+        """(N,) stage index of every sample."""
+        return np.array([self.nights[n].stages[e] for n, e in self.index], dtype=np.int64)
+
+    def __getitem__(self, i: int) -> dict:
+        n, epoch = (int(v) for v in self.index[i])
+        night = self.nights[n]
+        start, stop = (epoch - self.context) * self.epoch_len, (epoch + self.context + 1) * self.epoch_len
+        series = np.zeros((night.signal.shape[0], stop - start), np.float32)
+        lo, hi = max(start, 0), min(stop, night.signal.shape[1])
+        series[:, lo - start:hi - start] = night.signal[:, lo:hi]
+        label = int(night.stages[epoch])
+        return {
+            "series": [torch.from_numpy(series)],
+            "channels": self.channels,
+            "fs": self.fs,
+            "question": self.question,
+            "answer": AASM_STAGES[label],
+            "choices": list(AASM_STAGES),
+            "label": label,
+            "meta": {"subject": night.subject, "night": night.night, "epoch": night.first_epoch + epoch,
+                     "record": night.record},
+        }
+
+
+class SleepQADataModule(L.LightningDataModule):
+    """Sleep-stage QA over Sleep-EDF style PSG: every scored epoch asks for its AASM stage.
+
+    Signals stay in the EDF's physical unit (uV for EEG/EOG): z-normalisation is the encoder's job
+    (`PatchTransformerEncoder(normalize=True)`). Unscored ("Sleep stage ?"), movement and uncovered epochs are
+    skipped and counted in `skipped` (or raise with ``on_unscored="error"``). Batches are made by the model's
+    ``collator`` (`mmclin.tasks.qa.QACollator`).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        channels: Sequence[str] = ("EEG Fpz-Cz", "EEG Pz-Oz", "EOG horizontal"),
+        target_fs: float = 100,
+        epoch_s: float = 30,
+        context_epochs: int = 0,
+        val_subjects: float | list[str] = 0.2,
+        test_subjects: float | list[str] = 0.2,
+        seed: int = 0,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        on_unscored: Literal["skip", "error"] = "skip",
+        trim_wake_min: float | None = 30.0,
+        question: str | None = None,
+        balance_train: bool = False,
+        demo_subjects: int = 10,
+        demo_hours: float = 2.0,
+        cache_dir: str | None = None,
+    ):
+        """
+        Args:
+            root: folder with ``*-PSG.edf`` / ``*-Hypnogram.edf`` pairs (searched recursively); unset = demo.
+            channels: EDF channel labels read, in this order (case-insensitive).
+            target_fs: every channel is resampled to this rate, Hz.
+            epoch_s: scoring epoch length, s.
+            context_epochs: neighbouring epochs on each side included in the series (the answer is the middle one).
+            val_subjects: subject ids (``ss``) for validation, or a fraction of the subjects (seeded).
+            test_subjects: subject ids for test, or a fraction of the subjects (seeded).
+            seed: seed of the subject split.
+            batch_size: training batch size per process.
+            eval_batch_size: validation/test batch size (default: batch_size).
+            num_workers: DataLoader worker processes.
+            on_unscored: ``skip`` drops and counts unscored/movement epochs; ``error`` raises naming the file.
+            trim_wake_min: keep only wake within this many minutes of the first/last sleep epoch (Sleep-EDF
+                Sleep Cassette files span ~20 h, mostly wake; 30 min is the usual choice); None keeps all wake.
+            question: question text; default asks for W, N1, N2, N3 or R (``{epoch_s}``/``{window_s}`` fill in).
+            balance_train: draw training samples with inverse stage-frequency weights (with replacement).
+            demo_subjects: demo size in subjects (one night each).
+            demo_hours: demo night length, h.
+            cache_dir: where the demo is generated (default ``$MMCLIN_CACHE`` or ``~/.cache/mmclin``).
+        """
+        super().__init__()
+        if isinstance(channels, str) or not channels:
+            raise ValueError(f"channels must be a non-empty list of EDF labels, got {channels!r}")
+        if target_fs <= 0 or epoch_s <= 0 or context_epochs < 0:
+            raise ValueError(f"need target_fs > 0, epoch_s > 0, context_epochs >= 0; got {target_fs}, {epoch_s}, "
+                             f"{context_epochs}")
+        if on_unscored not in ("skip", "error"):
+            raise ValueError(f"on_unscored must be 'skip' or 'error', got {on_unscored!r}")
+        self.save_hyperparameters()
+        self.demo = root is None
+        self.nights: list[SleepNight] = []
+        self.skipped: Counter[str] = Counter()  # unscored / movement / gap / trimmed_wake -> epochs
+        self.splits: dict[str, str] = {}  # subject -> split
+        self.datasets: dict[str, SleepEpochQA] = {}
+
+    @property
+    def root(self) -> Path:
+        if self.demo:
+            h = self.hparams
+            cache = Path(h.cache_dir or os.environ.get("MMCLIN_CACHE", Path.home() / ".cache" / "mmclin"))
+            return cache / f"sleep-edf-demo-v1-n{h.demo_subjects}-h{h.demo_hours:g}"
+        return Path(self.hparams.root)
+
+    @property
+    def classnames(self) -> list[str]:
+        """The answer choices, AASM stages in label order."""
+        return list(AASM_STAGES)
+
+    choices = classnames
+
+    @property
+    def question(self) -> str:
+        h = self.hparams
+        window_s = (2 * h.context_epochs + 1) * h.epoch_s
+        template = h.question or (CONTEXT_QUESTION if h.context_epochs else DEFAULT_QUESTION)
+        return template.format(epoch_s=h.epoch_s, window_s=window_s)
+
+    def prepare_data(self) -> None:
+        if self.demo:
+            generate_sleep_demo(self.root, self.hparams.demo_subjects, hours=self.hparams.demo_hours, seed=0)
+
+    def _read(self) -> None:
+        h = self.hparams
+        pairs, unpaired = pair_sleep_edf_files(self.root)
+        if unpaired:
+            log.warning("%s: %d file(s) without a PSG/hypnogram partner skipped: %s", self.root, len(unpaired),
+                        [p.name for p in unpaired])
+        if not pairs:
+            raise DataError(f"{self.root}: no *-PSG.edf / *-Hypnogram.edf pairs found")
+        self.nights, self.skipped = [], Counter()
+        for psg_path, hyp_path in pairs:
+            record, stages, summary = read_scored_psg(psg_path, hyp_path, h.channels, h.target_fs, h.epoch_s)
+            bad = {"unscored": summary.n_unscored, "movement": summary.n_movement, "gap": summary.n_gap}
+            if h.on_unscored == "error" and any(bad.values()):
+                raise DataError(f"{hyp_path}: {bad} epochs without an AASM stage (set on_unscored: skip)")
+            self.skipped.update(bad)
+            stages = stages.copy()
+            sleep = np.flatnonzero(stages > 0)
+            if h.trim_wake_min is not None and len(sleep):
+                margin = round(h.trim_wake_min * 60 / h.epoch_s)
+                outside = np.ones(len(stages), bool)
+                outside[max(sleep[0] - margin, 0):sleep[-1] + margin + 1] = False
+                self.skipped["trimmed_wake"] += int((outside & (stages == 0)).sum())
+                stages[outside] = -1
+            kept = np.flatnonzero(stages >= 0)
+            if not len(kept):
+                log.warning("%s: no scored epochs; night skipped", hyp_path)
+                continue
+            # hold only the usable span in memory (Sleep Cassette nights are ~20 h, mostly trimmed wake)
+            lo, hi = max(kept[0] - h.context_epochs, 0), min(kept[-1] + h.context_epochs + 1, len(stages))
+            epoch_len = round(h.epoch_s * h.target_fs)
+            signal = np.ascontiguousarray(record.signal[:, lo * epoch_len:hi * epoch_len])
+            subject, night = subject_and_night(psg_path)
+            self.nights.append(SleepNight(signal, stages[lo:hi], int(lo), subject, night, str(psg_path)))
+        if not self.nights:
+            raise DataError(f"{self.root}: no night has a scored epoch")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        h = self.hparams
+        if self.demo:
+            self.prepare_data()
+        self._read()
+        self.splits = split_subjects([n.subject for n in self.nights], h.val_subjects, h.test_subjects, h.seed)
+        for split in ("train", "val", "test"):
+            index = np.array([(i, e) for i, n in enumerate(self.nights) if self.splits[n.subject] == split
+                              for e in np.flatnonzero(n.stages >= 0)], dtype=np.int64).reshape(-1, 2)
+            self.datasets[split] = SleepEpochQA(self.nights, index, h.channels, float(h.target_fs), h.epoch_s,
+                                                h.context_epochs, self.question)
+        log.info("%s: epochs per split %s; skipped %s", self.root, {k: len(v) for k, v in self.datasets.items()},
+                 dict(self.skipped))
+
+    def stage_counts(self, split: str) -> dict[str, int]:
+        """Epochs per AASM stage in a split (after `setup`)."""
+        counts = np.bincount(self.datasets[split].labels(), minlength=len(AASM_STAGES))
+        return dict(zip(AASM_STAGES, counts.tolist()))
+
+    def _collate(self):
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        collator = getattr(model, "collator", None)
+        if collator is None:
+            raise RuntimeError(f"SleepQADataModule batches with the model's `collator` (a QACollator); "
+                               f"{type(model).__name__ if model is not None else 'no model is attached'} has none")
+        return collator
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self.datasets.get(split)
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        if len(dataset) == 0:
+            raise DataError(f"{self.root}: the '{split}' split has no scored epochs")
+        h = self.hparams
+        sampler = None
+        if train and h.balance_train:
+            labels = dataset.labels()
+            weights = 1.0 / np.bincount(labels, minlength=len(AASM_STAGES))[labels]
+            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(dataset),
+                                            generator=torch.Generator().manual_seed(h.seed))
+        return DataLoader(
+            dataset,
+            batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train and len(dataset) > h.batch_size,
+            num_workers=h.num_workers,
+            persistent_workers=h.num_workers > 0,
+            collate_fn=self._collate(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
