@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_scored_psg
 from datamodules.synthetic.sleep import generate_sleep_demo
 from mmclin.errors import DataError
+from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -274,14 +275,6 @@ class SleepQADataModule(L.LightningDataModule):
         counts = np.bincount(self.datasets[split].labels(), minlength=len(AASM_STAGES))
         return dict(zip(AASM_STAGES, counts.tolist()))
 
-    def _collate(self):
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        collator = getattr(model, "collator", None)
-        if collator is None:
-            raise RuntimeError(f"SleepQADataModule batches with the model's `collator` (a QACollator); "
-                               f"{type(model).__name__ if model is not None else 'no model is attached'} has none")
-        return collator
-
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets.get(split)
         if dataset is None:
@@ -303,7 +296,7 @@ class SleepQADataModule(L.LightningDataModule):
             drop_last=train and len(dataset) > h.batch_size,
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
-            collate_fn=self._collate(),
+            collate_fn=model_collator(self.trainer, type(self).__name__),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -208,33 +208,44 @@ class MultimodalLM(L.LightningModule):
         self._finish_epoch("test")
 
     def _finish_epoch(self, prefix: str) -> None:
-        """Accuracy by generation and by likelihood ranking; predictions written per rank, merged on rank 0."""
-        n = len(self._predictions)
-        by_generation = sum(p["parsed"] == p["answer"] for p in self._predictions)
-        by_ranking = sum(p["ranked"] == p["answer"] for p in self._predictions)
-        totals = self.all_gather(torch.tensor([n, by_generation, by_ranking], device=self.device)).reshape(-1, 3)
-        n, by_generation, by_ranking = totals.sum(0).tolist()
-        if n:
-            self.log_dict({f"{prefix}/acc_generation": by_generation / n, f"{prefix}/acc_likelihood": by_ranking / n})
-        self._write_predictions(prefix)
+        """Write this rank's predictions, then score the union of all ranks' (identically on every rank).
 
-    def _write_predictions(self, prefix: str) -> None:
-        trainer = self._trainer
-        root = self.hparams.predictions_dir or (trainer.log_dir if trainer is not None else None)
-        if root is None:
+        Logs ``{prefix}/acc_generation`` (parsed greedy answers) and ``{prefix}/acc_likelihood`` (choice with
+        the highest likelihood), and their macro-F1 over the answer classes; rank 0 merges the per-rank files
+        into ``predictions.jsonl``.
+        """
+        directory = self._predictions_dir(prefix)
+        part = directory / f"rank{self.global_rank}.jsonl"
+        part.write_text("".join(json.dumps(p) + "\n" for p in self._predictions), encoding="utf-8")
+        if self.trainer.world_size > 1:
+            self.trainer.strategy.barrier()
+        parts = [directory / f"rank{r}.jsonl" for r in range(self.trainer.world_size)]
+        rows = [json.loads(line) for p in parts for line in p.read_text(encoding="utf-8").splitlines()]
+        if not rows:
             return
+        metrics = {}
+        for name, key in (("generation", "parsed"), ("likelihood", "ranked")):
+            metrics[f"{prefix}/acc_{name}"] = sum(r[key] == r["answer"] for r in rows) / len(rows)
+            metrics[f"{prefix}/macro_f1_{name}"] = macro_f1([r["answer"] for r in rows], [r[key] for r in rows])
+        self.log_dict(metrics)
+        if self.global_rank == 0:
+            tmp = directory / "predictions.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            os.replace(tmp, directory / "predictions.jsonl")
+
+    def _predictions_dir(self, prefix: str) -> Path:
+        root = self.hparams.predictions_dir or self.trainer.log_dir or self.trainer.default_root_dir
         directory = Path(root) / f"{prefix}-predictions"
         directory.mkdir(parents=True, exist_ok=True)
-        rank = self.global_rank
-        with open(directory / f"rank{rank}.jsonl", "w", encoding="utf-8") as f:
-            for p in self._predictions:
-                f.write(json.dumps(p) + "\n")
-        if trainer is not None and trainer.world_size > 1:
-            trainer.strategy.barrier()
-        if rank == 0:
-            parts = sorted(directory.glob("rank*.jsonl"))
-            tmp = directory / "predictions.jsonl.tmp"
-            with open(tmp, "w", encoding="utf-8") as out:
-                for part in parts:
-                    out.write(part.read_text(encoding="utf-8"))
-            os.replace(tmp, directory / "predictions.jsonl")
+        return directory
+
+
+def macro_f1(truth: list[str], predicted: list[str | None]) -> float:
+    """Macro-F1 over the classes in `truth`; a None (unparsable) prediction counts as wrong."""
+    scores = []
+    for c in sorted(set(truth)):
+        tp = sum(t == c and p == c for t, p in zip(truth, predicted))
+        fp = sum(t != c and p == c for t, p in zip(truth, predicted))
+        fn = sum(t == c and p != c for t, p in zip(truth, predicted))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / len(scores)

@@ -112,3 +112,13 @@ def parse_choice(generated: str, choices: Sequence[str]) -> str | None:
         if match:
             found.append((match.start(), -len(norm), original))
     return min(found)[2] if found else None
+
+
+def model_collator(trainer, datamodule: str) -> QACollator:
+    """The collator of the model a QA datamodule's trainer runs (it owns the tokenizer), or a clear error."""
+    model = trainer.lightning_module if trainer is not None else None
+    collator = getattr(model, "collator", None)
+    if collator is None:
+        owner = type(model).__name__ if model is not None else "no model is attached"
+        raise RuntimeError(f"{datamodule} batches with the model's `collator` (a QACollator); {owner} has none")
+    return collator

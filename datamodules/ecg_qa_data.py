@@ -1,0 +1,157 @@
+"""ECG-QA over PTB-XL as a LightningDataModule: questions from ECG-QA JSON, signals from the PTB-XL tree."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.ecg import STANDARD_LEADS, ptbxl_record_path, read_ptbxl_database, read_wfdb_record
+from datamodules.ecg_qa import read_ecg_qa
+from datamodules.synthetic.ecg import generate_ecg_demo
+from mmclin.errors import DataError
+from mmclin.tasks.qa import model_collator
+
+log = logging.getLogger(__name__)
+
+
+class ECGQADataset(Dataset):
+    """Yields QA samples ``{"series": [(12, L) mV per ECG], "question", "answer", "choices", "meta"}``."""
+
+    def __init__(self, table: pd.DataFrame, signals: dict[int, np.ndarray]):
+        self.table = table.reset_index(drop=True)
+        self.signals = signals
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.table.iloc[i]
+        answers = list(row["answer"])
+        return {
+            "series": [torch.from_numpy(self.signals[e]) for e in row["ecg_ids"]],
+            "question": row["question"],
+            # Multi-answer questions are scored as the sorted, comma-joined answer set.
+            "answer": answers[0] if len(answers) == 1 else ", ".join(sorted(answers)),
+            "choices": list(row["choices"] or []),
+            "meta": {"sample_id": int(row["sample_id"]), "template_id": int(row["template_id"]),
+                     "question_type": row["question_type"], "ecg_ids": [int(e) for e in row["ecg_ids"]]},
+        }
+
+
+class ECGQADataModule(L.LightningDataModule):
+    """ECG-QA (Oh et al., NeurIPS 2023) questions on PTB-XL (Wagner et al., Sci Data 2020) ECGs.
+
+    With ``root`` unset a demo PTB-XL tree with ECG-QA-layout questions is generated once into the cache
+    (``$MMCLIN_CACHE`` or ``~/.cache/mmclin``). Splits are ECG-QA's (train / valid / test, i.e. PTB-XL folds
+    1-8 / 9 / 10). Signals are read once with wfdb, in mV, in the order of `leads`, and kept in memory.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        ptbxl_root: str | None = None,
+        qa_dir: str = "ecgqa/ptbxl",
+        version: Literal["paraphrased", "template"] = "paraphrased",
+        sampling_rate: Literal[100, 500] = 100,
+        leads: list[str] | None = None,
+        question_types: list[str] | None = None,
+        on_missing: Literal["error", "skip"] = "error",
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        demo_records: int = 600,
+        cache_dir: str | None = None,
+    ):
+        """
+        Args:
+            root: directory holding ``qa_dir`` (and, unless `ptbxl_root` is given, the PTB-XL tree); unset = demo.
+            ptbxl_root: PTB-XL directory (``ptbxl_database.csv``, ``scp_statements.csv``, ``records100/500``).
+            qa_dir: ECG-QA folder relative to `root`.
+            version: ECG-QA question wording: ``paraphrased`` or ``template``.
+            sampling_rate: PTB-XL record set: 100 Hz (``records100``) or 500 Hz (``records500``).
+            leads: lead names in model order (default the 12 standard leads).
+            question_types: keep only these ECG-QA question types (e.g. ``[single-verify]``).
+            on_missing: a question whose ECG is not in the database: ``error`` or ``skip`` (counted).
+            batch_size: training batch size.
+            eval_batch_size: validation/test batch size (default: batch_size).
+            num_workers: DataLoader workers.
+            demo_records: demo size (ECGs).
+            cache_dir: demo location (default ``$MMCLIN_CACHE`` or ``~/.cache/mmclin``).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.demo = root is None
+        self.datasets: dict[str, ECGQADataset] = {}
+        self.n_skipped = 0
+
+    @property
+    def root(self) -> Path:
+        if self.demo:
+            cache = self.hparams.cache_dir or os.environ.get("MMCLIN_CACHE", Path.home() / ".cache" / "mmclin")
+            return Path(cache) / f"ecg-demo-v1-n{self.hparams.demo_records}"
+        return Path(self.hparams.root)
+
+    @property
+    def ptbxl_root(self) -> Path:
+        return Path(self.hparams.ptbxl_root) if self.hparams.ptbxl_root else self.root
+
+    def prepare_data(self) -> None:
+        if self.demo:
+            generate_ecg_demo(self.root, n_records=self.hparams.demo_records, seed=0)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        h = self.hparams
+        self.prepare_data()
+        database = read_ptbxl_database(self.ptbxl_root / "ptbxl_database.csv", self.ptbxl_root / "scp_statements.csv")
+        table = read_ecg_qa(self.root / h.qa_dir, database, version=h.version, on_missing=h.on_missing)
+        self.n_skipped = int(table.attrs.get("n_skipped_missing_ecg", 0))
+        if h.question_types:
+            table = table[table["question_type"].isin(h.question_types)]
+        if table.empty:
+            raise DataError(f"{self.root / h.qa_dir}: no questions left (question_types={h.question_types})")
+        leads = h.leads or list(STANDARD_LEADS)
+        signals = {}
+        for ecg_id in sorted({e for ids in table["ecg_ids"] for e in ids}):
+            path = ptbxl_record_path(self.ptbxl_root, ecg_id, database.loc[ecg_id], fs=h.sampling_rate)
+            signals[ecg_id] = read_wfdb_record(path, leads=leads, target_fs=h.sampling_rate).signal
+        for split in ("train", "val", "test"):
+            self.datasets[split] = ECGQADataset(table[table["split"] == split], signals)
+        log.info("ECG-QA %s: %s questions, %d ECGs, %d skipped (ECG not in the database)", self.root,
+                 {k: len(v) for k, v in self.datasets.items()}, len(signals), self.n_skipped)
+
+    def majority_baseline(self, split: str) -> float:
+        """Accuracy of always giving each question type's most frequent training answer, on `split`."""
+        train, other = self.datasets["train"].table, self.datasets[split].table
+        key = train["answer"].map(lambda a: ", ".join(sorted(a)))
+        top = key.groupby(train["template_id"]).agg(lambda s: s.value_counts().index[0])
+        truth = other["answer"].map(lambda a: ", ".join(sorted(a)))
+        return float((other["template_id"].map(top) == truth).mean())
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        if len(dataset) == 0:
+            raise DataError(f"{self.root}: the '{split}' split has no questions")
+        h = self.hparams
+        return DataLoader(dataset, batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
+                          shuffle=train, drop_last=train and len(dataset) > h.batch_size, num_workers=h.num_workers,
+                          persistent_workers=h.num_workers > 0,
+                          collate_fn=model_collator(self.trainer, type(self).__name__))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
