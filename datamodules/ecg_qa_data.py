@@ -129,13 +129,13 @@ class ECGQADataModule(L.LightningDataModule):
         log.info("ECG-QA %s: %s questions, %d ECGs, %d skipped (ECG not in the database)", self.root,
                  {k: len(v) for k, v in self.datasets.items()}, len(signals), self.n_skipped)
 
-    def majority_baseline(self, split: str) -> float:
-        """Accuracy of always giving each question type's most frequent training answer, on `split`."""
+    def baselines(self, split: str) -> dict[str, float]:
+        """Accuracy on `split` of always giving each template's most frequent training answer."""
         train, other = self.datasets["train"].table, self.datasets[split].table
         key = train["answer"].map(lambda a: ", ".join(sorted(a)))
         top = key.groupby(train["template_id"]).agg(lambda s: s.value_counts().index[0])
         truth = other["answer"].map(lambda a: ", ".join(sorted(a)))
-        return float((other["template_id"].map(top) == truth).mean())
+        return {"majority_answer_acc": float((other["template_id"].map(top) == truth).mean())}
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets[split]

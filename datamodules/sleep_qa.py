@@ -270,6 +270,16 @@ class SleepQADataModule(L.LightningDataModule):
         log.info("%s: epochs per split %s; skipped %s", self.root, {k: len(v) for k, v in self.datasets.items()},
                  dict(self.skipped))
 
+    def baselines(self, split: str) -> dict[str, float]:
+        """Accuracy and macro-F1 on `split` of always answering the training split's most frequent stage."""
+        from mmclin.models.mllm import macro_f1
+
+        train = self.stage_counts("train")
+        majority = max(train, key=train.get)
+        truth = [AASM_STAGES[i] for i in self.datasets[split].labels()]
+        return {"majority_stage_acc": sum(t == majority for t in truth) / len(truth),
+                "majority_stage_macro_f1": macro_f1(truth, [majority] * len(truth))}
+
     def stage_counts(self, split: str) -> dict[str, int]:
         """Epochs per AASM stage in a split (after `setup`)."""
         counts = np.bincount(self.datasets[split].labels(), minlength=len(AASM_STAGES))

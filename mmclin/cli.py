@@ -21,18 +21,31 @@ class MMClinCLI(LightningCLI):
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
 
     def after_fit(self) -> None:
-        """Print the final validation figures and where the checkpoint went."""
-        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
-        if metrics:
-            width = max(map(len, metrics))
-            lines = [f"  {k:<{width}}  {v:.4f}" if math.isfinite(v) else f"  {k:<{width}}  nan"
-                     for k, v in sorted(metrics.items())]
-            rank_zero_info("Validation metrics (last epoch):\n" + "\n".join(lines))
+        """Print the final validation figures, the data's baselines and where the checkpoint went."""
+        self._print_metrics("val", "Validation metrics (last epoch)")
         ckpt = self.trainer.checkpoint_callback
         if ckpt is not None and ckpt.best_model_path:
             rank_zero_info(f"Best checkpoint: {ckpt.best_model_path}")
         if ckpt is not None and ckpt.last_model_path:
             rank_zero_info(f"Last checkpoint: {ckpt.last_model_path}")
+
+    def after_test(self) -> None:
+        self._print_metrics("test", "Test metrics")
+
+    def after_validate(self) -> None:
+        self._print_metrics("val", "Validation metrics")
+
+    def _print_metrics(self, split: str, title: str) -> None:
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{split}/")}
+        baselines = getattr(self.datamodule, "baselines", None)
+        if baselines is not None:  # what a trivial answerer scores on the same split, for comparison
+            metrics.update({f"{split}/baseline/{k}": v for k, v in baselines(split).items()})
+        if not metrics:
+            return
+        width = max(map(len, metrics))
+        lines = [f"  {k:<{width}}  {v:.4f}" if math.isfinite(v) else f"  {k:<{width}}  nan"
+                 for k, v in sorted(metrics.items())]
+        rank_zero_info(f"{title}:\n" + "\n".join(lines))
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMClinCLI:
