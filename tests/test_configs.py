@@ -13,6 +13,7 @@ from mmclin.cli import build_cli
 RUNNABLE = sorted(CONFIGS.glob("*.yaml"))
 OVERLAYS = sorted((CONFIGS / "overlays").glob("*.yaml"))
 BASE_OF_OVERLAY = {name: "derm-clip.yaml" for name in ("derm1m-vitb16.yaml", "fsdp.yaml", "ddp-cpu.yaml")}
+BASE_OF_OVERLAY["llm-1b-lora.yaml"] = "ecg-qa-xattn.yaml"
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
 
 
@@ -31,6 +32,9 @@ def test_overlay_parses_on_its_base(overlay: Path, demo_cache):
     base = CONFIGS / BASE_OF_OVERLAY[overlay.name]
     strategy = [] if overlay.name == "ddp-cpu.yaml" else ["--trainer.strategy", "auto"]
     tiny = ["--model.init_args.model_config", yaml.safe_dump(_tiny_vision_only())] if "vitb16" in overlay.name else []
+    if overlay.name == "llm-1b-lora.yaml":  # the real LM is the user's; build the tiny one with the same LoRA setup
+        tiny = ["--model.init_args.lm", yaml.safe_dump({"tiny": {"hidden_size": 32}, "freeze": "all_but_lora",
+                                                        "lora": {"r": 4, "alpha": 8}})]
     cli = build_cli(["-c", str(base), "-c", str(overlay), *ON_CPU, *strategy, *tiny], run=False)
     assert cli.trainer is not None
 
@@ -94,3 +98,21 @@ def test_fsdp_overlay_builds_its_strategy():
     assert isinstance(strategy, FSDPStrategy)
     policy = strategy.kwargs["auto_wrap_policy"]  # Lightning turns the class list into a ModuleWrapPolicy
     assert ResidualAttentionBlock in policy._module_classes
+
+
+def test_llm_lora_overlay_runs_a_step(demo_cache, tmp_path):
+    override = tmp_path / "tiny.yaml"
+    override.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 1, "max_epochs": 1, "limit_val_batches": 1,
+                    "default_root_dir": str(tmp_path),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path)}}},
+        "model": {"init_args": {"lm": {"tiny": {"hidden_size": 32}, "dtype": "bfloat16", "freeze": "all_but_lora",
+                                       "lora": {"r": 4, "alpha": 8}}}},
+        "data": {"init_args": {"batch_size": 4, "demo_records": 80}},
+    }))
+    cli = build_cli(["fit", "-c", str(CONFIGS / "ecg-qa-xattn.yaml"), "-c", str(CONFIGS / "overlays/llm-1b-lora.yaml"),
+                     "-c", str(override)])
+    assert cli.trainer.global_step == 1
+    trainable = [n for n, p in cli.model.lm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
