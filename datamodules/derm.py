@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.derm import CLASS_NAMES as DEMO_CLASS_NAMES
 from datamodules.synthetic.derm import DEMO_CSV, generate_derm_demo
 from mmclin.errors import DataError
@@ -271,7 +272,7 @@ def _default_cache_dir() -> Path:
     return Path(os.environ.get("MMCLIN_CACHE", Path.home() / ".cache" / "mmclin"))
 
 
-class DermDataModule(L.LightningDataModule):
+class DermDataModule(SplitLoaders, L.LightningDataModule):
     """Image-caption pairs for CLIP training and zero-shot evaluation in dermatology.
 
     With ``root`` unset the seeded demo dataset (Derm1M layout) is generated once into the cache
@@ -439,15 +440,3 @@ class DermDataModule(L.LightningDataModule):
             persistent_workers=h.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.ecg import STANDARD_LEADS, ptbxl_record_path, read_ptbxl_database, read_wfdb_record
 from datamodules.ecg_qa import read_ecg_qa
+from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.ecg import generate_ecg_demo
 from mmclin.errors import DataError
 from mmclin.tasks.qa import model_collator
@@ -46,7 +47,7 @@ class ECGQADataset(Dataset):
         }
 
 
-class ECGQADataModule(L.LightningDataModule):
+class ECGQADataModule(SplitLoaders, L.LightningDataModule):
     """ECG-QA (Oh et al., NeurIPS 2023) questions on PTB-XL (Wagner et al., Sci Data 2020) ECGs.
 
     With ``root`` unset a demo PTB-XL tree with ECG-QA-layout questions is generated once into the cache
@@ -146,12 +147,3 @@ class ECGQADataModule(L.LightningDataModule):
                           shuffle=train, drop_last=train and len(dataset) > h.batch_size, num_workers=h.num_workers,
                           persistent_workers=h.num_workers > 0,
                           collate_fn=model_collator(self.trainer, type(self).__name__))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from datamodules.loaders import SplitLoaders
 from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_scored_psg
 from datamodules.synthetic.sleep import generate_sleep_demo
 from mmclin.errors import DataError
@@ -125,7 +126,7 @@ class SleepEpochQA(Dataset):
         }
 
 
-class SleepQADataModule(L.LightningDataModule):
+class SleepQADataModule(SplitLoaders, L.LightningDataModule):
     """Sleep-stage QA over Sleep-EDF style PSG: every scored epoch asks for its AASM stage.
 
     Signals stay in the EDF's physical unit (uV for EEG/EOG): z-normalisation is the encoder's job
@@ -308,15 +309,3 @@ class SleepQADataModule(L.LightningDataModule):
             persistent_workers=h.num_workers > 0,
             collate_fn=model_collator(self.trainer, type(self).__name__),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
