@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.loaders import SplitLoaders
+from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.derm import CLASS_NAMES as DEMO_CLASS_NAMES
 from datamodules.synthetic.derm import DEMO_CSV, generate_derm_demo
 from mmclin.errors import DataError
@@ -268,10 +269,6 @@ class ImageTextDataset(Dataset):
         return item
 
 
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("MMCLIN_CACHE", Path.home() / ".cache" / "mmclin"))
-
-
 class DermDataModule(SplitLoaders, L.LightningDataModule):
     """Image-caption pairs for CLIP training and zero-shot evaluation in dermatology.
 
@@ -352,8 +349,7 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
     def root(self) -> Path:
         if self.demo:
             h = self.hparams
-            cache = Path(h.cache_dir) if h.cache_dir else _default_cache_dir()
-            return cache / f"derm-demo-v1-n{h.demo_lesions_per_class}-s{h.demo_image_size}"
+            return demo_cache_dir(h.cache_dir) / f"derm-demo-v1-n{h.demo_lesions_per_class}-s{h.demo_image_size}"
         return Path(self.hparams.root)
 
     @property

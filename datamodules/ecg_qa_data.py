@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.ecg import STANDARD_LEADS, ptbxl_record_path, read_ptbxl_database, read_wfdb_record
 from datamodules.ecg_qa import read_ecg_qa
 from datamodules.loaders import SplitLoaders
+from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.ecg import generate_ecg_demo
 from mmclin.errors import DataError
 from mmclin.tasks.qa import model_collator
@@ -96,8 +96,7 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
     @property
     def root(self) -> Path:
         if self.demo:
-            cache = self.hparams.cache_dir or os.environ.get("MMCLIN_CACHE", Path.home() / ".cache" / "mmclin")
-            return Path(cache) / f"ecg-demo-v1-n{self.hparams.demo_records}"
+            return demo_cache_dir(self.hparams.cache_dir) / f"ecg-demo-v1-n{self.hparams.demo_records}"
         return Path(self.hparams.root)
 
     @property

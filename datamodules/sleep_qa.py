@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from datamodules.loaders import SplitLoaders
 from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_scored_psg
+from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.sleep import generate_sleep_demo
 from mmclin.errors import DataError
 from mmclin.tasks.qa import model_collator
@@ -197,8 +198,7 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
     def root(self) -> Path:
         if self.demo:
             h = self.hparams
-            cache = Path(h.cache_dir or os.environ.get("MMCLIN_CACHE", Path.home() / ".cache" / "mmclin"))
-            return cache / f"sleep-edf-demo-v1-n{h.demo_subjects}-h{h.demo_hours:g}"
+            return demo_cache_dir(h.cache_dir) / f"sleep-edf-demo-v1-n{h.demo_subjects}-h{h.demo_hours:g}"
         return Path(self.hparams.root)
 
     @property

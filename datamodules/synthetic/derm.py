@@ -16,8 +16,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +23,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from datamodules.synthetic.cache import build_once
+
 DEMO_CSV = "Derm1M_v2_pretrain.csv"
-_DONE_MARKER = ".complete"
 
 
 @dataclass(frozen=True)
@@ -274,12 +273,17 @@ def generate_derm_demo(
         views_per_lesion: photographs of the same lesion (rotation, lighting, artefacts differ).
         image_size: side of the square JPEG images in pixels.
         seed: generator seed; the same seed gives the same files.
+
+    Raises:
+        ValueError: `out_dir` already holds a demo made with other settings.
     """
-    out = Path(out_dir)
-    if (out / _DONE_MARKER).exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    settings = {"seed": seed, "lesions_per_class": lesions_per_class, "views_per_lesion": views_per_lesion,
+                "image_size": image_size}
+    return build_once(out_dir, settings,
+                      lambda tmp: _write_demo(tmp, lesions_per_class, views_per_lesion, image_size, seed))
+
+
+def _write_demo(tmp: Path, lesions_per_class: int, views_per_lesion: int, image_size: int, seed: int) -> None:
     (tmp / "images").mkdir()
     rng = np.random.default_rng(seed)
     rows = []
@@ -312,9 +316,3 @@ def generate_derm_demo(
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (tmp / _DONE_MARKER).write_text(f"seed={seed} n={len(rows)}\n")
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

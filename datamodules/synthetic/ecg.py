@@ -28,8 +28,6 @@ import csv
 import datetime as dt
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +38,8 @@ import wfdb
 from tqdm import tqdm
 
 from datamodules.ecg import PTBXL_FOLD_SPLIT, STANDARD_LEADS, resample_to
+from datamodules.synthetic.cache import build_once
 
-_DONE_MARKER = ".complete"
 FS_HR, FS_LR, DURATION_S = 500, 100, 10.0
 N_FOLDS = 10
 ECGQA_SPLIT_DIRS = {"train": "train", "val": "valid", "test": "test"}  # our split name -> ECG-QA folder name
@@ -451,27 +449,8 @@ def generate_ecg_demo(out_dir: str | os.PathLike, n_records: int = 600, seed: in
     if n_records < minimum:
         raise ValueError(f"n_records={n_records}: need at least {minimum} ({len(DEMO_CLASSES)} classes x "
                          f"{N_FOLDS} folds) so that every strat_fold holds every class")
-    out = Path(out_dir)
     settings = {"seed": seed, "n_records": n_records}
-    if (out / _DONE_MARKER).exists():
-        found = json.loads((out / _DONE_MARKER).read_text())
-        if found != settings:
-            raise ValueError(f"{out} holds a demo made with {found}; asked for {settings}. Use another directory.")
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        _generate(tmp, n_records, np.random.default_rng(seed))
-        (tmp / _DONE_MARKER).write_text(json.dumps(settings))
-        try:
-            os.replace(tmp, out)
-        except OSError as err:  # another process finished first, or a directory of the user's is in the way
-            if not (out / _DONE_MARKER).exists():
-                raise FileExistsError(f"{out} exists and is not a finished demo (no {_DONE_MARKER} file); remove "
-                                      "it or choose another directory") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_once(out_dir, settings, lambda tmp: _generate(tmp, n_records, np.random.default_rng(seed)))
 
 
 def _generate(tmp: Path, n_records: int, rng: np.random.Generator) -> None:

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-_DONE_MARKER = ".complete"
+from datamodules.synthetic.cache import build_once
+
 EPOCH_S = 30
 EEG_FS = 100
 RK_LABELS = {"W": "Sleep stage W", "1": "Sleep stage 1", "2": "Sleep stage 2", "3": "Sleep stage 3",
@@ -255,17 +254,20 @@ def generate_sleep_demo(
         hours: recording length per night; the hypnogram covers it in whole 30-s epochs, the last 1-3 of them
             "Sleep stage ?".
         seed: generator seed; the same seed gives the same files.
+
+    Raises:
+        ValueError: `out_dir` already holds a demo made with other settings.
     """
     if not 1 <= n_subjects <= 100 or not 1 <= nights_per_subject <= 9:
         raise ValueError(f"need 1-100 subjects and 1-9 nights; got {n_subjects} and {nights_per_subject}")
     n_epochs = int(hours * 3600 // EPOCH_S)
     if n_epochs < 60:
         raise ValueError(f"hours={hours} gives {n_epochs} epochs; need at least 30 min (60 epochs)")
-    out = Path(out_dir)
-    if (out / _DONE_MARKER).exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    settings = {"seed": seed, "n_subjects": n_subjects, "nights_per_subject": nights_per_subject, "hours": hours}
+    return build_once(out_dir, settings, lambda tmp: _write_demo(tmp, n_subjects, nights_per_subject, n_epochs, seed))
+
+
+def _write_demo(tmp: Path, n_subjects: int, nights_per_subject: int, n_epochs: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     nights = [(s, k) for s in range(n_subjects) for k in range(1, nights_per_subject + 1)]
     for subject, night in tqdm(nights, desc="Generating demo PSG", unit="night", leave=False):
@@ -288,9 +290,3 @@ def generate_sleep_demo(
                 runs.append((first * EPOCH_S, (i - first) * EPOCH_S, RK_LABELS[stages[first]]))
                 first = i
         write_edf(tmp / f"{stem}EC-Hypnogram.edf", record_s=0, annotations=runs, start=start)
-    (tmp / _DONE_MARKER).write_text(f"seed={seed} subjects={n_subjects} nights={nights_per_subject} hours={hours}\n")
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
