@@ -258,6 +258,22 @@ def test_cross_attention_every_n_trains_only_the_blocks():
     torch.testing.assert_close(detached, lm(XATTN_IDS, attention_mask=XATTN_MASK).logits.detach())
 
 
+def test_gate_init_opens_the_attention_branch_and_lets_it_learn():
+    lm = tiny_lm("llama")
+    tokens, mask = media_batch()
+    positions = placeholder_positions(XATTN_IDS, MEDIA, mask.any(-1), XATTN_MASK)
+    closed = attach_cross_attention(lm, D_MEDIA, n_heads=2).blocks["0"]
+    opened = attach_cross_attention(lm, D_MEDIA, n_heads=2, gate_init=0.5).blocks["0"]
+    assert closed.alpha_attn.item() == 0.0 and opened.alpha_attn.item() == 0.5
+    x = torch.randn(2, 9, 32)
+    text_positions = torch.arange(9).expand(2, -1)
+    for block in (closed, opened):
+        block(x, text_positions, tokens, mask, positions).sum().backward()
+    # Closed, the attention weights get no gradient (the saddle gate_init avoids); open, they do.
+    assert closed.to_q.weight.grad.abs().max() == 0
+    assert opened.to_q.weight.grad.abs().max() > 0
+
+
 def test_block_channel_embedding_and_no_nan_for_text_before_media():
     torch.manual_seed(0)
     block = GatedCrossAttentionBlock(d_model=32, d_media=D_MEDIA, n_heads=4, n_channels=3)

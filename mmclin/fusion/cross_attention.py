@@ -34,10 +34,20 @@ class GatedCrossAttentionBlock(nn.Module):
 
     ``x = x + tanh(alpha_attn) * attn(LN(x), media)``, then ``x = x + tanh(alpha_ff) * FF(LN(x))``, with
     ``alpha_*`` initialised to 0 so the block is the identity until trained (Flamingo, Alayrac et al. 2022).
+    With both the gate and the attention starting from nothing, a small model can sit at that saddle for a whole
+    run (the gate's gradient is the product with untrained attention, and the attention's is scaled by the gate);
+    ``gate_init`` > 0 starts the attention branch open, for LMs trained from scratch.
     """
 
     def __init__(
-        self, d_model: int, d_media: int, n_heads: int, ff_mult: int = 4, max_media: int = 32, n_channels: int = 0
+        self,
+        d_model: int,
+        d_media: int,
+        n_heads: int,
+        ff_mult: int = 4,
+        max_media: int = 32,
+        n_channels: int = 0,
+        gate_init: float = 0.0,
     ):
         """
         Args:
@@ -47,6 +57,7 @@ class GatedCrossAttentionBlock(nn.Module):
             ff_mult: hidden width of the feed-forward branch, as a multiple of ``d_model``.
             max_media: most media per sample; size of the medium-index embedding.
             n_channels: size of the per-token channel/lead embedding; 0 for none.
+            gate_init: initial ``alpha_attn``; 0 (Flamingo) leaves a pretrained LM untouched at the start.
         """
         super().__init__()
         if d_model % n_heads:
@@ -60,7 +71,7 @@ class GatedCrossAttentionBlock(nn.Module):
         self.to_kv = nn.Linear(d_media, 2 * d_model, bias=False)
         self.to_out = nn.Linear(d_model, d_model, bias=False)
         self.ff = nn.Sequential(nn.LayerNorm(d_model), Mlp(d_model, ff_mult * d_model, act_layer=nn.GELU, bias=False))
-        self.alpha_attn = nn.Parameter(torch.zeros(1))
+        self.alpha_attn = nn.Parameter(torch.full((1,), float(gate_init)))
         self.alpha_ff = nn.Parameter(torch.zeros(1))
         # Attention over a set of keys ignores their order: without these, two media of equal content, or the
         # same media swapped, would read the same to the text.
@@ -229,6 +240,7 @@ def attach_cross_attention(
     ff_mult: int = 4,
     max_media: int = 32,
     n_channels: int = 0,
+    gate_init: float = 0.0,
 ) -> CrossAttentionFusion:
     """Run a new gated cross-attention block before every ``every_n``-th decoder layer of ``lm``.
 
@@ -243,6 +255,7 @@ def attach_cross_attention(
         ff_mult: feed-forward width of the blocks, as a multiple of the LM's hidden size.
         max_media: most media per sample.
         n_channels: size of the optional per-token channel/lead embedding; 0 for none.
+        gate_init: initial attention gate ``alpha_attn`` of every block (see :class:`GatedCrossAttentionBlock`).
 
     Returns:
         The fusion holding the blocks; set media with :meth:`CrossAttentionFusion.media` around LM calls.
@@ -254,7 +267,8 @@ def attach_cross_attention(
     parameter = next(lm.parameters())
     blocks = {
         index: GatedCrossAttentionBlock(
-            config.hidden_size, d_media, n_heads or config.num_attention_heads, ff_mult, max_media, n_channels
+            config.hidden_size, d_media, n_heads or config.num_attention_heads, ff_mult, max_media, n_channels,
+            gate_init,
         ).to(device=parameter.device, dtype=parameter.dtype)
         for index in range(every_n - 1, len(layers), every_n)
     }

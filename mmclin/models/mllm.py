@@ -38,6 +38,7 @@ class MultimodalLM(L.LightningModule):
         fusion: Literal["soft_prompt", "cross_attention"] = "soft_prompt",
         connector: Callable[[int, int], nn.Module] | None = None,
         xattn_every_n: int = 1,
+        xattn_gate_init: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup: float = 0.05,
@@ -53,6 +54,8 @@ class MultimodalLM(L.LightningModule):
             connector: builds the connector from (encoder width, LM width); default an MLP projector
                 (use ``PerceiverResampler`` for a token count independent of the series length).
             xattn_every_n: cross-attention blocks before every n-th decoder layer.
+            xattn_gate_init: initial attention gate of the cross-attention blocks: 0 (Flamingo) for a pretrained
+                LM; > 0 for an LM trained from scratch, which can otherwise stay at the closed-gate saddle.
             lr: peak AdamW learning rate for the trainable parameters.
             weight_decay: AdamW weight decay.
             warmup: linear warm-up: a fraction of the total steps if < 1, else a number of steps.
@@ -70,7 +73,8 @@ class MultimodalLM(L.LightningModule):
         width = lm_hidden_size(self.lm)
         build = connector or (lambda d_in, d_out: MLPProjector(d_in, d_out))
         self.connectors = nn.ModuleDict({k: build(e.out_dim, width) for k, e in encoders.items()})
-        self.fusion = attach_cross_attention(self.lm, width, every_n=xattn_every_n) if fusion == "cross_attention" \
+        self.fusion = attach_cross_attention(self.lm, width, every_n=xattn_every_n,
+                                             gate_init=xattn_gate_init) if fusion == "cross_attention" \
             else None
         self.collator = QACollator(self.tokenizer)
         self._predictions: list[dict] = []
