@@ -51,3 +51,33 @@ def test_choice_parser_has_no_order_bias():
     assert parse_choice("Sinus bradycardia.", choices) == "sinus bradycardia"
     assert parse_choice("atrial fibrillation, not sinus rhythm", choices) == "atrial fibrillation"
     assert parse_choice("no idea", choices) is None
+
+
+def test_collator_batches_images_under_their_key_and_names_a_wrong_modality():
+    model = MultimodalLM({"image": PatchTransformerEncoder(n_channels=3, patch_size=4, d_model=16, n_layers=1,
+                                                           n_heads=2)},
+                         lm={"tiny": {"hidden_size": 16, "intermediate_size": 32}})
+    images = [{"image": [torch.rand(3, 8, 8)], "question": "Grade?", "answer": "mild", "choices": []}
+              for _ in range(3)]
+    batch = model.collator(images)
+    assert batch["image"].shape == (3, 3, 8, 8) and batch["image_sample"].tolist() == [0, 1, 2]
+    torch.testing.assert_close(batch["image"][1], images[1]["image"][0])
+    with pytest.raises(ValueError, match="same one of the modalities"):
+        model.collator(_samples(2, 0))
+
+
+def test_evaluator_scores_are_logged_beside_accuracy(tmp_path):
+    L.seed_everything(0)
+    seen = []
+
+    def evaluator(rows, prefix):
+        seen.append(len(rows))
+        return {f"{prefix}/answered_fast": sum(r["answer"] == "fast" for r in rows) / len(rows)}
+
+    encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=16, n_layers=1, n_heads=2)
+    model = MultimodalLM({"series": encoder}, lm={"tiny": {"hidden_size": 16, "intermediate_size": 32}},
+                         evaluator=evaluator, predictions_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    (metrics,) = trainer.validate(model, DataLoader(_samples(6, 1), batch_size=4, collate_fn=model.collator))
+    assert seen == [6] and metrics["val/answered_fast"] == 0.5 and "val/acc_likelihood" in metrics

@@ -43,6 +43,7 @@ class MultimodalLM(L.LightningModule):
         weight_decay: float = 0.0,
         warmup: float = 0.05,
         max_new_tokens: int = 8,
+        evaluator: Callable[[list[dict], str], dict[str, float]] | None = None,
         predictions_dir: str | None = None,
     ):
         """
@@ -60,6 +61,9 @@ class MultimodalLM(L.LightningModule):
             weight_decay: AdamW weight decay.
             warmup: linear warm-up: a fraction of the total steps if < 1, else a number of steps.
             max_new_tokens: generation length during evaluation.
+            evaluator: task scores on top of accuracy, computed from all ranks' prediction rows: called as
+                ``evaluator(rows, prefix)`` and returning ``{name: value}`` to log (e.g.
+                :class:`mmclin.tasks.vqa.VQAEvaluator`, :class:`mmclin.tasks.report.ReportEvaluator`).
             predictions_dir: where evaluation predictions are written (``predictions-rank{r}.jsonl``, merged to
                 ``predictions.jsonl``); default the trainer's log directory.
         """
@@ -76,7 +80,8 @@ class MultimodalLM(L.LightningModule):
         self.fusion = attach_cross_attention(self.lm, width, every_n=xattn_every_n,
                                              gate_init=xattn_gate_init) if fusion == "cross_attention" \
             else None
-        self.collator = QACollator(self.tokenizer)
+        self.collator = QACollator(self.tokenizer, media_keys=tuple(encoders))
+        self.evaluator = evaluator
         self._predictions: list[dict] = []
 
     # -- media -------------------------------------------------------------------------------------------
@@ -231,6 +236,8 @@ class MultimodalLM(L.LightningModule):
         for name, key in (("generation", "parsed"), ("likelihood", "ranked")):
             metrics[f"{prefix}/acc_{name}"] = sum(r[key] == r["answer"] for r in rows) / len(rows)
             metrics[f"{prefix}/macro_f1_{name}"] = macro_f1([r["answer"] for r in rows], [r[key] for r in rows])
+        if self.evaluator is not None:
+            metrics.update(self.evaluator(rows, prefix))
         self.log_dict(metrics)
         if self.global_rank == 0:
             tmp = directory / "predictions.jsonl.tmp"
