@@ -34,7 +34,7 @@ def bootstrap_ci(
     if n == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    stats = np.array([metric(*(a[idx] for a in arrays)) for idx in rng.integers(0, n, size=(n_boot, n))],
+    stats = np.array([metric(*(a[idx] for a in arrays)) for idx in (rng.integers(0, n, size=n) for _ in range(n_boot))],
                      dtype=float)
     stats = stats[~np.isnan(stats)]
     if stats.size == 0:
