@@ -1,0 +1,485 @@
+"""Synthetic errors in radiology reports: the taxonomy and rule-based injection into real report language.
+
+The coarse types are the three kinds of mistake of Wu, Kim et al. 2023, "Exploring Multimodal Large Language
+Models for Radiology Report Error-checking" (arXiv:2312.13103): insert, remove, substitute. Here an insertion adds
+an unsupported finding sentence, a removal drops a positive finding sentence, a substitution replaces a word or
+phrase.
+The fine types under them follow error classes used for radiology report proofreading (negation, left/right,
+interval change and transcription errors in arXiv:2504.04336; ReXErr, Rao et al. 2024, arXiv:2409.10829):
+
+    substitute: negation_flip, laterality_swap, anatomical_location, severity_change, measurement_change,
+                interval_change, device_change, typo_homophone
+    insert:     finding_insertion
+    remove:     finding_omission
+
+Every rule edits only the findings and impression of a report (the whole text when it has no headers) and
+records the exact spans, so ``modified == original[:a] + new + original[b:]`` with ``original_span == (a, b)``.
+A report that offers no site for a type gives None: it is never changed in a way that is not the named error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from mmclin.reports.sections import Report, body_regions, find_mentions, sentence_spans
+
+COARSE_TYPES = ("insert", "remove", "substitute")
+FINE_TYPES: dict[str, str] = {
+    "negation_flip": "substitute",
+    "laterality_swap": "substitute",
+    "anatomical_location": "substitute",
+    "severity_change": "substitute",
+    "measurement_change": "substitute",
+    "interval_change": "substitute",
+    "finding_insertion": "insert",
+    "finding_omission": "remove",
+    "device_change": "substitute",
+    "typo_homophone": "substitute",
+}
+
+# Words of chest radiograph reports that a transcription typo may hit (checked by rules.RuleChecker too).
+MEDICAL_VOCABULARY = frozenset("""
+abdomen abdominal abnormal abnormality airspace alveolar anterior aortic apical arthritic atelectasis atelectatic
+atherosclerotic bibasilar bilateral bronchial bronchiectasis bronchovascular calcification calcified calcific
+callus cardiac cardiomediastinal cardiomegaly cardiopulmonary catheter cavitary cervical chronic clavicle
+congestion consolidation consolidative contour costophrenic degenerative density diaphragm diaphragmatic
+discrete effusion emphysema emphysematous endotracheal esophagus fissure fracture granuloma granulomatous
+hemidiaphragm hemithorax hiatal hyperexpanded hyperinflated hyperinflation infiltrate interstitial jugular kyphosis
+lateral lingula lingular lumbar mediastinal mediastinum nasogastric nodular nodule opacification opacity osseous
+osteopenia osteophytes pacemaker parenchymal perihilar perineal peroneal pleura pleural pneumonia
+pneumoperitoneum pneumothorax posterior pulmonary radiograph retrocardiac scoliosis silhouette sternotomy stomach
+subclavian subcutaneous subsegmental thickening thoracic tortuous tortuosity trachea tracheostomy unremarkable
+vascular vascularity vasculature vertebral ileum ilium
+""".split())
+# Other words of report prose: never taken for a typo of a MEDICAL_VOCABULARY word.
+COMMON_REPORT_WORDS = frozenset("""
+interval internal compared comparison previous normal limits within without identified visualized appear appears
+appearance demonstrated present noted unchanged stable increased decreased improved worsened worsening improving
+increasing decreasing change changes minimal mildly moderately severely markedly slightly slight patient portable
+upright supine frontal projection single examination technique findings impression indication history clinical
+status placement position positioned terminates courses overlying overlies projects projecting measuring measures
+approximately likely possibly possible probably represent represents consistent concerning suggest suggesting
+suspicious question questionable residual persistent persistently resolved resolution extensive marked moderate
+severe patchy diffuse diffusely scattered streaky linear bandlike region regions middle superior inferior medial
+exclude excluded definite definitely significant significantly otherwise additional further evaluation evaluate
+assess follow recommend recommended correlation radiographic clearly expanded inflated inspiration expiration
+volumes volume elevated elevation blunting blunted obscured obscuring silhouetting structures grossly overall
+essentially relatively similar surgical clips median valve replacement device devices generator tubes catheters
+drains junction atrium superior cavoatrial brachiocephalic appropriate standard location unclear unable limited
+evidence acute active process disease minimally unremarkable calcifications granulomas nodules opacities lungs
+mildly hyperlucent lucency lucent underlying adjacent partially partial component cardiomediastinum heart sized
+density densities vertebral bodies height heights spurring spondylosis thoracolumbar degenerative arthritic
+healing healed remote deformity deformities""".split())
+HOMOPHONES: dict[str, tuple[str, ...]] = {  # real-word confusions of transcription (speech recognition)
+    "ileum": ("ilium",), "ilium": ("ileum",), "pleural": ("plural",), "perineal": ("peroneal",),
+    "peroneal": ("perineal",), "discrete": ("discreet",), "callus": ("callous",),
+}
+
+
+def word_forms(words: frozenset[str] | set[str]) -> frozenset[str]:
+    """The words with their regular inflections (effusion -> effusions, opacity -> opacities, ...)."""
+    forms = set(words)
+    for w in words:
+        forms |= {w + "s", w + "es", w + "d", w + "ed"}
+        if w.endswith("y"):
+            forms.add(w[:-1] + "ies")
+        if w.endswith("is"):
+            forms.add(w[:-2] + "es")
+    return frozenset(forms)
+
+
+# Words that are not typos. Homophones are real words: the checker judges them by their context instead.
+KNOWN_WORDS = word_forms(MEDICAL_VOCABULARY | COMMON_REPORT_WORDS | {w for v in HOMOPHONES.values() for w in v})
+# A measurement: numbers (or a product "1.2 x 1.5") with a length unit.
+MEASUREMENT = re.compile(r"(?<![\w.])(?P<nums>\d+(?:\.\d+)?(?:\s*(?:x|×|by)\s*\d+(?:\.\d+)?)*)\s*"
+                         r"(?P<unit>mm|cm|millimeters?|centimeters?)\b", re.IGNORECASE)
+UNIT_CM = {"mm": 0.1, "millimeter": 0.1, "millimeters": 0.1, "cm": 1.0, "centimeter": 1.0, "centimeters": 1.0}
+
+
+@dataclass(frozen=True)
+class InjectedError:
+    """One injected error: ``modified == original[:original_span[0]] + new + original[original_span[1]:]``."""
+
+    fine_type: str
+    coarse_type: str
+    span: tuple[int, int]  # of `new` in the modified text (empty for a removal)
+    original_span: tuple[int, int]  # of `original` in the original text (empty for an insertion)
+    original: str
+    new: str
+    modified: str
+
+
+@dataclass(frozen=True)
+class _Edit:
+    start: int
+    end: int
+    choices: tuple[str, ...]
+
+
+def _cased(like: str, word: str) -> str:
+    """`word` in the case of `like` (LEFT -> RIGHT, Left -> Right)."""
+    if like.isupper() and len(like) > 1:
+        return word.upper()
+    if like[:1].isupper():
+        return word[:1].upper() + word[1:]
+    return word
+
+
+def _inside(regions: list[tuple[str, int, int]], start: int, end: int) -> bool:
+    return any(lo <= start and end <= hi for _, lo, hi in regions)
+
+
+def _word_edits(text: str, regions, pattern: re.Pattern, table: dict[str, tuple[str, ...]],
+                keep: Callable[[re.Match], bool] = lambda m: True, literal: bool = False) -> list[_Edit]:
+    """Replace group "w" of each match by the entries of `table` (keyed by its lower case)."""
+    edits = []
+    for m in pattern.finditer(text):
+        start, end = m.span("w")
+        if not _inside(regions, start, end) or not keep(m):
+            continue
+        key = re.sub(r"\s+", " ", m.group("w"))
+        options = table.get(key) or table.get(key.lower())
+        if options:
+            edits.append(_Edit(start, end, tuple(o if literal else _cased(m.group("w"), o) for o in options)))
+    return edits
+
+
+# ------------------------------------------------------------------------------------------------ negation
+
+_NEGATION_CUE = re.compile(r"\b(?:no|not|without|negative)\b", re.IGNORECASE)
+_AFTER_THERE_IS = (r"(?:trace|tiny|small|minimal|mild|moderate|large|severe|marked|extensive|patchy|focal|new|"
+                   r"persistent|bilateral|left|right|increased|decreased|" + "|".join(
+                       ["(?:pleural\\s+)?effusions?", "pneumothorax", "consolidation", "opacit(?:y|ies)",
+                        "atelectasis", "edema", "cardiomegaly", "nodules?", "mass", "fracture"]) + r")\b")
+
+
+def _negation_sites(text: str, regions) -> list[_Edit]:
+    edits = []
+    # remove a negation: "There is no X" -> "There is X", "No X." -> "X.", "with no X" -> "with X"
+    for m in re.finditer(r"\b(?P<no>no)\s+(?!longer\b|more\b)(?P<next>\w)", text, re.IGNORECASE):
+        if m.group("no")[0].isupper():  # sentence start: the next word takes the capital
+            edits.append(_Edit(m.start(), m.start("next") + 1, (m.group("next").upper(),)))
+        else:
+            edits.append(_Edit(m.start(), m.start("next"), ("",)))
+    for pattern, swap in ((r"\b(?P<w>without)\b", "with"), (r"\b(?P<w>negative)\s+for\b", "positive"),
+                          (r"\b(?P<w>positive)\s+for\b", "negative")):
+        for m in re.finditer(pattern, text, re.IGNORECASE):
+            edits.append(_Edit(*m.span("w"), (_cased(m.group("w"), swap),)))
+    for m in re.finditer(r"\b(?:is|are|was|were)\s+(?P<w>not\s+)(?=(?:seen|identified|present|visualized|"
+                         r"appreciated|demonstrated|evident|enlarged)\b)", text, re.IGNORECASE):
+        edits.append(_Edit(*m.span("w"), ("",)))
+    # add a negation: "There is a small effusion" -> "There is no small effusion", "is seen" -> "is not seen"
+    for m in re.finditer(r"\bthere\s+(?:is|are)\s+(?:(?P<art>an?)\s+)?(?=" + _AFTER_THERE_IS + ")", text,
+                         re.IGNORECASE):
+        if m.group("art"):
+            edits.append(_Edit(m.start("art"), m.end("art"), ("no",)))
+        else:
+            edits.append(_Edit(m.end(), m.end(), ("no ",)))
+    for m in re.finditer(r"\b(?:is|are)\s+(?=(?:seen|present|identified|noted|demonstrated)\b)", text,
+                         re.IGNORECASE):
+        sentence = next((s for _, lo, hi in regions for s in sentence_spans(text, lo, hi)
+                         if s[0] <= m.start() < s[1]), None)
+        if sentence and not _NEGATION_CUE.search(text[sentence[0]:m.start()]):
+            edits.append(_Edit(m.end(), m.end(), ("not ",)))
+    return [e for e in edits if _inside(regions, e.start, e.end)]
+
+
+# ----------------------------------------------------------------------------------- words swapped in place
+
+_LATERALITY = re.compile(r"\b(?P<w>left|right)\b", re.IGNORECASE)
+_ZONE_SWAP = {"upper": ("lower",), "lower": ("upper",), "middle": ("upper", "lower"), "apical": ("basilar",),
+              "basilar": ("apical",), "basal": ("apical",), "apex": ("base",), "apices": ("bases",),
+              "base": ("apex",), "bases": ("apices",), "anterior": ("posterior",), "posterior": ("anterior",)}
+_ZONES = tuple(re.compile(p, re.IGNORECASE) for p in (
+    r"\b(?P<w>upper|lower|middle)(?=\s+(?:(?:left|right)\s+)?(?:lobes?|zones?|lungs?|lung\s+(?:zones?|fields?)|"
+    r"thoracic|lumbar|abdomen|quadrant|hemithorax|mediastinum|pole)\b)",
+    r"\b(?P<w>apical|basilar|basal)\b(?!\s+ganglia)", r"\b(?P<w>apex|apices)\b",
+    r"\b(?:lung|left|right|both|the)\s+(?P<w>bases?)\b", r"\b(?P<w>anterior|posterior)\b"))
+_SEVERITY_SWAP = {"trace": ("large",), "tiny": ("large",), "small": ("large", "moderate"),
+                  "minimal": ("extensive", "moderate"), "mild": ("moderate", "severe"),
+                  "mildly": ("moderately", "severely"), "moderate": ("mild", "severe"),
+                  "moderately": ("mildly", "severely"), "large": ("small",), "severe": ("mild",),
+                  "severely": ("mildly",), "marked": ("mild",), "markedly": ("mildly",), "extensive": ("minimal",)}
+_SEVERITY = re.compile(r"\b(?P<w>" + "|".join(_SEVERITY_SWAP) + r")\b(?!\s+(?:bowel|intestine))", re.IGNORECASE)
+_INTERVAL_SWAP = {"new": ("unchanged",), "unchanged": ("increased", "decreased"), "stable": ("worsened", "improved"),
+                  "increased": ("decreased",), "decreased": ("increased",), "increasing": ("decreasing",),
+                  "decreasing": ("increasing",), "increase": ("decrease",), "decrease": ("increase",),
+                  "improved": ("worsened",), "worsened": ("improved",), "improving": ("worsening",),
+                  "worsening": ("improving",), "improvement": ("worsening",)}
+_INTERVAL = re.compile(r"\b(?P<w>" + "|".join(_INTERVAL_SWAP) + r")\b", re.IGNORECASE)
+_DEVICE_SWAP = {"endotracheal tube": ("nasogastric tube", "orogastric tube"),
+                "nasogastric tube": ("endotracheal tube",), "orogastric tube": ("endotracheal tube",),
+                "enteric tube": ("endotracheal tube",),
+                "feeding tube": ("endotracheal tube",), "tracheostomy tube": ("nasogastric tube",),
+                "chest tube": ("nasogastric tube",), "ET tube": ("NG tube",), "NG tube": ("ET tube",),
+                "OG tube": ("ET tube",), "PICC line": ("Swan-Ganz catheter",), "PICC": ("Swan-Ganz catheter",),
+                "Swan-Ganz catheter": ("PICC",), "central venous catheter": ("PICC",),
+                "internal jugular": ("subclavian",), "subclavian": ("internal jugular",),
+                "pacemaker": ("defibrillator",), "defibrillator": ("pacemaker",), "AICD": ("pacemaker",)}
+_DEVICE = re.compile(r"\b(?P<w>" + "|".join(re.escape(k).replace(r"\ ", r"\s+") for k in sorted(
+    _DEVICE_SWAP, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+_DEVICE_KEYS = {k.lower(): k for k in _DEVICE_SWAP}
+_TIP_SWAP = {"superior vena cava": ("right atrium",), "svc": ("right atrium",),
+             "cavoatrial junction": ("right atrium",), "right atrium": ("superior vena cava",),
+             "stomach": ("esophagus",), "esophagus": ("stomach",),
+             "above the carina": ("below the carina",), "below the carina": ("above the carina",)}
+_TIP = re.compile(r"\b(?P<w>superior\s+vena\s+cava|SVC|cavoatrial\s+junction|right\s+atrium|stomach|esophagus|"
+                  r"(?:above|below)\s+the\s+carina)\b", re.IGNORECASE)
+_TIP_CONTEXT = re.compile(r"\b(?:tip|terminat\w*|ends?|projects?|positioned|position|courses?|extends?)\b",
+                          re.IGNORECASE)
+
+
+def _laterality_sites(text: str, regions) -> list[_Edit]:
+    return _word_edits(text, regions, _LATERALITY, {"left": ("right",), "right": ("left",)})
+
+
+def _anatomy_sites(text: str, regions) -> list[_Edit]:
+    return [e for pattern in _ZONES for e in _word_edits(text, regions, pattern, _ZONE_SWAP)]
+
+
+def _severity_sites(text: str, regions) -> list[_Edit]:
+    return _word_edits(text, regions, _SEVERITY, _SEVERITY_SWAP)
+
+
+def _interval_sites(text: str, regions) -> list[_Edit]:
+    # "no new X" says nothing is new; "no unchanged X" would be nonsense rather than an interval error
+    return _word_edits(text, regions, _INTERVAL, _INTERVAL_SWAP,
+                       keep=lambda m: not re.search(r"\bno\s+$", text[max(0, m.start() - 4):m.start()], re.I))
+
+
+def _device_sites(text: str, regions) -> list[_Edit]:
+    edits = []
+    for m in _DEVICE.finditer(text):
+        if not _inside(regions, *m.span("w")):
+            continue
+        key = _DEVICE_KEYS[re.sub(r"\s+", " ", m.group("w")).lower()]
+        acronym = key.split()[0].isupper()  # "PICC", "ET tube": write the replacement as spelled
+        edits.append(_Edit(*m.span("w"), tuple(o if acronym else _cased(m.group("w"), o) for o in _DEVICE_SWAP[key])))
+    for _, lo, hi in regions:
+        for s, e in sentence_spans(text, lo, hi):
+            if _TIP_CONTEXT.search(text, s, e):
+                for m in _TIP.finditer(text, s, e):
+                    word = m.group("w")
+                    options = _TIP_SWAP[re.sub(r"\s+", " ", word).lower()]
+                    edits.append(_Edit(*m.span("w"), options if word == "SVC" else tuple(_cased(word, o)
+                                                                                           for o in options)))
+    return edits
+
+
+def _format_number(value: float) -> str:
+    return f"{round(value, 2):g}"
+
+
+def _measurement_sites(text: str, regions) -> list[_Edit]:
+    edits = []
+    for m in MEASUREMENT.finditer(text):
+        if not _inside(regions, *m.span()):
+            continue
+        for num in re.finditer(r"\d+(?:\.\d+)?", m.group("nums")):
+            value = float(num.group())
+            choices = []
+            for factor in (2, 3, 0.5, 10):
+                new = _format_number(value * factor)
+                if new != num.group() and float(new) > 0 and new not in choices:
+                    choices.append(new)
+            start = m.start("nums") + num.start()
+            edits.append(_Edit(start, start + len(num.group()), tuple(choices)))
+        unit = m.group("unit")
+        swapped = re.sub("milli", "centi", unit.lower()) if unit.lower().startswith("milli") else (
+            re.sub("centi", "milli", unit.lower()) if unit.lower().startswith("centi") else
+            {"mm": "cm", "cm": "mm"}[unit.lower()])
+        edits.append(_Edit(*m.span("unit"), (_cased(unit, swapped),)))
+    return [e for e in edits if e.choices]
+
+
+# --------------------------------------------------------------------------------------------------- typos
+
+_KEYBOARD = ["qwertyuiop", "asdfghjkl", "zxcvbnm"]
+_NEIGHBOURS = {c: "".join(row[j] for j in (i - 1, i + 1) if 0 <= j < len(row))
+               for row in _KEYBOARD for i, c in enumerate(row)}
+
+
+def typo_candidates(word: str) -> tuple[str, ...]:
+    """Single-keystroke typos of `word` (adjacent swap, dropped, doubled or neighbouring key), first letter kept,
+    that are not themselves known words. Sorted, so a seeded choice among them is reproducible."""
+    out = set()
+    for i in range(1, len(word)):
+        out.add(word[:i] + word[i + 1:])  # dropped
+        out.add(word[:i] + word[i] + word[i:])  # doubled
+        if i + 1 < len(word) and word[i] != word[i + 1]:
+            out.add(word[:i] + word[i + 1] + word[i] + word[i + 2:])  # swapped
+        for key in _NEIGHBOURS.get(word[i].lower(), ""):
+            out.add(word[:i] + (key.upper() if word[i].isupper() else key) + word[i + 1:])
+    return tuple(sorted(w for w in out if w.lower() not in KNOWN_WORDS and w != word))
+
+
+def _typo_sites(text: str, regions) -> list[_Edit]:
+    edits = []
+    for m in re.finditer(r"\b(?P<w>[A-Za-z]+)\b", text):
+        word = m.group("w")
+        if not _inside(regions, *m.span()) or (word.isupper() and len(word) > 1):
+            continue
+        lower = word.lower()
+        if lower in HOMOPHONES:
+            edits.append(_Edit(*m.span(), tuple(_cased(word, h) for h in HOMOPHONES[lower])))
+        elif lower in MEDICAL_VOCABULARY and len(lower) >= 6:
+            edits.append(_Edit(*m.span(), typo_candidates(word)))
+    return edits
+
+
+# ------------------------------------------------------------------------------------ sentences in and out
+
+# Unsupported findings to insert: (term of FINDING_PATTERNS, sentence). A template is used only where the
+# report does not already assert that finding, so the inserted sentence is new information.
+INSERTION_TEMPLATES: tuple[tuple[str, str], ...] = (
+    ("effusion", "There is a small right pleural effusion."),
+    ("effusion", "Small left pleural effusion is present."),
+    ("pneumothorax", "There is a small left apical pneumothorax."),
+    ("pneumothorax", "A tiny right apical pneumothorax is noted."),
+    ("consolidation", "Patchy consolidation is present in the right lower lobe."),
+    ("opacity", "There is a patchy opacity in the left lower lobe."),
+    ("edema", "There is mild pulmonary edema."),
+    ("cardiomegaly", "Moderate cardiomegaly is present."),
+    ("nodule", "A 1.2 cm nodule is seen in the right upper lobe."),
+    ("atelectasis", "Mild bibasilar atelectasis is seen."),
+    ("fracture", "There is an acute fracture of the left seventh rib."),
+    ("mass", "There is a 3.5 cm mass in the right hilum."),
+)
+
+
+def _insertion_sites(text: str, regions) -> list[_Edit]:
+    asserted = {m.term for m in find_mentions(text) if m.polarity == "asserted"}
+    sentences = tuple(s for term, s in INSERTION_TEMPLATES if term not in asserted)
+    if not sentences:
+        return []
+    targets = [r for r in regions if r[0] == "findings"] or regions
+    edits = []
+    for _, lo, hi in targets:
+        spans = sentence_spans(text, lo, hi)
+        edits += [_Edit(s, s, tuple(f"{x} " for x in sentences)) for s, _ in spans]
+        if spans and text[spans[-1][1] - 1] in ".!?":
+            edits.append(_Edit(spans[-1][1], spans[-1][1], tuple(f" {x}" for x in sentences)))
+    return edits
+
+
+def _omission_sites(text: str, regions) -> list[_Edit]:
+    mentions = find_mentions(text)
+    edits = []
+    for _, lo, hi in regions:
+        spans = sentence_spans(text, lo, hi)
+        if len(spans) < 2:  # the section keeps at least one sentence
+            continue
+        for i, (s, e) in enumerate(spans):
+            inside = [m for m in mentions if m.sentence == (s, e)]
+            if any(m.polarity == "asserted" for m in inside) and not any(
+                    m.polarity in ("negated", "weak") for m in inside):
+                # take the white space after the sentence, or before it when it is the last one
+                edits.append(_Edit(s, spans[i + 1][0], ("",)) if i + 1 < len(spans) else
+                             _Edit(spans[i - 1][1], e, ("",)))
+    return edits
+
+
+_SITES: dict[str, Callable[[str, list], list[_Edit]]] = {
+    "negation_flip": _negation_sites,
+    "laterality_swap": _laterality_sites,
+    "anatomical_location": _anatomy_sites,
+    "severity_change": _severity_sites,
+    "measurement_change": _measurement_sites,
+    "interval_change": _interval_sites,
+    "finding_insertion": _insertion_sites,
+    "finding_omission": _omission_sites,
+    "device_change": _device_sites,
+    "typo_homophone": _typo_sites,
+}
+
+
+def error_sites(report_text: str, fine_type: str) -> list[tuple[int, int, tuple[str, ...]]]:
+    """Every (start, end, replacements) where `fine_type` could be injected, in text order."""
+    if fine_type not in FINE_TYPES:
+        raise ValueError(f"unknown error type {fine_type!r}; choose one of {list(FINE_TYPES)}")
+    edits = {(e.start, e.end, e.choices) for e in _SITES[fine_type](report_text, body_regions(report_text))}
+    return sorted(edits)
+
+
+def inject(report_text: str, fine_type: str, rng: np.random.Generator | int) -> InjectedError | None:
+    """Inject one error of `fine_type` at a site drawn with `rng`; None when the report offers no site.
+
+    Args:
+        report_text: the report (findings and impression are edited; the whole text when it has no headers).
+        fine_type: a key of FINE_TYPES.
+        rng: numpy Generator (or a seed) that picks the site and the replacement.
+    """
+    rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
+    sites = error_sites(report_text, fine_type)
+    if not sites:
+        return None
+    start, end, choices = sites[int(rng.integers(len(sites)))]
+    new = choices[int(rng.integers(len(choices)))]
+    modified = report_text[:start] + new + report_text[end:]
+    return InjectedError(fine_type=fine_type, coarse_type=FINE_TYPES[fine_type], span=(start, start + len(new)),
+                         original_span=(start, end), original=report_text[start:end], new=new, modified=modified)
+
+
+def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int = 0,
+                  types: Sequence[str] | None = None, progress: bool = False) -> list[dict]:
+    """Give a seeded share of the reports one synthetic error each, balancing the fine types.
+
+    ``round(error_rate * len(reports))`` reports are drawn for an error. Each takes the type used least so far
+    (ties in a seeded order, i.e. cycling through the types); a type with no site in that report is recorded in
+    the report's ``no_site`` list and the next type is tried. A report with no site for any type stays clean.
+
+    Returns:
+        One dict per report, in input order: id, original, modified, has_error, coarse_type, fine_type,
+        span (in modified), original_span, original_text, new_text, no_site, images, split. Error-free reports
+        have modified == original and None for the error fields. `corpus_summary` counts them.
+    """
+    types = list(FINE_TYPES) if types is None else list(types)
+    unknown = [t for t in types if t not in FINE_TYPES]
+    if unknown or not types:
+        raise ValueError(f"unknown error type(s) {unknown or types}; choose among {list(FINE_TYPES)}")
+    if not 0 <= error_rate <= 1:
+        raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
+    rng = np.random.default_rng(seed)
+    with_error = set(rng.permutation(len(reports))[:round(error_rate * len(reports))].tolist())
+    order = [types[i] for i in rng.permutation(len(types))]
+    used: Counter = Counter()
+    records = []
+    for i, report in enumerate(tqdm(reports, desc="inject", unit="report", disable=not progress)):
+        record = {"id": report.id, "original": report.text, "modified": report.text, "has_error": False,
+                  "coarse_type": None, "fine_type": None, "span": None, "original_span": None,
+                  "original_text": None, "new_text": None, "no_site": [], "images": list(report.images),
+                  "split": report.split}
+        if i in with_error:
+            for fine_type in sorted(order, key=lambda t: (used[t], order.index(t))):
+                error = inject(report.text, fine_type, rng)
+                if error is None:
+                    record["no_site"].append(fine_type)
+                    continue
+                used[fine_type] += 1
+                record.update(modified=error.modified, has_error=True, coarse_type=error.coarse_type,
+                              fine_type=fine_type, span=list(error.span), original_span=list(error.original_span),
+                              original_text=error.original, new_text=error.new)
+                break
+        records.append(record)
+    return records
+
+
+def corpus_summary(records: Sequence[dict]) -> dict:
+    """Counts of an injected corpus: per fine and coarse type, errors injected and reports with no site."""
+    per_type = {t: {"coarse_type": c, "injected": 0, "no_site": 0} for t, c in FINE_TYPES.items()}
+    for r in records:
+        if r["has_error"]:
+            per_type[r["fine_type"]]["injected"] += 1
+        for t in r.get("no_site", []):
+            per_type[t]["no_site"] += 1
+    per_coarse = {c: sum(v["injected"] for v in per_type.values() if v["coarse_type"] == c) for c in COARSE_TYPES}
+    n_error = sum(bool(r["has_error"]) for r in records)
+    return {"n_reports": len(records), "n_with_error": n_error, "n_clean": len(records) - n_error,
+            "n_without_any_site": sum(not r["has_error"] and bool(r.get("no_site")) for r in records),
+            "per_type": per_type, "per_coarse_type": per_coarse}

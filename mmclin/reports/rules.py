@@ -1,0 +1,278 @@
+"""A rule-based report error checker: what a report contradicts in itself, without looking at the image.
+
+It reads the findings and impression with `find_mentions` and looks for internal contradictions: a finding
+both negated and asserted, the finding on the other side or in another zone, with another size or interval
+change in the impression than in the findings, a normal impression over positive findings, an impression
+finding that the findings never mention, implausible measurements, a device with a tip where that device
+cannot be, and non-words one keystroke away from a medical word. Errors that only the image can reveal (a
+laterality swap made consistently, an inserted finding nothing contradicts) pass it unseen: it is the
+text-only baseline that multimodal checkers (Wu, Kim et al. 2023, arXiv:2312.13103) must beat.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from mmclin.reports.errors import FINE_TYPES, KNOWN_WORDS, MEASUREMENT, MEDICAL_VOCABULARY, UNIT_CM
+from mmclin.reports.sections import (
+    ACUTE_FINDINGS,
+    FINDING_FAMILY,
+    Mention,
+    body_regions,
+    find_mentions,
+    parse_sections,
+    sentence_spans,
+)
+
+_NORMAL_IMPRESSION = re.compile(
+    r"\bno\s+(?:acute|active|evidence\s+of\s+(?:acute|active))\s+(?:\w+\s+){0,2}?(?:process|disease|abnormality|"
+    r"abnormalities|findings?|pathology)\b|\bnormal\s+(?:chest|radiograph|study|examination|exam)\b|"
+    r"^\s*(?:negative|normal)\b", re.IGNORECASE)
+_GENERIC_DISEASE = re.compile(r"\b(?:acute|active)\s+(?:\w+\s+){0,2}?(?:process|disease|abnormality|abnormalities|"
+                              r"findings?|pathology)\b", re.IGNORECASE)
+_NEGATION = re.compile(r"\b(?:no|not|without|negative)\b", re.IGNORECASE)
+_NO_COMPARISON = re.compile(r"^\s*(?:none|no\s+prior|not\s+available|n/a)\b", re.IGNORECASE)
+_INTERVAL_WORD = re.compile(r"\b(?:unchanged|stable|increased|decreased|improved|worsened|increasing|decreasing|"
+                            r"improving|worsening|interval|again)\b", re.IGNORECASE)
+_INTERVAL_CONFLICTS = {frozenset(p) for p in (("same", "up"), ("same", "down"), ("same", "new"), ("up", "down"),
+                                              ("new", "down"))}
+# No left middle lobe; the lingula belongs to the left upper lobe.
+_IMPOSSIBLE_SIDE = re.compile(r"\bleft\s+middle\s+lobe\b|\bright\s+(?:lingula|lingular)\b", re.IGNORECASE)
+_DEVICES = {
+    "airway": re.compile(r"\b(?:endotracheal|ET\s+tube|ETT|tracheostomy)\b", re.IGNORECASE),
+    "gastric": re.compile(r"\b(?:nasogastric|orogastric|NG\s+tube|OG\s+tube|enteric\s+tube|feeding\s+tube|"
+                          r"dobhoff)\b", re.IGNORECASE),
+    "venous": re.compile(r"\b(?:PICC|central\s+venous|internal\s+jugular|subclavian|swan-ganz)\b", re.IGNORECASE),
+}
+_POSITIONS = {
+    "airway": re.compile(r"\b(?:carina|trachea|thoracic\s+inlet|clavicular\s+heads?)\b", re.IGNORECASE),
+    "gastric": re.compile(r"\b(?:stomach|duodenum|esophag\w*|gastroesophageal|diaphragm|gastric\s+fundus)\b",
+                          re.IGNORECASE),
+    "venous": re.compile(r"\b(?:vena\s+cava|SVC|cavoatrial|atrium|brachiocephalic|pulmonary\s+artery)\b",
+                         re.IGNORECASE),
+}
+_HOMOPHONE_MISUSE = (  # real words in the wrong place (speech recognition): pattern, the word meant
+    (re.compile(r"\bplural\b", re.IGNORECASE), "pleural"),
+    (re.compile(r"\b(?:terminal|distal)\s+ilium\b", re.IGNORECASE), "ileum"),
+    (re.compile(r"\bileum\b(?=\W+(?:\w+\W+){0,2}(?:bone|crest|wing|iliac))", re.IGNORECASE), "ilium"),
+    (re.compile(r"\bperoneal\b(?=\W+(?:\w+\W+){0,2}(?:region|scrotum|perineum|pelvic))", re.IGNORECASE), "perineal"),
+    (re.compile(r"\bperineal\b(?=\W+(?:\w+\W+){0,2}(?:nerve|artery|tendon|fibula|ankle))", re.IGNORECASE),
+     "peroneal"),
+    (re.compile(r"\bdiscreet\b", re.IGNORECASE), "discrete"),
+    (re.compile(r"\bcallous\b", re.IGNORECASE), "callus"),
+)
+_QUALIFIED = ("sides", "severity", "zones")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One suspected error: its fine type and the text that gave it away."""
+
+    fine_type: str
+    evidence: str
+
+
+def _quote(text: str, span: tuple[int, int]) -> str:
+    return f"'{' '.join(text[slice(*span)].split())}'"
+
+
+def _qualified(m: Mention) -> bool:
+    return any(getattr(m, q) for q in _QUALIFIED)
+
+
+def _one_edit(word: str) -> set[str]:
+    """All strings one edit from `word` (delete, adjacent swap, replace, insert). Python's difflib scores
+    similarity but cannot say "exactly one keystroke apart", which is what a typo is."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
+    deleted = {a + b[1:] for a, b in splits if b}
+    swapped = {a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1}
+    replaced = {a + c + b[1:] for a, b in splits if b for c in letters}
+    inserted = {a + c + b for a, b in splits for c in letters}
+    return deleted | swapped | replaced | inserted
+
+
+class RuleChecker:
+    """Flags internal contradictions of a report; see the module docstring for the rules."""
+
+    def __init__(self, vocabulary: Iterable[str] = MEDICAL_VOCABULARY, known_words: Iterable[str] = KNOWN_WORDS,
+                 max_size_cm: float = 30.0, nodule_max_cm: float = 3.0, max_tip_to_carina_cm: float = 15.0):
+        """
+        Args:
+            vocabulary: medical words a typo is measured against (words of 6 letters or more are used).
+            known_words: words never taken for a typo (the vocabulary is added to them).
+            max_size_cm: larger measurements are implausible on a chest radiograph (the thorax is ~30 cm wide).
+            nodule_max_cm: a nodule is at most 3 cm; larger is a mass (Fleischner Society glossary,
+                Hansell et al., Radiology 2008).
+            max_tip_to_carina_cm: a tube tip farther above the carina than this is implausible.
+        """
+        self.vocabulary = frozenset(w.lower() for w in vocabulary if len(w) >= 6)
+        self.known_words = frozenset(w.lower() for w in known_words) | self.vocabulary
+        self.max_size_cm, self.nodule_max_cm = max_size_cm, nodule_max_cm
+        self.max_tip_to_carina_cm = max_tip_to_carina_cm
+
+    def check(self, text: str) -> dict:
+        """``{"has_error", "coarse_type", "fine_type", "evidence"}``: the first flag in rule order gives the
+        type; the evidence lists every flag ("" for a clean report)."""
+        flags = self.flags(text)
+        if not flags:
+            return {"has_error": False, "coarse_type": None, "fine_type": None, "evidence": ""}
+        first = flags[0].fine_type
+        return {"has_error": True, "coarse_type": FINE_TYPES[first], "fine_type": first,
+                "evidence": "; ".join(f"{f.fine_type}: {f.evidence}" for f in flags)}
+
+    def flags(self, text: str) -> list[Flag]:
+        """Every rule's flags, in order: contradictions, findings vs impression, measurements, devices, typos,
+        normal impression over positive findings, omitted findings."""
+        mentions = find_mentions(text)
+        return (self._contradictions(text, mentions) + self._cross_section(text, mentions)
+                + self._comparison(text) + self._measurements(text, mentions) + self._devices(text)
+                + self._typos(text) + self._normal_impression(text, mentions) + self._omissions(text, mentions))
+
+    # ------------------------------------------------------------------------------------------------ rules
+
+    def _contradictions(self, text: str, mentions: list[Mention]) -> list[Flag]:
+        flags = []
+        for a in (m for m in mentions if m.polarity == "asserted"):
+            for n in (m for m in mentions if m.polarity == "negated" and m.term == a.term):
+                if a.sides and n.sides and not (a.sides & n.sides) and "bilateral" not in a.sides | n.sides:
+                    continue  # "no right effusion" and "small left effusion" agree
+                # A negated finding with size or side is not how reports are written: the negation was added.
+                # An asserted finding without them is the flipped "no X"; one with them was inserted.
+                kind = "negation_flip" if _qualified(n) or not _qualified(a) else "finding_insertion"
+                flags.append(Flag(kind, f"{a.term} negated in {_quote(text, n.sentence)} but asserted in "
+                                        f"{_quote(text, a.sentence)}"))
+                break
+        for m in _IMPOSSIBLE_SIDE.finditer(text):
+            flags.append(Flag("laterality_swap", f"{_quote(text, m.span())} does not exist"))
+        return flags
+
+    def _cross_section(self, text: str, mentions: list[Mention]) -> list[Flag]:
+        """Same finding, asserted in findings and impression, with disjoint sides / zones / sizes / changes."""
+        flags = []
+        asserted = [m for m in mentions if m.polarity == "asserted"]
+        for term in dict.fromkeys(m.term for m in asserted):
+            found = [m for m in asserted if m.term == term and m.section == "findings"]
+            said = [m for m in asserted if m.term == term and m.section == "impression"]
+            if not found or not said:
+                continue
+
+            def union(ms, attr):
+                return set().union(*(getattr(m, attr) for m in ms))
+
+            where = f"{term}: findings {_quote(text, found[0].sentence)} vs impression {_quote(text, said[0].sentence)}"
+            sides_f, sides_i = union(found, "sides"), union(said, "sides")
+            if sides_f and sides_i and not sides_f & sides_i and "bilateral" not in sides_f | sides_i:
+                flags.append(Flag("laterality_swap", f"{sorted(sides_f)} vs {sorted(sides_i)} for {where}"))
+            zones_f, zones_i = union(found, "zones"), union(said, "zones")
+            if zones_f and zones_i and not zones_f & zones_i:
+                flags.append(Flag("anatomical_location", f"{sorted(zones_f)} vs {sorted(zones_i)} for {where}"))
+            sev_f, sev_i = union(found, "severity"), union(said, "severity")
+            if sev_f and sev_i and min(abs(a - b) for a in sev_f for b in sev_i) >= 2:
+                flags.append(Flag("severity_change", f"size/severity rank {sorted(sev_f)} vs {sorted(sev_i)} "
+                                                     f"for {where}"))
+            int_f, int_i = union(found, "interval"), union(said, "interval")
+            if any(frozenset((a, b)) in _INTERVAL_CONFLICTS for a in int_f for b in int_i):
+                flags.append(Flag("interval_change", f"{sorted(int_f)} vs {sorted(int_i)} for {where}"))
+        return flags
+
+    def _comparison(self, text: str) -> list[Flag]:
+        """Interval change stated although the report has no prior to compare with."""
+        comparison = parse_sections(text, headerless=None)["comparison"]
+        if not comparison or not _NO_COMPARISON.search(comparison):
+            return []
+        for _, lo, hi in body_regions(text):
+            m = _INTERVAL_WORD.search(text, lo, hi)
+            if m:
+                return [Flag("interval_change", f"{_quote(text, m.span())} but comparison is '{comparison}'")]
+        return []
+
+    def _measurements(self, text: str, mentions: list[Mention]) -> list[Flag]:
+        flags = []
+        by_section: dict[tuple[str, str], set[float]] = {}
+        for _, lo, hi in body_regions(text):
+            for sentence in sentence_spans(text, lo, hi):
+                terms = {m.term for m in mentions if m.sentence == sentence and m.polarity == "asserted"}
+                section = next((m.section for m in mentions if m.sentence == sentence), "")
+                for m in MEASUREMENT.finditer(text, *sentence):
+                    cm = [float(v) * UNIT_CM[m.group("unit").lower()] for v in re.findall(r"\d+(?:\.\d+)?",
+                                                                                          m.group("nums"))]
+                    where = f"{_quote(text, m.span())} in {_quote(text, sentence)}"
+                    if max(cm) > self.max_size_cm:
+                        flags.append(Flag("measurement_change", f"{where}: over {self.max_size_cm:g} cm"))
+                    elif "nodule" in terms and max(cm) > self.nodule_max_cm:
+                        flags.append(Flag("measurement_change", f"{where}: a nodule is at most "
+                                                                f"{self.nodule_max_cm:g} cm"))
+                    elif re.search(r"above\s+the\s+carina", text[m.end():sentence[1]], re.IGNORECASE) and \
+                            max(cm) > self.max_tip_to_carina_cm:
+                        flags.append(Flag("measurement_change", f"{where}: tip implausibly far above the carina"))
+                    for term in terms:
+                        by_section.setdefault((term, section), set()).update(round(v, 2) for v in cm)
+        for term in {t for t, _ in by_section}:
+            found, said = by_section.get((term, "findings")), by_section.get((term, "impression"))
+            if found and said and not found & said:
+                flags.append(Flag("measurement_change", f"{term} measures {sorted(found)} cm in the findings but "
+                                                        f"{sorted(said)} cm in the impression"))
+        return flags
+
+    def _devices(self, text: str) -> list[Flag]:
+        """A sentence naming one kind of device whose positions all belong to another kind."""
+        flags = []
+        for _, lo, hi in body_regions(text):
+            for s, e in sentence_spans(text, lo, hi):
+                kinds = [k for k, p in _DEVICES.items() if p.search(text, s, e)]
+                places = [k for k, p in _POSITIONS.items() if p.search(text, s, e)]
+                if len(kinds) == 1 and places and kinds[0] not in places:
+                    flags.append(Flag("device_change", f"{kinds[0]} device placed in the {'/'.join(places)} "
+                                                       f"region in {_quote(text, (s, e))}"))
+        return flags
+
+    def _typos(self, text: str) -> list[Flag]:
+        flags = []
+        for _, lo, hi in body_regions(text):
+            for m in re.finditer(r"\b[A-Za-z]{5,}\b", text[lo:hi]):
+                word = m.group()
+                if word.isupper() or word.lower() in self.known_words:
+                    continue
+                near = sorted(_one_edit(word.lower()) & self.vocabulary)
+                if near:
+                    flags.append(Flag("typo_homophone", f"'{word}' is not a word; '{near[0]}' is one keystroke away"))
+            for pattern, meant in _HOMOPHONE_MISUSE:
+                for m in pattern.finditer(text, lo, hi):
+                    flags.append(Flag("typo_homophone", f"{_quote(text, m.span())} where '{meant}' is meant"))
+        return flags
+
+    def _normal_impression(self, text: str, mentions: list[Mention]) -> list[Flag]:
+        """"No acute cardiopulmonary process" over an acute finding asserted (and not called stable) in the
+        findings, or that stock phrase without its "no"."""
+        for section, lo, hi in body_regions(text):
+            for s, e in sentence_spans(text, lo, hi) if section == "impression" else []:
+                m = _GENERIC_DISEASE.search(text, s, e)
+                if m and not _NEGATION.search(text, s, m.start()):
+                    return [Flag("negation_flip", f"impression {_quote(text, (s, e))} states disease without "
+                                                  "naming it (the stock phrase is negated)")]
+        impression = parse_sections(text, headerless=None)["impression"]
+        if not impression or not _NORMAL_IMPRESSION.search(impression):
+            return []
+        if any(m.section == "impression" and m.polarity == "asserted" for m in mentions):
+            return []
+        for m in mentions:
+            if m.section == "findings" and m.polarity == "asserted" and m.term in ACUTE_FINDINGS and \
+                    "same" not in m.interval:
+                kind = "finding_insertion" if _qualified(m) else "negation_flip"
+                return [Flag(kind, f"normal impression '{impression}' but {m.term} in {_quote(text, m.sentence)}")]
+        return []
+
+    def _omissions(self, text: str, mentions: list[Mention]) -> list[Flag]:
+        """An acute finding asserted in the impression that the findings do not mention at all."""
+        if not parse_sections(text, headerless=None)["findings"]:
+            return []
+        in_findings = {FINDING_FAMILY.get(m.term, m.term) for m in mentions if m.section == "findings"}
+        for m in mentions:
+            if m.section == "impression" and m.polarity == "asserted" and m.term in ACUTE_FINDINGS and \
+                    FINDING_FAMILY.get(m.term, m.term) not in in_findings:
+                return [Flag("finding_omission", f"impression {_quote(text, m.sentence)} has {m.term}, which the "
+                                                 "findings never mention")]
+        return []

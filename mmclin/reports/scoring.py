@@ -1,0 +1,193 @@
+"""Scores of a report error checker at the two levels of Wu, Kim et al. 2023 (arXiv:2312.13103).
+
+SIMPLE: is there an error? Accuracy, F1 (error = positive class), precision, sensitivity (recall of erroneous
+reports) and specificity (recall of clean reports), plus the sensitivity per true error type.
+
+COMPLEX: which error? A report's class is its error type, or "none" for a clean report, at the coarse level
+(none / insert / remove / substitute) and at the fine level (none + FINE_TYPES). ``macro_f1`` averages the
+per-class F1 over every report and over the classes that occur in the truth or the predictions, "none"
+included, so that calling a clean report erroneous costs as it does in the paper's prompt ("no error" is an
+answer). ``macro_f1_errors`` is the mean F1 over the true error types, scored on the erroneous reports only
+(the type question asked where there is an error to type). A prediction that flags an error but names no
+type is the class "unspecified".
+
+Headline numbers come with percentile bootstrap confidence intervals over reports.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
+    binary_specificity,
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+from mmclin.metrics.bootstrap import bootstrap_ci
+from mmclin.plots import plot_confusion_matrix
+from mmclin.reports.errors import COARSE_TYPES, FINE_TYPES
+
+NONE = "none"
+UNSPECIFIED = "unspecified"
+
+
+def _predicted_types(pred: dict, where: str) -> tuple[str, str]:
+    """(coarse, fine) class of a prediction; a fine type implies its coarse type."""
+    if not pred.get("has_error"):
+        return NONE, NONE
+    fine, coarse = pred.get("fine_type"), pred.get("coarse_type")
+    if fine is not None and fine not in FINE_TYPES:
+        raise ValueError(f"{where}: unknown fine_type {fine!r}; expected one of {list(FINE_TYPES)} or None")
+    if coarse is not None and coarse not in COARSE_TYPES:
+        raise ValueError(f"{where}: unknown coarse_type {coarse!r}; expected one of {list(COARSE_TYPES)} or None")
+    if fine is not None and coarse is not None and FINE_TYPES[fine] != coarse:
+        raise ValueError(f"{where}: fine_type {fine!r} is a {FINE_TYPES[fine]!r} error, not {coarse!r}")
+    return coarse or (FINE_TYPES[fine] if fine else UNSPECIFIED), fine or UNSPECIFIED
+
+
+def _binary(name: str):
+    fn = {"accuracy": binary_accuracy, "f1": binary_f1_score, "precision": binary_precision,
+          "sensitivity": binary_recall, "specificity": binary_specificity}[name]
+
+    def metric(truth: np.ndarray, pred: np.ndarray) -> float:
+        if name == "sensitivity" and not truth.any() or name == "specificity" and truth.all():
+            return float("nan")  # undefined on a resample without erroneous (clean) reports
+        return float(fn(torch.as_tensor(pred.astype(np.int64)), torch.as_tensor(truth.astype(np.int64))))
+    return metric
+
+
+def _macro_f1(k: int):
+    def metric(truth: np.ndarray, pred: np.ndarray) -> float:
+        return float(multiclass_f1_score(torch.as_tensor(pred.astype(np.int64)),
+                                         torch.as_tensor(truth.astype(np.int64)), num_classes=k, average="macro"))
+    return metric
+
+
+def _complex(truth: list[str], pred: list[str], classes: list[str], n_boot: int, level: float, seed: int) -> dict:
+    k = len(classes)
+    t = torch.tensor([classes.index(c) for c in truth])
+    p = torch.tensor([classes.index(c) for c in pred])
+    f1 = multiclass_f1_score(p, t, num_classes=k, average=None)
+    precision = multiclass_precision(p, t, num_classes=k, average=None)
+    recall = multiclass_recall(p, t, num_classes=k, average=None)
+    support = torch.bincount(t, minlength=k)
+    predicted = torch.bincount(p, minlength=k)
+    per_type = {c: {"f1": float(f1[i]), "precision": float(precision[i]), "recall": float(recall[i]),
+                    "support": int(support[i]), "predicted": int(predicted[i])}
+                for i, c in enumerate(classes) if support[i] or predicted[i]}
+    erroneous = t != classes.index(NONE)
+    error_types = [i for i in range(k) if support[i] and i != classes.index(NONE)]
+    if erroneous.any():
+        f1_err = multiclass_f1_score(p[erroneous], t[erroneous], num_classes=k, average=None)
+        macro_f1_errors = float(f1_err[error_types].mean())
+        type_accuracy = float(multiclass_accuracy(p[erroneous], t[erroneous], num_classes=k, average="micro"))
+    else:
+        macro_f1_errors = type_accuracy = float("nan")
+    macro = _macro_f1(k)
+    return {
+        "classes": classes,
+        "macro_f1": macro(t.numpy(), p.numpy()),
+        "macro_f1_ci": list(bootstrap_ci(macro, t.numpy(), p.numpy(), n_boot=n_boot, level=level, seed=seed)),
+        "macro_f1_errors": macro_f1_errors,
+        "type_accuracy_errors": type_accuracy,
+        "per_type": per_type,
+        "confusion_matrix": multiclass_confusion_matrix(p, t, num_classes=k).tolist(),
+    }
+
+
+def score_checker(records: Sequence[dict], predictions: Sequence[dict], n_boot: int = 1000, level: float = 0.95,
+                  seed: int = 0) -> dict:
+    """SIMPLE and COMPLEX scores of `predictions` against the injected `records` (see the module docstring).
+
+    Args:
+        records: dicts with id, has_error, coarse_type, fine_type (``inject_corpus`` / errors.jsonl rows).
+        predictions: dicts with id, has_error and optionally coarse_type / fine_type; one per record.
+        n_boot: bootstrap resamples for the confidence intervals.
+        level: coverage of the intervals.
+        seed: bootstrap seed.
+
+    Returns:
+        ``{"n", "n_error", "n_clean", "simple": {...}, "complex_coarse": {...}, "complex_fine": {...}}``;
+        every interval is ``[low, high]`` under the metric's name + ``_ci``.
+    """
+    by_id = {}
+    for i, p in enumerate(predictions):
+        if "id" not in p:
+            raise ValueError(f"prediction {i} has no id")
+        if p["id"] in by_id:
+            raise ValueError(f"prediction {i}: id {p['id']!r} given twice")
+        by_id[p["id"]] = p
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError("record ids repeat; each report needs its own id to be matched with its prediction")
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(f"no prediction for {len(missing)} record(s), e.g. ids {missing[:5]}")
+    if not records:
+        raise ValueError("no records to score")
+
+    truth_bin = np.array([bool(r["has_error"]) for r in records])
+    pred_bin = np.array([bool(by_id[i].get("has_error")) for i in ids])
+    truth_coarse = [r["coarse_type"] if r["has_error"] else NONE for r in records]
+    truth_fine = [r["fine_type"] if r["has_error"] else NONE for r in records]
+    pred_coarse, pred_fine = zip(*(_predicted_types(by_id[i], f"prediction for id {i!r}") for i in ids))
+
+    simple: dict = {}
+    for name in ("accuracy", "f1", "precision", "sensitivity", "specificity"):
+        metric = _binary(name)
+        simple[name] = metric(truth_bin, pred_bin)
+        simple[f"{name}_ci"] = list(bootstrap_ci(metric, truth_bin, pred_bin, n_boot=n_boot, level=level, seed=seed))
+    simple["classes"] = ["no error", "error"]
+    simple["confusion_matrix"] = [[int((~truth_bin & ~pred_bin).sum()), int((~truth_bin & pred_bin).sum())],
+                                  [int((truth_bin & ~pred_bin).sum()), int((truth_bin & pred_bin).sum())]]
+    for level_name, truth in (("coarse", truth_coarse), ("fine", truth_fine)):
+        detected = {}
+        for c in dict.fromkeys(t for t in truth if t != NONE):
+            hits = pred_bin[[t == c for t in truth]]
+            detected[c] = {"n": int(hits.size), "detected": int(hits.sum()), "sensitivity": float(hits.mean())}
+        simple[f"sensitivity_by_{level_name}_type"] = detected
+
+    def classes(names, pred):
+        return [NONE, *names] + ([UNSPECIFIED] if UNSPECIFIED in pred else [])
+
+    return {
+        "n": len(records), "n_error": int(truth_bin.sum()), "n_clean": int((~truth_bin).sum()),
+        "ci_level": level, "n_boot": n_boot,
+        "simple": simple,
+        "complex_coarse": _complex(truth_coarse, list(pred_coarse), classes(COARSE_TYPES, pred_coarse), n_boot,
+                                   level, seed),
+        "complex_fine": _complex(truth_fine, list(pred_fine), classes(FINE_TYPES, pred_fine), n_boot, level, seed),
+    }
+
+
+def write_confusion_matrices(scores: dict, out_dir: str | os.PathLike, prefix: str = "confusion") -> list[Path]:
+    """PNG confusion matrices (rows = truth) of `score_checker` output: ``{prefix}_simple.png``,
+    ``{prefix}_coarse.png`` and ``{prefix}_fine.png``. Fine classes absent from truth and predictions are
+    left out so the figure stays readable."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    simple = scores["simple"]
+    paths = [out / f"{prefix}_simple.png"]
+    plot_confusion_matrix(simple["confusion_matrix"], simple["classes"], paths[0],
+                          title=f"SIMPLE, n={scores['n']}, acc {simple['accuracy']:.3f}, F1 {simple['f1']:.3f}")
+    for level in ("coarse", "fine"):
+        block = scores[f"complex_{level}"]
+        matrix = np.asarray(block["confusion_matrix"])
+        keep = [i for i in range(len(block["classes"])) if matrix[i].sum() or matrix[:, i].sum()]
+        path = out / f"{prefix}_{level}.png"
+        plot_confusion_matrix(matrix[np.ix_(keep, keep)], [block["classes"][i] for i in keep], path,
+                              title=f"COMPLEX {level}, macro-F1 {block['macro_f1']:.3f}")
+        paths.append(path)
+    return paths

@@ -1,0 +1,289 @@
+"""Radiology report structure: the `Report` record, section headers, sentences and finding mentions.
+
+Headers are those of MIMIC-CXR free-text reports (Johnson et al., Sci Data 2019: ``FINDINGS:``, ``IMPRESSION:``,
+``INDICATION:``, ``COMPARISON:``, ...) and the columns of the IU-Xray / Open-i collection (Demner-Fushman et al.,
+JAMIA 2016). De-identification markers (IU ``XXXX``, MIMIC ``___``) are text like any other and are kept verbatim.
+
+`find_mentions` reads what a report asserts: each finding term with its polarity (asserted, negated, uncertain),
+decided NegEx-style (Chapman et al., J Biomed Inform 2001) from cues before and after the term inside its clause,
+and with the qualifiers in its phrase (side, zone, severity, interval change). Error injection and the rule
+checker share it, so both read a sentence the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+SECTION_NAMES = ("indication", "comparison", "findings", "impression")
+
+# Header spellings -> canonical section; None marks headers that end a section but are not kept.
+_HEADERS: dict[str | None, tuple[str, ...]] = {
+    "findings": ("findings and impression", "findings", "finding"),
+    "impression": ("impressions", "impression", "conclusions", "conclusion"),
+    "indication": ("clinical indication", "indications", "indication", "reason for examination", "reason for exam",
+                   "clinical history", "history"),
+    "comparison": ("comparisons", "comparison"),
+    None: ("examination", "type of examination", "technique", "procedure", "wet read", "notification",
+           "recommendations", "recommendation", "addendum", "final report"),
+}
+_HEADER_OF = {spelling: name for name, spellings in _HEADERS.items() for spelling in spellings}
+_HEADER = re.compile(
+    r"(?<![\w-])(?P<name>" + "|".join(sorted((re.escape(s).replace(r"\ ", r"\s+") for s in _HEADER_OF),
+                                             key=len, reverse=True)) + r")\s*:",
+    re.IGNORECASE)
+# A sentence ends at . ! ? followed by white space (not after a list number "1.") or at a blank line.
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b\d\.)\s+|\n[ \t]*\n\s*")
+
+
+@dataclass
+class Report:
+    """One radiology report as read from disk."""
+
+    id: str  # IU uid, R2Gen id, MIMIC study ("s50414267")
+    text: str  # the report verbatim (IU: its sections joined under their headers, see `compose_report`)
+    sections: dict[str, str | None]  # SECTION_NAMES -> text with white space collapsed; None when absent or empty
+    images: list[str] = field(default_factory=list)  # image paths (joined to the image root when one was given)
+    split: str | None = None  # train / val / test where the source defines one
+    source: str = ""  # file and row/key it came from, for messages
+
+
+@dataclass(frozen=True)
+class Section:
+    """A headed stretch of a report: ``name`` None for a header that is not one of SECTION_NAMES."""
+
+    name: str | None
+    header: tuple[int, int]  # character span of "FINDINGS:" in the text
+    body: tuple[int, int]  # character span of what follows, up to the next header
+
+
+def find_sections(text: str) -> list[Section]:
+    """Headed sections in text order; empty when the text has no known header.
+
+    A header counts only at the start of the text or of a line, or after a sentence end, so "comparison:" in the
+    middle of a sentence is not one.
+    """
+    heads = []
+    for m in _HEADER.finditer(text):
+        before = text[:m.start()].rstrip(" \t")
+        if before == "" or before.endswith(("\n", ".", ";")):
+            spelling = re.sub(r"\s+", " ", m.group("name").lower())
+            heads.append((_HEADER_OF[spelling], m.start(), m.end()))
+    ends = [start for _, start, _ in heads[1:]] + [len(text)]
+    return [Section(name, (start, head_end), (head_end, end)) for (name, start, head_end), end in zip(heads, ends)]
+
+
+def collapse_space(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def parse_sections(text: str, headerless: str | None = "findings") -> dict[str, str | None]:
+    """Findings, impression, indication and comparison of a report (case-insensitive headers).
+
+    Args:
+        text: the report.
+        headerless: the section a text without any known header is taken as (R2Gen keeps only the findings
+            text); None leaves every section empty then.
+
+    Returns:
+        SECTION_NAMES -> text with white space collapsed, None when absent or empty; a header given twice has
+        its bodies joined.
+    """
+    found: dict[str, list[str]] = {name: [] for name in SECTION_NAMES}
+    sections = find_sections(text)
+    if not sections and headerless is not None:
+        found[headerless].append(text)
+    for section in sections:
+        if section.name is not None:
+            found[section.name].append(text[slice(*section.body)])
+    return {name: collapse_space(" ".join(parts)) or None for name, parts in found.items()}
+
+
+def compose_report(sections: dict[str, str | None]) -> str:
+    """One text with the present sections under their headers, in SECTION_NAMES order ("FINDINGS: ...")."""
+    return "\n".join(f"{name.upper()}: {sections[name]}" for name in SECTION_NAMES if sections.get(name))
+
+
+def body_regions(text: str) -> list[tuple[str, int, int]]:
+    """(section, start, end) of the findings and impression bodies, trimmed of surrounding white space.
+
+    A text without any known header is one region named "report". These are the parts of a report that error
+    injection edits and that the rule checker reads.
+    """
+    sections = find_sections(text)
+    spans = [(s.name, *s.body) for s in sections if s.name in ("findings", "impression")]
+    if not sections:
+        spans = [("report", 0, len(text))]
+    regions = []
+    for name, start, end in spans:
+        chunk = text[start:end]
+        lead = len(chunk) - len(chunk.lstrip())
+        trimmed = chunk.strip()
+        if trimmed:
+            regions.append((name, start + lead, start + lead + len(trimmed)))
+    return regions
+
+
+def sentence_spans(text: str, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """Character spans of the sentences in ``text[start:end]``, without surrounding white space."""
+    end = len(text) if end is None else end
+    spans, cursor = [], start
+    for m in list(_SENTENCE_END.finditer(text, start, end)) + [None]:
+        stop = m.start() if m is not None else end
+        piece = text[cursor:stop]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((cursor + lead, cursor + lead + len(piece.strip())))
+        if m is not None:
+            cursor = m.end()
+    return spans
+
+
+# ------------------------------------------------------------------------------------------- finding mentions
+
+# Finding terms of chest radiograph reports (CheXpert / MIMIC-CXR label vocabulary, Irvin et al. AAAI 2019),
+# most specific spelling first: "nodular opacity" is a nodule, not an opacity.
+FINDING_PATTERNS: dict[str, str] = {
+    "nodule": r"nodules?|nodular\s+(?:opacit(?:y|ies)|densit(?:y|ies))",
+    "effusion": r"(?:pleural\s+)?effusions?",
+    "pneumothorax": r"(?:hydro)?pneumothora(?:x|ces)",
+    "consolidation": r"consolidations?|consolidative\s+opacit(?:y|ies)|airspace\s+(?:disease|consolidation)",
+    "pneumonia": r"pneumonias?",
+    "edema": r"(?:(?:pulmonary|interstitial|alveolar)\s+)?edema",
+    "cardiomegaly": r"cardiomegaly|(?:enlarged|enlargement\s+of\s+the)\s+(?:heart|cardiac\s+silhouette)",
+    "atelectasis": r"atelectas[ie]s|atelectatic",
+    "mass": r"mass(?:es)?",
+    "opacity": r"opacit(?:y|ies)|opacification|infiltrates?",
+    "fracture": r"fractures?",
+    "emphysema": r"emphysema(?:tous)?",
+    "granuloma": r"granulomas?|granulomata",
+}
+# Terms that can stand for one another when asking "is this finding mentioned at all?".
+FINDING_FAMILY = {"consolidation": "airspace", "pneumonia": "airspace", "opacity": "airspace",
+                  "atelectasis": "airspace", "nodule": "nodule", "mass": "nodule", "granuloma": "nodule"}
+# Findings a normal impression ("no acute cardiopulmonary process") rules out.
+ACUTE_FINDINGS = ("effusion", "pneumothorax", "consolidation", "pneumonia", "edema", "mass")
+
+SIDE_WORDS = {"left": "left", "right": "right", "bilateral": "bilateral", "bilaterally": "bilateral",
+              "bibasilar": "bilateral", "bibasal": "bilateral", "both": "bilateral"}
+ZONE_WORDS = {"upper": "upper", "lower": "lower", "middle": "middle", "apical": "apical", "apex": "apical",
+              "apices": "apical", "basilar": "basilar", "basal": "basilar", "base": "basilar", "bases": "basilar",
+              "bibasilar": "basilar", "bibasal": "basilar", "lingula": "lingula", "lingular": "lingula",
+              "retrocardiac": "retrocardiac", "perihilar": "perihilar"}
+# Severity / size words -> rank (0 trace ... 3 large).
+SEVERITY_RANK = {"trace": 0, "tiny": 0, "minimal": 0, "minimally": 0, "small": 1, "mild": 1, "mildly": 1,
+                 "moderate": 2, "moderately": 2, "large": 3, "severe": 3, "severely": 3, "marked": 3,
+                 "markedly": 3, "extensive": 3, "massive": 3}
+INTERVAL_WORDS = {"new": "new", "unchanged": "same", "stable": "same", "persistent": "same", "increased": "up",
+                  "increasing": "up", "worsened": "up", "worsening": "up", "enlarging": "up", "larger": "up",
+                  "decreased": "down", "decreasing": "down", "improved": "down", "improving": "down",
+                  "smaller": "down", "resolving": "down"}
+
+_FINDING = re.compile(r"\b(?:" + "|".join(f"(?P<{k}>{v})" for k, v in FINDING_PATTERNS.items()) + r")\b",
+                      re.IGNORECASE)
+# Clause ends: a negation does not reach past them ("no effusion, but a small pneumothorax").
+_CLAUSE_END = re.compile(r";|\b(?:but|however|although|though|whereas|except|which|otherwise)\b|"
+                         r"\bthere\s+(?:is|are)\b(?!\s+no\b)", re.IGNORECASE)
+_CHUNK_END = re.compile(r",|\band\b|\bwith\b", re.IGNORECASE)
+_PRE_NEGATION = re.compile(r"\b(?:no|not|without|negative\s+for|free\s+of|absence\s+of|resolution\s+of|nor)\b",
+                           re.IGNORECASE)
+# "no new effusion", "no large effusion" do not say there is no effusion.
+_WEAK_NEGATION = re.compile(r"\b(?:new|large|significant|substantial|sizable|sizeable|moderate|overt|frank|acute|"
+                            r"displaced|additional|further|other|residual|change|increase|increased|interval|"
+                            r"worsening|enlarging)\b", re.IGNORECASE)
+_POST_NEGATION = re.compile(r"\b(?:not\s+(?:seen|identified|present|visualized|visible|appreciated|demonstrated|"
+                            r"evident|detected|noted)|no\s+longer|(?:has|have)\s+(?:resolved|cleared)|resolved|"
+                            r"absent)\b", re.IGNORECASE)
+_UNCERTAIN = re.compile(r"\b(?:possible|possibly|probable|probably|questionable|suspected|suspicious|may|might|"
+                        r"could|cannot\s+be\s+(?:excluded|ruled\s+out)|not\s+(?:be\s+)?excluded|versus|vs|"
+                        r"evaluate|eval|assess|rule\s+out|r/o|concern|concerning|differential|likely|suggest|"
+                        r"suggests|suggestive|question)\b", re.IGNORECASE)
+_HEART = re.compile(r"\b(?:heart|cardiac|cardiomediastinal)\b", re.IGNORECASE)
+_HEART_NORMAL = re.compile(r"\bnormal\b|within\s+normal\s+limits|not\s+enlarged|unremarkable", re.IGNORECASE)
+_HEART_ABNORMAL = re.compile(r"cardiomegaly|(?<!not )enlarged|enlargement|top[- ]normal|upper\s+limits?\s+of\s+"
+                             r"normal|borderline|prominent", re.IGNORECASE)
+_CLEAR_LUNGS = re.compile(r"\blungs?\b[^.;]*?\bclear\b|\bclear\s+lungs?\b", re.IGNORECASE)
+_CLEAR_EXCEPT = re.compile(r"\b(?:otherwise|except|aside|but|however|exception)\b", re.IGNORECASE)
+
+
+def _word_set(text: str, table: dict[str, object]) -> set:
+    return {table[w.lower()] for w in re.findall(r"[A-Za-z]+", text) if w.lower() in table}
+
+
+@dataclass(frozen=True)
+class Mention:
+    """One finding term in a report and what the report says about it."""
+
+    term: str  # key of FINDING_PATTERNS
+    span: tuple[int, int]  # in the report text
+    polarity: str  # "asserted" | "negated" | "uncertain" | "weak" ("no new effusion": neither)
+    section: str  # "findings" | "impression" | "report" (text without headers)
+    sentence: tuple[int, int]
+    sides: frozenset = frozenset()  # values of SIDE_WORDS in the mention's phrase
+    zones: frozenset = frozenset()  # values of ZONE_WORDS
+    severity: frozenset = frozenset()  # SEVERITY_RANK ranks
+    interval: frozenset = frozenset()  # values of INTERVAL_WORDS
+
+
+def _bounds(text: str, pos: int, lo: int, hi: int, pattern: re.Pattern) -> tuple[int, int]:
+    """The stretch of text[lo:hi] around pos between two matches of `pattern`."""
+    start, end = lo, hi
+    for m in pattern.finditer(text, lo, hi):
+        if m.end() <= pos:
+            start = m.end()
+        elif m.start() >= pos:
+            end = m.start()
+            break
+    return start, end
+
+
+def _mention(text: str, term: str, start: int, end: int, section: str, sentence: tuple[int, int],
+             polarity: str | None = None) -> Mention:
+    c_lo, c_hi = _bounds(text, start, *sentence, _CLAUSE_END)
+    c_lo, c_hi = min(c_lo, start), max(c_hi, end)
+    k_lo, k_hi = _bounds(text, start, c_lo, c_hi, _CHUNK_END)
+    k_lo, k_hi = min(k_lo, start), max(k_hi, end)
+    before, after = text[c_lo:start], text[end:c_hi]
+    if polarity is None:
+        cues = list(_PRE_NEGATION.finditer(before))
+        if _UNCERTAIN.search(text[c_lo:c_hi]):
+            polarity = "uncertain"
+        elif cues:
+            polarity = "weak" if _WEAK_NEGATION.search(before[cues[-1].start():]) else "negated"
+        elif _POST_NEGATION.search(after):
+            polarity = "negated"
+        else:
+            polarity = "asserted"
+    phrase = text[k_lo:k_hi]
+    # the interval is often appended to the clause: "1.5 cm nodule in the right upper lobe, unchanged"
+    interval = _word_set(phrase, INTERVAL_WORDS) or _word_set(after, INTERVAL_WORDS)
+    return Mention(term=term, span=(start, end), polarity=polarity, section=section, sentence=sentence,
+                   sides=frozenset(_word_set(phrase, SIDE_WORDS)), zones=frozenset(_word_set(phrase, ZONE_WORDS)),
+                   severity=frozenset(_word_set(phrase, SEVERITY_RANK)), interval=frozenset(interval))
+
+
+def find_mentions(text: str) -> list[Mention]:
+    """Finding mentions in the findings and impression of a report (the whole text when it has no headers).
+
+    Besides the terms of FINDING_PATTERNS, two stock phrases are read as negations: a normal heart ("heart size
+    is normal") negates cardiomegaly, and clear lungs ("the lungs are clear", not "otherwise clear") negate
+    consolidation, pneumonia and edema.
+    """
+    mentions = []
+    for section, lo, hi in body_regions(text):
+        for sentence in sentence_spans(text, lo, hi):
+            s_text = text[slice(*sentence)]
+            for m in _FINDING.finditer(text, *sentence):
+                mentions.append(_mention(text, m.lastgroup, m.start(), m.end(), section, sentence))
+            heart = _HEART.search(s_text)
+            if heart and _HEART_NORMAL.search(s_text) and not _HEART_ABNORMAL.search(s_text):
+                at = sentence[0] + heart.start()
+                mentions.append(_mention(text, "cardiomegaly", at, at + len(heart.group()), section, sentence,
+                                         polarity="negated"))
+            lungs = _CLEAR_LUNGS.search(s_text)
+            if lungs and not _CLEAR_EXCEPT.search(s_text):
+                at = sentence[0] + lungs.start()
+                for term in ("consolidation", "pneumonia", "edema"):
+                    mentions.append(_mention(text, term, at, sentence[0] + lungs.end(), section, sentence,
+                                             polarity="negated"))
+    return mentions

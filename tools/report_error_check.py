@@ -1,0 +1,242 @@
+"""Radiology report error-checking: inject synthetic errors into a report corpus, then score a checker on it.
+
+The SIMPLE (is there an error?) and COMPLEX (which type?) levels and the insert / remove / substitute types are
+those of Wu, Kim et al. 2023, "Exploring Multimodal Large Language Models for Radiology Report Error-checking"
+(arXiv:2312.13103); the fine types are listed in mmclin/reports/errors.py.
+
+``inject`` writes ``errors.jsonl`` (one report per line: id, original, modified, has_error, coarse_type,
+fine_type, span, ...) and ``summary.json`` (errors injected and "no site" counts per type, reports skipped).
+``evaluate`` writes ``metrics.json``, ``predictions.jsonl`` and ``confusion_{simple,coarse,fine}.png``.
+
+Examples:
+    python tools/report_error_check.py inject --reports iu_xray/indiana_reports.csv --format iu-csv \
+        --error-rate 0.5 --seed 0 --out runs/errcheck-iu
+    python tools/report_error_check.py inject --reports mimic-cxr-reports --format mimic --on-error skip \
+        --split test --out runs/errcheck-mimic
+    python tools/report_error_check.py evaluate --data runs/errcheck-iu --checker rule --out runs/errcheck-iu/rule
+    python tools/report_error_check.py evaluate --data runs/errcheck-iu --checker ckpt:runs/checker/last.ckpt \
+        --out runs/errcheck-iu/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from datamodules.reports import FORMATS, read_reports
+from mmclin.errors import DataError
+from mmclin.reports.errors import FINE_TYPES, corpus_summary, inject_corpus
+from mmclin.reports.rules import RuleChecker
+from mmclin.reports.scoring import score_checker, write_confusion_matrices
+
+# The trained checker a checkpoint without a recorded class (no LightningCLI "_class_path") is taken to be.
+DEFAULT_CHECKER_CLASS = "mmclin.models.report_checker.ReportChecker"
+# Checkpoints may only name classes of these packages: importing a module runs its code.
+TRUSTED_PACKAGES = ("mmclin.", "encoders.")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    inj = sub.add_parser("inject", help="write errors.jsonl: reports with and without one synthetic error")
+    inj.add_argument("--reports", required=True, help="indiana_reports.csv | annotation.json (or their folder) | "
+                                                      "MIMIC reports root (holding files/)")
+    inj.add_argument("--format", required=True, choices=FORMATS)
+    inj.add_argument("--image-root", default=None, help="image folder; given, every report's images must exist")
+    inj.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad reports: stop or skip")
+    inj.add_argument("--split", default=None, help="keep only this split (train / val / test)")
+    inj.add_argument("--limit", type=int, default=None, help="use the first N reports read")
+    inj.add_argument("--error-rate", type=float, default=0.5, help="share of reports given an error")
+    inj.add_argument("--types", nargs="+", default=None, choices=list(FINE_TYPES), help="fine types (default all)")
+    inj.add_argument("--seed", type=int, default=0)
+    inj.add_argument("--out", required=True, help="output directory")
+    ev = sub.add_parser("evaluate", help="run a checker on errors.jsonl and score it")
+    ev.add_argument("--data", required=True, help="errors.jsonl or the folder holding it")
+    ev.add_argument("--checker", required=True, help="'rule' or 'ckpt:PATH' (a Lightning checkpoint)")
+    ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ev.add_argument("--out", required=True, help="output directory")
+    return p.parse_args(argv)
+
+
+def _finite(obj):
+    """NaN (an undefined metric) -> None, so the JSON is standard."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    path = path / "errors.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise DataError(f"{path}: not found (write it with `report_error_check.py inject`)")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {i}: not JSON ({err})") from err
+            missing = [k for k in ("id", "modified", "has_error", "coarse_type", "fine_type") if k not in rows[-1]]
+            if missing:
+                raise DataError(f"{path} line {i}: missing key(s) {missing}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ checkers
+
+
+def _load_module(path: Path):
+    """The LightningModule of a checkpoint, of the class recorded in it (LightningCLI's ``_class_path``)."""
+    import lightning as L  # only here: `evaluate --checker rule` starts without it
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError / RuntimeError for files it will not load safely
+        raise DataError(f"{path}: not a Lightning checkpoint loadable with weights_only=True ({err})") from err
+    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path") or DEFAULT_CHECKER_CLASS
+    module_name, _, class_name = class_path.rpartition(".")
+    if not module_name.startswith(TRUSTED_PACKAGES):
+        raise DataError(f"{path}: names class {class_path!r}; only classes of {list(TRUSTED_PACKAGES)} are loaded")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise DataError(f"{path}: its class {class_path!r} cannot be imported ({err})") from err
+    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
+        raise DataError(f"{path}: {class_path!r} is not a LightningModule")
+    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+
+
+def load_checker(spec: str) -> Callable[[list[dict]], list[dict]]:
+    """A checker: maps ``[{"id", "modified", "text", "images"}]`` (the report to check under both ``modified``
+    and ``text``, never its label) to ``[{"has_error", "coarse_type", "fine_type", ...}]`` in the same order
+    (an ``id`` in a prediction, when given, must be its record's).
+
+    Args:
+        spec: ``rule`` (RuleChecker) or ``ckpt:PATH``: a Lightning checkpoint whose module has
+            ``predict_reports(records) -> list[dict]`` (the trained ``mmclin.models.report_checker.ReportChecker``).
+    """
+    if spec == "rule":
+        checker = RuleChecker()
+
+        def check(records: list[dict]) -> list[dict]:
+            return [{"id": r["id"], **checker.check(r["text"])}
+                    for r in tqdm(records, desc="rule checker", unit="report")]
+        return check
+    if spec.startswith("ckpt:"):
+        path = Path(spec[len("ckpt:"):])
+        module = _load_module(path)
+        predict = getattr(module, "predict_reports", None)
+        if not callable(predict):
+            raise TypeError(f"{path}: {type(module).__module__}.{type(module).__qualname__} has no "
+                            "predict_reports(records) method, so it cannot check reports; expected a report checker "
+                            f"such as {DEFAULT_CHECKER_CLASS}")
+        return predict
+    raise ValueError(f"unknown checker {spec!r}; use 'rule' or 'ckpt:PATH'")
+
+
+# -------------------------------------------------------------------------------------------------- commands
+
+
+def inject_main(args: argparse.Namespace) -> dict:
+    result = read_reports(args.reports, args.format, image_root=args.image_root, on_error=args.on_error,
+                          split=args.split)
+    reports = result.reports[:args.limit] if args.limit is not None else result.reports
+    if not reports:
+        raise DataError(f"{args.reports}: no reports to inject errors into"
+                        + (f" in split {args.split!r}" if args.split else ""))
+    records = inject_corpus(reports, error_rate=args.error_rate, seed=args.seed, types=args.types, progress=True)
+    summary = corpus_summary(records)
+    summary.update(source=str(args.reports), format=args.format, error_rate=args.error_rate, seed=args.seed,
+                   n_skipped_reports=len(result.skipped),
+                   skipped_reports=[{"where": w, "why": y} for w, y in result.skipped])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "errors.jsonl", records)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    print(f"{args.reports}: {len(reports)} reports ({len(result.skipped)} skipped while reading), "
+          f"{summary['n_with_error']} with an error, {summary['n_clean']} clean "
+          f"({summary['n_without_any_site']} of them had no site for any type)")
+    print(f"  {'fine type':<22}{'coarse':<12}{'injected':>9}{'no site':>9}")
+    for name, row in summary["per_type"].items():
+        print(f"  {name:<22}{row['coarse_type']:<12}{row['injected']:>9}{row['no_site']:>9}")
+    print(f"wrote {out}/errors.jsonl, summary.json")
+    return summary
+
+
+def _ci(block: dict, name: str) -> str:
+    low, high = block[f"{name}_ci"]
+    return f"{block[name]:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def evaluate_main(args: argparse.Namespace) -> dict:
+    records = read_jsonl(args.data)
+    if not records:
+        raise DataError(f"{args.data}: no reports")
+    checker = load_checker(args.checker)
+    predictions = checker([{"id": r["id"], "modified": r["modified"], "text": r["modified"],
+                            "images": r.get("images", [])} for r in records])
+    if not isinstance(predictions, list) or len(predictions) != len(records):
+        raise ValueError(f"checker {args.checker!r} returned {len(predictions)} predictions for {len(records)} "
+                         "reports")
+    for i, (record, prediction) in enumerate(zip(records, predictions)):
+        if prediction.setdefault("id", record["id"]) != record["id"]:
+            raise ValueError(f"checker {args.checker!r}: prediction {i} is for id {prediction['id']!r}, "
+                             f"record {i} is {record['id']!r}")
+    scores = score_checker(records, predictions, n_boot=args.n_boot, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    truth = {r["id"]: r for r in records}
+    _write_jsonl(out / "predictions.jsonl", [
+        {**p, "true_has_error": truth[p["id"]]["has_error"], "true_coarse_type": truth[p["id"]]["coarse_type"],
+         "true_fine_type": truth[p["id"]]["fine_type"]} for p in predictions])
+    write_confusion_matrices(scores, out)
+    metrics = _finite({**scores, "checker": args.checker, "data": str(args.data)})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    s, c, f = scores["simple"], scores["complex_coarse"], scores["complex_fine"]
+    print(f"{args.data}: n={scores['n']} ({scores['n_error']} with an error), checker {args.checker}")
+    print(f"SIMPLE   accuracy {_ci(s, 'accuracy')}  F1 {_ci(s, 'f1')}")
+    print(f"         sensitivity {_ci(s, 'sensitivity')}  specificity {_ci(s, 'specificity')}")
+    print(f"COMPLEX  coarse macro-F1 {_ci(c, 'macro_f1')}  fine macro-F1 {_ci(f, 'macro_f1')}")
+    print(f"  {'true type':<22}{'n':>5}{'detected':>10}{'type F1':>9}")
+    for name, row in s["sensitivity_by_fine_type"].items():
+        print(f"  {name:<22}{row['n']:>5}{row['sensitivity']:>10.3f}{f['per_type'][name]['f1']:>9.3f}")
+    print(f"wrote {out}/metrics.json, predictions.jsonl, confusion_simple.png, confusion_coarse.png, "
+          "confusion_fine.png")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return inject_main(args) if args.command == "inject" else evaluate_main(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, FileNotFoundError, ValueError, TypeError) as e:
+        sys.exit(f"error: {e}")
