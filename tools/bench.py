@@ -518,6 +518,69 @@ shape here at MiB scale.
 """
 
 
+def fundus_rates(paths: list[Path], size: int, rounds: int = 2) -> list[dict]:
+    """Images/s of mmclin's fundus preprocessing (reduced-scale JPEG decode, border crop, resize) against decoding
+    the full photograph and resizing it with torchvision, on the same files; best of `rounds` passes."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from datamodules.fundus import preprocess_fundus
+
+    full = v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True)])
+
+    def naive(path: Path) -> torch.Tensor:
+        with Image.open(path) as image:
+            return full(image.convert("RGB"))
+
+    rows = []
+    for name, run in (("mmclin preprocess_fundus (draft decode + border crop)", lambda p: preprocess_fundus(p, size)),
+                      ("full decode + torchvision resize", naive)):
+        best = min(timed(lambda: [run(p) for p in paths]) for _ in range(rounds))
+        rows.append({"measure": name, "n": len(paths), "seconds": best, "per_s": len(paths) / best})
+    return rows
+
+
+def timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def run_ct(args: argparse.Namespace) -> str:
+    """CT loading (first vs cached pass), 3D encoder memory (tools/bench_ct.py), and fundus preprocessing rate."""
+    import contextlib
+    import io
+
+    import bench_ct
+
+    print("[bench ct] CT volumes: first pass, cached pass, encoder step", file=sys.stderr, flush=True)
+    with contextlib.redirect_stdout(io.StringIO()) as ct_text:
+        rows = bench_ct.main(args.ct_args)
+    first, again = rows[0], rows[1]  # bench_ct's order: uncached pass, cached pass, encoder step
+    speedup = f"- Cached pass: x{again['per_s'] / first['per_s']:.1f} the volumes/s of the first pass.\n"
+    photos = sorted(Path(args.fundus_dir).glob("**/*.jpg"))
+    if photos:
+        print(f"[bench ct] fundus preprocessing, {len(photos)} photographs", file=sys.stderr, flush=True)
+        from PIL import Image
+
+        with Image.open(photos[0]) as image:
+            resolution = "x".join(map(str, image.size))
+        fundus = (f"Fundus preprocessing to {args.fundus_size} px, {len(photos)} photographs at {resolution} "
+                  f"({Path(args.fundus_dir).name}), one process, {torch.get_num_threads()} threads:\n\n"
+                  + bench_ct.markdown_table(fundus_rates(photos, args.fundus_size)))
+    else:
+        fundus = f"Fundus preprocessing: no photographs under {args.fundus_dir}; skipped."
+    return f"""{machine_line(torch.get_num_threads())}
+
+{ct_text.getvalue().strip()}
+{speedup}
+{fundus}
+
+- Reproduce: `python tools/bench.py ct [--ct-args ...]` (tools/bench_ct.py's options, e.g. volumes to load).
+"""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -543,6 +606,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fusion.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every run")
     fusion.add_argument("--no-write", action="store_true",
                         help="print the table only; leave docs/benchmarks.md and the plot be")
+    ct = sub.add_parser("ct", help="CT loading first vs cached pass, 3D encoder memory, fundus preprocessing rate")
+    ct.add_argument("--ct-args", nargs=argparse.REMAINDER, default=[],
+                    help="arguments for tools/bench_ct.py (volumes, --grid, --spacing ...); put it last")
+    ct.add_argument("--fundus-dir", default=str(ROOT.parent / "shared" / "data" / "fundus_idrid_codras"),
+                    help="full-resolution fundus JPEGs (default: the IDRiD sample beside the project)")
+    ct.add_argument("--fundus-size", type=int, default=224)
+    ct.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    ct.add_argument("--no-write", action="store_true", help="print the table only; leave docs/benchmarks.md be")
     return p.parse_args(argv)
 
 
@@ -552,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=PossibleUserWarning)  # "few dataloader workers": in-memory on purpose
     started = time.perf_counter()
-    report = {"clip": run_clip, "fusion": run_fusion}[args.command](args)
+    report = {"clip": run_clip, "fusion": run_fusion, "ct": run_ct}[args.command](args)
     print(report)
     print(f"[bench] {args.command}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if not args.no_write:

@@ -358,6 +358,8 @@ class ReportEvaluator:
             if referral is None:
                 raise DataError(f"prediction row {index}: no meta['referral'] and no referral readable in the "
                                 f"reference {reference!r}")
+        if referral not in REFERRAL_LEVELS:  # a phrase ("refer routinely") rather than a level
+            referral = parse_referral(str(referral)) or referral
         if referral not in REFERRAL_LEVELS:
             raise DataError(f"prediction row {index}: meta['referral'] must be one of {list(REFERRAL_LEVELS)}, "
                             f"got {referral!r}")
