@@ -14,6 +14,7 @@ RUNNABLE = sorted(CONFIGS.glob("*.yaml"))
 OVERLAYS = sorted((CONFIGS / "overlays").glob("*.yaml"))
 BASE_OF_OVERLAY = {name: "derm-clip.yaml" for name in ("derm1m-vitb16.yaml", "fsdp.yaml", "ddp-cpu.yaml")}
 BASE_OF_OVERLAY["llm-1b-lora.yaml"] = "ecg-qa-xattn.yaml"
+BASE_OF_OVERLAY["deeptumorvqa.yaml"] = "ct-vqa.yaml"
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
 
 
@@ -35,8 +36,40 @@ def test_overlay_parses_on_its_base(overlay: Path, demo_cache):
     if overlay.name == "llm-1b-lora.yaml":  # the real LM is the user's; build the tiny one with the same LoRA setup
         tiny = ["--model.init_args.lm", yaml.safe_dump({"tiny": {"hidden_size": 32}, "freeze": "all_but_lora",
                                                         "lora": {"r": 4, "alpha": 8}})]
+    if overlay.name == "deeptumorvqa.yaml":  # parse at full size, build a small ViT
+        tiny = ["--model.init_args.encoders.volume.init_args.hidden_size", "48",
+                "--model.init_args.encoders.volume.init_args.num_layers", "1",
+                "--model.init_args.encoders.volume.init_args.num_heads", "2"]
     cli = build_cli(["-c", str(base), "-c", str(overlay), *ON_CPU, *strategy, *tiny], run=False)
     assert cli.trainer is not None
+
+
+def test_ct_vqa_with_deeptumorvqa_and_lora_overlays_runs_a_step(demo_cache, tmp_path):
+    """The real-use stack (DeepTumorVQA preprocessing, 1B LM with LoRA) on the demo, shrunk to run on a CPU."""
+    override = tmp_path / "tiny.yaml"
+    override.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "max_steps": 1, "max_epochs": 1,
+                    "limit_val_batches": 1, "default_root_dir": str(tmp_path),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path)}}},
+        "model": {"init_args": {
+            "encoders": {"volume": {"class_path": "encoders.volume.ViT3DEncoder",
+                                    "init_args": {"img_size": [16, 32, 32], "patch_size": [4, 8, 8], "hidden_size": 32,
+                                                  "mlp_dim": 64, "num_layers": 1, "num_heads": 2}}},
+            "connector": {"class_path": "mmclin.fusion.SpatialPoolProjector", "init_args": {"grid": [4, 4, 4]}},
+            "lm": {"tiny": {"hidden_size": 32}, "dtype": "bfloat16", "freeze": "all_but_lora",
+                   "lora": {"r": 4, "alpha": 8}},
+            "max_new_tokens": 4}},
+        "data": {"init_args": {"root": None, "questions": None, "volume_pattern": None, "spacing": None,
+                               "grid": [16, 32, 32], "batch_size": 2, "num_workers": 0,
+                               "demo": {"n_volumes": 8}}},
+    }))
+    cli = build_cli(["fit", "-c", str(CONFIGS / "ct-vqa.yaml"), "-c", str(CONFIGS / "overlays/deeptumorvqa.yaml"),
+                     "-c", str(CONFIGS / "overlays/llm-1b-lora.yaml"), "-c", str(override)])
+    assert cli.trainer.global_step == 1
+    assert cli.datamodule.preprocessing.hu_window == (-1000.0, 1000.0)  # the overlay's window, as Merlin / CT-CLIP
+    trainable = [n for n, p in cli.model.lm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
 
 
 def _tiny_vision_only(text_cfg: dict | None = None) -> dict:
