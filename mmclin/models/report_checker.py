@@ -1,0 +1,375 @@
+"""Text-only radiology report error checker: a transformers encoder with a SIMPLE and a COMPLEX head.
+
+SIMPLE says whether a report has an error (binary, BCE); COMPLEX says which fine error type it is, or ``none``
+(cross-entropy over ``none`` + the fine types). The two losses are summed. At prediction time SIMPLE decides
+whether there is an error and COMPLEX, among the error types only, names it, so a report never comes out as
+"error, type none"; the logged COMPLEX scores use that same decision.
+
+Tokenizer: with a pretrained encoder (a local directory) its own tokenizer. With a random-init encoder (a
+``BertConfig`` dict, for demos and tests) a word-level tokenizer whose vocabulary is fitted on the clean
+training reports when training starts (the datamodule's ``corpus("train")``); the vocabulary is then kept in
+the checkpoint's hyper-parameters, so ``ReportChecker.load_from_checkpoint(path)`` rebuilds the same model.
+Word tokens make reports ~5x shorter than bytes and give each side, severity or number word its own token; a
+misspelled word reads as ``[UNK]``. ``tokenizer="byte"`` uses :func:`mmclin.llm.byte_tokenizer` instead, whose
+vocabulary does not depend on the data (any text, no unknown words) at the price of long sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
+from tqdm import tqdm
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    get_cosine_schedule_with_warmup,
+)
+
+from mmclin.errors import DataError
+from mmclin.llm import byte_tokenizer
+
+NO_ERROR = "none"
+
+# A BERT small enough to train on a laptop CPU in minutes; BertConfig fields, overridden by `encoder`.
+TINY_BERT: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "max_position_embeddings": 512,
+}
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+
+def word_tokenizer(
+    texts: Iterable[str] | None = None,
+    vocab: Sequence[str] | None = None,
+    vocab_size: int = 4000,
+    min_frequency: int = 2,
+    model_max_length: int = 512,
+) -> PreTrainedTokenizerFast:
+    """A lower-cased word-level tokenizer (words and punctuation marks) fitted on `texts`, or from `vocab`.
+
+    Args:
+        texts: training texts; the `vocab_size` most frequent words seen at least `min_frequency` times are kept
+            (ties broken alphabetically, so the same texts give the same vocabulary).
+        vocab: a vocabulary in id order (e.g. a fitted tokenizer's, from a checkpoint). Exactly one of the two.
+        vocab_size: largest vocabulary, special tokens included.
+        min_frequency: rarer words read as ``[UNK]``.
+        model_max_length: longest sequence the paired encoder accepts.
+
+    Returns:
+        A tokenizer that wraps every text as ``[CLS] words [SEP]`` and pads with ``[PAD]`` (id 0).
+    """
+    if (texts is None) == (vocab is None):
+        raise ValueError("word_tokenizer: pass exactly one of `texts` (to fit a vocabulary) and `vocab`")
+    if vocab is not None:
+        if list(vocab[: len(SPECIAL_TOKENS)]) != list(SPECIAL_TOKENS):
+            raise ValueError(f"vocab must start with {SPECIAL_TOKENS}; got {list(vocab[:len(SPECIAL_TOKENS)])}")
+        backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(vocab)}, unk_token="[UNK]"))
+    else:
+        backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    if texts is not None:
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=list(SPECIAL_TOKENS))
+        backend.train_from_iterator(texts, trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", backend.token_to_id("[CLS]")),
+                                                 ("[SEP]", backend.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", model_max_length=model_max_length)
+
+
+def vocabulary(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's tokens in id order."""
+    return [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+
+
+class ReportCollator:
+    """Turns report samples into a batch: ``input_ids``/``attention_mask`` (right-padded, truncated to
+    `max_length`), ``has_error`` (B,) float and ``fine_label`` (B,) long (index in ``classes``) when the samples
+    carry labels, and ``meta``.
+
+    A sample is ``{"text": str, "has_error": bool, "fine_type": str | None, "meta": dict}``.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, classes: Sequence[str], max_length: int):
+        self.tokenizer = tokenizer
+        self.classes = list(classes)
+        self.index = {name: i for i, name in enumerate(self.classes)}
+        self.max_length = max_length
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def label(self, sample: dict) -> int:
+        if not sample["has_error"]:
+            return self.index[NO_ERROR]
+        fine = sample.get("fine_type")
+        if fine not in self.index or fine == NO_ERROR:
+            record = sample.get("meta", {}).get("id", "?")
+            raise DataError(f"report {record}: has_error is true but fine_type {fine!r} is not one of the model's "
+                            f"error types {self.classes[1:]}")
+        return self.index[fine]
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = self.encode([s["text"] for s in samples])
+        if all("has_error" in s for s in samples):
+            batch["has_error"] = torch.tensor([float(bool(s["has_error"])) for s in samples])
+            batch["fine_label"] = torch.tensor([self.label(s) for s in samples], dtype=torch.long)
+        if all("image" in s for s in samples):  # with_images: the study images ride along, (B, 1, H, W)
+            batch["image"] = torch.stack([s["image"] for s in samples])
+        batch["meta"] = [s.get("meta", {}) for s in samples]
+        return batch
+
+
+class ReportChecker(L.LightningModule):
+    """Report error detection (SIMPLE) and error typing (COMPLEX) from the report text alone."""
+
+    def __init__(
+        self,
+        encoder: str | dict[str, Any] | None = None,
+        tokenizer: Literal["word", "byte"] = "word",
+        vocab: list[str] | None = None,
+        vocab_size: int = 4000,
+        min_word_count: int = 2,
+        max_length: int = 512,
+        fine_types: dict[str, str] | None = None,
+        pooling: Literal["mean", "max", "cls"] = "mean",
+        dropout: float = 0.1,
+        complex_weight: float = 1.0,
+        threshold: float = 0.5,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup: float = 0.1,
+    ):
+        """
+        Args:
+            encoder: a local directory holding a pretrained transformers encoder and its tokenizer (read with
+                ``AutoModel``/``AutoTokenizer``, offline), or ``BertConfig`` fields over ``TINY_BERT`` for a
+                random-init BERT (None: ``TINY_BERT``).
+            tokenizer: for a random-init encoder: ``word`` (vocabulary fitted on the training reports) or
+                ``byte`` (:func:`mmclin.llm.byte_tokenizer`). Ignored with a pretrained encoder.
+            vocab: the fitted word vocabulary in id order; set by training and stored in checkpoints, leave unset.
+            vocab_size: largest word vocabulary (special tokens included).
+            min_word_count: words seen fewer times in the training reports read as ``[UNK]``.
+            max_length: reports are truncated to this many tokens.
+            fine_types: the error types COMPLEX tells apart, each with its coarse type (insert / remove /
+                substitute); default ``mmclin.reports.errors.FINE_TYPES``, kept in the checkpoint as resolved.
+            pooling: report embedding: ``mean`` of the token states, their elementwise ``max``, or the ``cls``
+                token's state.
+            dropout: dropout before the heads.
+            complex_weight: weight of the COMPLEX cross-entropy in the loss (SIMPLE BCE has weight 1).
+            threshold: SIMPLE probability from which a report counts as erroneous.
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            warmup: linear warm-up: a fraction of the total steps if < 1, else a number of steps.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if fine_types is None:
+            from mmclin.reports.errors import FINE_TYPES
+
+            fine_types = self.hparams["fine_types"] = dict(FINE_TYPES)
+        if not fine_types or NO_ERROR in fine_types:
+            raise ValueError(f"fine_types must name at least one error type and not {NO_ERROR!r}; got {fine_types}")
+        self.coarse_of = dict(fine_types)
+        if pooling not in ("mean", "max", "cls"):
+            raise ValueError(f"pooling must be 'mean', 'max' or 'cls', got {pooling!r}")
+        if tokenizer not in ("word", "byte"):
+            raise ValueError(f"tokenizer must be 'word' or 'byte', got {tokenizer!r}")
+        self.classes = [NO_ERROR, *self.coarse_of]
+        self.encoder: nn.Module | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.collator: ReportCollator | None = None
+        self.dropout = nn.Dropout(dropout)
+        metrics = {
+            "simple_acc": BinaryAccuracy(), "simple_f1": BinaryF1Score(),
+            "complex_acc": MulticlassAccuracy(len(self.classes), average="micro"),
+            "complex_macro_f1": MulticlassF1Score(len(self.classes), average="macro"),
+        }
+        self.val_metrics = MetricCollection(metrics, prefix="val/")
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        if isinstance(encoder, str):
+            self._build(*self._pretrained(encoder))
+        elif tokenizer == "byte" or vocab is not None:
+            tok = byte_tokenizer(max_length) if tokenizer == "byte" else word_tokenizer(vocab=vocab,
+                                                                                         model_max_length=max_length)
+            self._build(tok, self._random_encoder(tok))
+        # else: a word vocabulary is fitted on the training reports in setup()
+
+    # -- building ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _pretrained(directory: str) -> tuple[PreTrainedTokenizerBase, nn.Module]:
+        path = Path(directory).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"encoder directory {directory!r} does not exist (expected a folder with "
+                                    "config.json, the weights and the tokenizer files)")
+        return (AutoTokenizer.from_pretrained(path, local_files_only=True),
+                AutoModel.from_pretrained(path, local_files_only=True))
+
+    def _random_encoder(self, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+        fields = {**TINY_BERT, **(self.hparams.encoder or {})}
+        known = {f.name for f in dataclasses.fields(BertConfig)}
+        unknown = sorted(set(fields) - known)
+        if unknown:  # BertConfig keeps unknown keywords as attributes, so a typo would silently give the default
+            raise ValueError(f"encoder: unknown BertConfig fields {unknown}")
+        if self.hparams.max_length > fields["max_position_embeddings"]:
+            raise ValueError(f"max_length={self.hparams.max_length} exceeds the encoder's max_position_embeddings="
+                             f"{fields['max_position_embeddings']}")
+        config = BertConfig(**{**fields, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id})
+        return AutoModel.from_config(config, add_pooling_layer=False)
+
+    def _build(self, tokenizer: PreTrainedTokenizerBase, encoder: nn.Module) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no pad token; a report batch needs one")
+        self.tokenizer, self.encoder = tokenizer, encoder
+        width = encoder.config.hidden_size
+        self.simple_head = nn.Linear(width, 1)
+        self.complex_head = nn.Linear(width, len(self.classes))
+        max_length = min(self.hparams.max_length, getattr(encoder.config, "max_position_embeddings", 10**9))
+        self.collator = ReportCollator(tokenizer, self.classes, max_length)
+
+    def setup(self, stage: str) -> None:
+        if self.encoder is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        corpus = getattr(datamodule, "corpus", None)
+        if corpus is None:
+            raise RuntimeError("ReportChecker fits its word vocabulary on the training reports: train it with a "
+                               "datamodule that has corpus('train') (e.g. ReportErrorDataModule), or pass `vocab`, "
+                               "tokenizer='byte' or a pretrained encoder directory")
+        tok = word_tokenizer(texts=corpus("train"), vocab_size=self.hparams.vocab_size,
+                             min_frequency=self.hparams.min_word_count, model_max_length=self.hparams.max_length)
+        self.hparams["vocab"] = vocabulary(tok)  # saved with every checkpoint: load_from_checkpoint rebuilds it
+        self._build(tok, self._random_encoder(tok))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming a fit: setup() fitted a vocabulary before the weights arrive; the checkpoint's one wins.
+        vocab = checkpoint.get("hyper_parameters", {}).get("vocab")
+        if vocab and self.hparams.tokenizer == "word" and not isinstance(self.hparams.encoder, str) \
+                and vocab != self.hparams.get("vocab"):
+            self.hparams["vocab"] = vocab
+            tok = word_tokenizer(vocab=vocab, model_max_length=self.hparams.max_length)
+            self._build(tok, self._random_encoder(tok))
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SIMPLE logits (B,) and COMPLEX logits (B, 1 + n_fine_types) for token ids (B, T)."""
+        if self.encoder is None:
+            raise RuntimeError("ReportChecker is not built yet: fit it with a datamodule, or load a checkpoint")
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.hparams.pooling == "cls":
+            pooled = states[:, 0]
+        elif self.hparams.pooling == "max":  # an error is a local anomaly: the strongest token signal wins
+            pooled = states.masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(states.dtype).min).amax(1)
+        else:
+            mask = attention_mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+        pooled = self.dropout(pooled)
+        return self.simple_head(pooled).squeeze(-1), self.complex_head(pooled)
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        simple, fine = self(batch["input_ids"], batch["attention_mask"])
+        loss = F.binary_cross_entropy_with_logits(simple, batch["has_error"]) + \
+            self.hparams.complex_weight * F.cross_entropy(fine, batch["fine_label"])
+        return loss, simple, fine
+
+    def decide(self, simple: torch.Tensor, fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Error probability (B,) and predicted class index (B,): 0 (``none``) below the threshold, else the most
+        likely error type."""
+        p_error = torch.sigmoid(simple.float())
+        best_type = fine[:, 1:].argmax(-1) + 1
+        return p_error, torch.where(p_error >= self.hparams.threshold, best_type, torch.zeros_like(best_type))
+
+    # -- training and evaluation -------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def _evaluate(self, batch: dict, prefix: str, metrics: MetricCollection) -> None:
+        loss, simple, fine = self._loss(batch)
+        p_error, decided = self.decide(simple, fine)
+        n = len(batch["input_ids"])
+        metrics["simple_acc"].update(p_error >= self.hparams.threshold, batch["has_error"].long())
+        metrics["simple_f1"].update(p_error >= self.hparams.threshold, batch["has_error"].long())
+        metrics["complex_acc"].update(decided, batch["fine_label"])
+        metrics["complex_macro_f1"].update(decided, batch["fine_label"])
+        self.log(f"{prefix}/loss", loss, batch_size=n, sync_dist=True)
+        self.log_dict(metrics, batch_size=n)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.hparams.warmup
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup * total) if warmup < 1 else int(warmup),
+                                                    total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- inference ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_reports(self, records: Sequence[dict], batch_size: int = 32, progress: bool = True) -> list[dict]:
+        """Check reports: for each ``{"modified": text, ...}`` record (e.g. from ``inject_corpus`` or an
+        errors.jsonl), ``{"has_error": bool, "fine_type": str | None, "coarse_type": str | None,
+        "p_error": float}`` in the same order.
+
+        Args:
+            records: dicts with the report text under ``modified``; other keys are ignored.
+            batch_size: reports per forward pass.
+            progress: show a tqdm progress bar.
+        """
+        if self.collator is None:
+            raise RuntimeError("ReportChecker is not built yet: fit it with a datamodule, or load a checkpoint")
+        texts = []
+        for i, record in enumerate(records):
+            text = record.get("modified") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                name = record.get("id", i) if isinstance(record, dict) else i
+                raise DataError(f"record {name}: expected a dict with the report text under 'modified'")
+            texts.append(text)
+        was_training = self.training
+        self.eval()
+        results = []
+        try:
+            for start in tqdm(range(0, len(texts), batch_size), desc="Checking reports", unit="batch",
+                              disable=not progress):
+                batch = {k: v.to(self.device) for k, v in self.collator.encode(texts[start:start + batch_size]).items()}
+                results += self.predict_step(batch, 0)
+        finally:
+            self.train(was_training)
+        return results
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """The :meth:`predict_reports` dicts of a batch (``trainer.predict`` on the datamodule's test split)."""
+        p_error, decided = self.decide(*self(batch["input_ids"], batch["attention_mask"]))
+        results = []
+        for p, c in zip(p_error.tolist(), decided.tolist()):
+            fine = None if c == 0 else self.classes[c]
+            results.append({"has_error": fine is not None, "fine_type": fine,
+                            "coarse_type": self.coarse_of[fine] if fine else None, "p_error": p})
+        return results
