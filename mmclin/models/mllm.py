@@ -220,8 +220,8 @@ class MultimodalLM(L.LightningModule):
         """Write this rank's predictions, then score the union of all ranks' (identically on every rank).
 
         Logs ``{prefix}/acc_generation`` (parsed greedy answers) and ``{prefix}/acc_likelihood`` (choice with
-        the highest likelihood), and their macro-F1 over the answer classes; rank 0 merges the per-rank files
-        into ``predictions.jsonl``.
+        the highest likelihood), and their macro-F1 over the answer classes, over the questions with choices;
+        then the evaluator's scores. Rank 0 merges the per-rank files into ``predictions.jsonl``.
         """
         directory = self._predictions_dir(prefix)
         part = directory / f"rank{self.global_rank}.jsonl"
@@ -233,9 +233,10 @@ class MultimodalLM(L.LightningModule):
         if not rows:
             return
         metrics = {}
-        for name, key in (("generation", "parsed"), ("likelihood", "ranked")):
-            metrics[f"{prefix}/acc_{name}"] = sum(r[key] == r["answer"] for r in rows) / len(rows)
-            metrics[f"{prefix}/macro_f1_{name}"] = macro_f1([r["answer"] for r in rows], [r[key] for r in rows])
+        closed = [r for r in rows if r["choices"]]  # open answers (reports) are scored by the evaluator only
+        for name, key in (("generation", "parsed"), ("likelihood", "ranked")) if closed else ():
+            metrics[f"{prefix}/acc_{name}"] = sum(r[key] == r["answer"] for r in closed) / len(closed)
+            metrics[f"{prefix}/macro_f1_{name}"] = macro_f1([r["answer"] for r in closed], [r[key] for r in closed])
         if self.evaluator is not None:
             metrics.update(self.evaluator(rows, prefix))
         self.log_dict(metrics)
