@@ -568,7 +568,9 @@ def run_ct(args: argparse.Namespace) -> str:
             resolution = "x".join(map(str, image.size))
         fundus = (f"Fundus preprocessing to {args.fundus_size} px, {len(photos)} photographs at {resolution} "
                   f"({Path(args.fundus_dir).name}), one process, {torch.get_num_threads()} threads:\n\n"
-                  + bench_ct.markdown_table(fundus_rates(photos, args.fundus_size)))
+                  + "| measure | images | seconds | images/s |\n|---|---:|---:|---:|\n"
+                  + "\n".join(f"| {r['measure']} | {r['n']} | {r['seconds']:.2f} | {r['per_s']:.1f} |"
+                              for r in fundus_rates(photos, args.fundus_size)))
     else:
         fundus = f"Fundus preprocessing: no photographs under {args.fundus_dir}; skipped."
     return f"""{machine_line(torch.get_num_threads())}
