@@ -135,7 +135,8 @@ def load_checker(spec: str) -> Callable[[list[dict]], list[dict]]:
 
     Args:
         spec: ``rule`` (RuleChecker) or ``ckpt:PATH``: a Lightning checkpoint whose module has
-            ``predict_reports(records) -> list[dict]`` (the trained ``mmclin.models.report_checker.ReportChecker``).
+            ``predict_reports(records) -> list[dict]`` (the trained ``mmclin.models.report_checker.ReportChecker``),
+            or a ``MultimodalLM`` trained by ``configs/cxr-error-check.yaml`` (image + report).
     """
     if spec == "rule":
         checker = RuleChecker()
@@ -148,6 +149,12 @@ def load_checker(spec: str) -> Callable[[list[dict]], list[dict]]:
         path = Path(spec[len("ckpt:"):])
         module = _load_module(path)
         predict = getattr(module, "predict_reports", None)
+        if predict is None and hasattr(module, "rank_choices"):  # a MultimodalLM trained on image + report QA
+            from mmclin.reports.mllm_checker import MultimodalReportChecker
+
+            data = torch.load(path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {}
+            return MultimodalReportChecker(module, image_size=data.get("image_size"),
+                                           error_types=data.get("error_types"))
         if not callable(predict):
             raise TypeError(f"{path}: {type(module).__module__}.{type(module).__qualname__} has no "
                             "predict_reports(records) method, so it cannot check reports; expected a report checker "
