@@ -15,7 +15,7 @@ from datamodules.ct import LETTERS, NIFTI_SUFFIXES, CTPreprocessing, CTVolumeDat
 from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.cache import demo_cache_dir
 from mmclin.errors import DataError
-from mmclin.tasks.qa import model_collator, normalise_answer
+from mmclin.tasks.qa import normalise_answer
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +266,4 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
                              f"{self.preprocessing.settings()}; set the same data arguments to resume or evaluate")
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        dataset = self.datasets[split]
-        if len(dataset) == 0:
-            raise DataError(f"{self.root}: the '{split}' split has no questions")
-        h = self.hparams
-        return DataLoader(dataset, batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
-                          shuffle=train, drop_last=train and len(dataset) > h.batch_size, num_workers=h.num_workers,
-                          persistent_workers=h.num_workers > 0,
-                          collate_fn=model_collator(self.trainer, type(self).__name__))
+        return self.model_batches(self.datasets[split], split, train, self.root, "questions")

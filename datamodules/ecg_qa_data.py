@@ -18,7 +18,6 @@ from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.ecg import generate_ecg_demo
 from mmclin.errors import DataError
-from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +137,4 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
         return {"majority_answer_acc": float((other["template_id"].map(top) == truth).mean())}
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        dataset = self.datasets[split]
-        if len(dataset) == 0:
-            raise DataError(f"{self.root}: the '{split}' split has no questions")
-        h = self.hparams
-        return DataLoader(dataset, batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
-                          shuffle=train, drop_last=train and len(dataset) > h.batch_size, num_workers=h.num_workers,
-                          persistent_workers=h.num_workers > 0,
-                          collate_fn=model_collator(self.trainer, type(self).__name__))
+        return self.model_batches(self.datasets[split], split, train, self.root, "questions")

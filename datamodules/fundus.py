@@ -39,7 +39,6 @@ from datamodules.derm import SPLIT_ALIASES, check_images, split_table
 from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.fundus import ICDR_GRADES, REFERRALS, REPORTS_CSV, fundus_demo_dir, generate_fundus_demo
 from mmclin.errors import DataError
-from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -535,11 +534,4 @@ class FundusReportDataModule(SplitLoaders, L.LightningDataModule):
                 "majority_referral_acc": float(np.mean([REFERRALS[g] == REFERRALS[majority] for g in other["grade"]]))}
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        dataset = self.datasets[split]
-        if len(dataset) == 0:
-            raise DataError(f"{self.source}: the '{split}' split has no images")
-        h = self.hparams
-        return DataLoader(dataset, batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
-                          shuffle=train, drop_last=train and len(dataset) > h.batch_size, num_workers=h.num_workers,
-                          persistent_workers=h.num_workers > 0,
-                          collate_fn=model_collator(self.trainer, type(self).__name__))
+        return self.model_batches(self.datasets[split], split, train, self.source, "images")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+
+from mmclin.errors import DataError
+from mmclin.tasks.qa import model_collator
 
 
 class SplitLoaders:
@@ -22,3 +25,18 @@ class SplitLoaders:
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+    def model_batches(self, dataset: Dataset, split: str, train: bool, source: object, unit: str) -> DataLoader:
+        """A loader of `dataset` batched by the attached model's collator, from the usual hparams (``batch_size``,
+        ``eval_batch_size``, ``num_workers``); shuffled and without a short last batch when training.
+
+        Raises:
+            DataError: the split is empty (naming `source` and the `unit` it has none of).
+        """
+        if len(dataset) == 0:
+            raise DataError(f"{source}: the '{split}' split has no {unit}")
+        h = self.hparams
+        return DataLoader(dataset, batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
+                          shuffle=train, drop_last=train and len(dataset) > h.batch_size, num_workers=h.num_workers,
+                          persistent_workers=h.num_workers > 0,
+                          collate_fn=model_collator(self.trainer, type(self).__name__))

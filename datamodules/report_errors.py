@@ -31,7 +31,6 @@ from torchvision.transforms.v2.functional import resize
 from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.cxr import REPORTS_CSV, generate_cxr_demo
 from mmclin.errors import DataError
-from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +276,5 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         h = self.hparams
         dataset = ReportErrorDataset(self._records(split, train), h.mode, self.with_images, self.choices,
                                      h.image_size)
-        collate = model_collator(self.trainer, type(self).__name__)  # ReportCollator or QACollator
-        return DataLoader(dataset, batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
-                          shuffle=train, drop_last=train and len(dataset) > h.batch_size, num_workers=h.num_workers,
-                          persistent_workers=h.num_workers > 0, collate_fn=collate)
+        # batched by the model's ReportCollator (text mode) or QACollator (qa mode)
+        return self.model_batches(dataset, split, train, self.root, "reports")

@@ -12,12 +12,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
 
 from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_positions
 from mmclin.fusion.projector import MLPProjector
 from mmclin.fusion.soft_prompt import IGNORE_INDEX, splice_media
 from mmclin.llm import MEDIA_TOKEN, lm_hidden_size, load_causal_lm
+from mmclin.models.optim import adamw_cosine
 from mmclin.tasks.qa import QACollator, parse_choice
 
 
@@ -135,13 +135,7 @@ class MultimodalLM(L.LightningModule):
         return out.loss
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = self.hparams.warmup
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup * total) if warmup < 1 else int(warmup),
-                                                    total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_cosine(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup)
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -35,11 +35,11 @@ from transformers import (
     BertConfig,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
-    get_cosine_schedule_with_warmup,
 )
 
 from mmclin.errors import DataError
 from mmclin.llm import byte_tokenizer
+from mmclin.models.optim import adamw_cosine
 
 NO_ERROR = "none"
 
@@ -323,13 +323,7 @@ class ReportChecker(L.LightningModule):
         self._evaluate(batch, "test", self.test_metrics)
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = self.hparams.warmup
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup * total) if warmup < 1 else int(warmup),
-                                                    total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_cosine(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup)
 
     # -- inference ---------------------------------------------------------------------------------------
     @torch.no_grad()
