@@ -9,7 +9,7 @@ volume and size questions can be learnt from the image; about one volume in five
 (splenectomy / nephrectomy). Zero to five lesions of known size sit in the liver, spleen or kidneys: cyst-like
 (0-10 HU), solid hypodense (25-35 HU below liver or spleen) or hyperdense (90-120 HU).
 
-Layout written under ``demo_cache_dir(cache_dir) / "ct-vqa-demo-v1-..."``::
+Layout written under ``demo_cache_dir(cache_dir) / "ct-vqa-demo-v2-..."``::
 
     volumes/<image_id>.nii.gz   int16 HU, (X, Y, Z) = (right-left, anterior-posterior, superior-inferior) axes
     masks/<image_id>.nii.gz     uint8 labels on the same grid: TotalSegmentator v2 ids (spleen 1, kidney_right 2,
@@ -40,7 +40,7 @@ from mmclin.tasks.ct_questions import DEFAULT_ORGANS, TOTALSEGMENTATOR_LABELS, g
 # Lesion label ids of the demo masks, above TotalSegmentator's 1-117 so they never clash: {label id: host organ}.
 DEMO_LESION_LABELS = {201: "liver", 202: "spleen", 203: "kidney_right", 204: "kidney_left"}
 SPLITS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
-_LESION_WEIGHTS = {"liver": 0.45, "spleen": 0.2, "kidney_right": 0.175, "kidney_left": 0.175}
+_LESION_WEIGHTS = {"liver": 0.3, "spleen": 0.25, "kidney_right": 0.225, "kidney_left": 0.225}
 _NOISE_HU = 8.0
 
 
@@ -90,7 +90,7 @@ def _place_lesions(masks: dict[str, np.ndarray], spacing: np.ndarray, rng: np.ra
     weights = np.array([_LESION_WEIGHTS[h] for h in hosts])
     for _ in range(n):
         host = hosts[int(rng.choice(len(hosts), p=weights / weights.sum()))]
-        radius = rng.uniform(9, 24) if host == "liver" else rng.uniform(8, 16)
+        radius = rng.uniform(12, 28) if host == "liver" else rng.uniform(10, 18)
         kinds = ["cyst", "hyperdense"] + (["solid"] if host in ("liver", "spleen") else [])
         kind = str(rng.choice(kinds, p=[0.5, 0.35, 0.15] if len(kinds) == 3 else [0.55, 0.45]))
         if host not in depth:  # distance (mm) to the organ's surface, computed on its bounding box
@@ -176,7 +176,7 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(image, path)
 
 
-def generate_ct_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0, n_volumes: int = 120,
+def generate_ct_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0, n_volumes: int = 200,
                      shape: Sequence[int] = (64, 48, 48), spacing: Sequence[float] = (6.0, 6.0, 6.0)) -> Path:
     """Write the demo CT volumes, masks and questions once into the demo cache and return their folder.
 
@@ -197,7 +197,7 @@ def generate_ct_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0, 
     if len(shape) != 3 or len(spacing) != 3 or any(n * sp < fov for n, sp, fov in zip(shape, spacing, (340, 250, 260))):
         raise ValueError(f"shape {shape} x spacing {spacing} mm must cover at least 340 x 250 x 260 mm (X, Y, Z)")
     settings = {"version": 1, "seed": seed, "n_volumes": n_volumes, "shape": shape, "spacing": spacing}
-    name = f"ct-vqa-demo-v1-n{n_volumes}-{'x'.join(map(str, shape))}-{'x'.join(f'{s:g}' for s in spacing)}mm-s{seed}"
+    name = f"ct-vqa-demo-v2-n{n_volumes}-{'x'.join(map(str, shape))}-{'x'.join(f'{s:g}' for s in spacing)}mm-s{seed}"
     return build_once(demo_cache_dir(cache_dir) / name, settings,
                       lambda tmp: _write_demo(tmp, seed, n_volumes, shape, spacing))
 
