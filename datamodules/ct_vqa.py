@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 import lightning as L
 import pandas as pd
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from datamodules.ct import LETTERS, NIFTI_SUFFIXES, CTPreprocessing, CTVolumeDataset, read_deeptumorvqa, read_m3d_vqa
 from datamodules.loaders import SplitLoaders
@@ -92,6 +93,7 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
         foreground_hu: float | None = -500.0,
         check_hu: bool = True,
         question_types: list[str] | None = None,
+        balance_types: bool = False,
         on_missing: Literal["raise", "skip"] = "raise",
         batch_size: int = 4,
         eval_batch_size: int | None = None,
@@ -115,6 +117,9 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
             foreground_hu: CTPreprocessing.foreground_hu: crop to voxels above this HU; None: no crop.
             check_hu: CTPreprocessing.check_hu: refuse volumes that do not look like HU.
             question_types: keep only these question types (e.g. ``[measurement, recognition]``).
+            balance_types: draw training questions so that every question type is seen equally often (a type with
+                few questions per volume, e.g. recognition, is otherwise a small share of the training signal);
+                an epoch keeps its length.
             on_missing: a question whose volume is not found: ``raise`` (DataError) or ``skip`` (counted, logged).
             batch_size: training batch size.
             eval_batch_size: validation/test batch size (default: batch_size).
@@ -266,4 +271,10 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
                              f"{self.preprocessing.settings()}; set the same data arguments to resume or evaluate")
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        return self.model_batches(self.datasets[split], split, train, self.root, "questions")
+        dataset = self.datasets[split]
+        sampler = None
+        if train and self.hparams.balance_types and len(dataset):
+            types = dataset.table["question_type"].fillna("none")
+            weights = 1.0 / types.map(types.value_counts()).to_numpy(dtype=float)
+            sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(dataset), replacement=True)
+        return self.model_batches(dataset, split, train, self.root, "questions", sampler)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmclin.errors import DataError
 from mmclin.tasks.qa import model_collator
@@ -26,9 +26,11 @@ class SplitLoaders:
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
 
-    def model_batches(self, dataset: Dataset, split: str, train: bool, source: object, unit: str) -> DataLoader:
+    def model_batches(self, dataset: Dataset, split: str, train: bool, source: object, unit: str,
+                      sampler: Sampler | None = None) -> DataLoader:
         """A loader of `dataset` batched by the attached model's collator, from the usual hparams (``batch_size``,
-        ``eval_batch_size``, ``num_workers``); shuffled and without a short last batch when training.
+        ``eval_batch_size``, ``num_workers``); shuffled (or drawn by `sampler`) and without a short last batch when
+        training.
 
         Raises:
             DataError: the split is empty (naming `source` and the `unit` it has none of).
@@ -37,6 +39,7 @@ class SplitLoaders:
             raise DataError(f"{source}: the '{split}' split has no {unit}")
         h = self.hparams
         return DataLoader(dataset, batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
-                          shuffle=train, drop_last=train and len(dataset) > h.batch_size, num_workers=h.num_workers,
+                          shuffle=train and sampler is None, sampler=sampler,
+                          drop_last=train and len(dataset) > h.batch_size, num_workers=h.num_workers,
                           persistent_workers=h.num_workers > 0,
                           collate_fn=model_collator(self.trainer, type(self).__name__))

@@ -461,6 +461,19 @@ def test_datamodule_on_the_ct_demo(tmp_path):
     assert 0.0 <= dm.baselines("test")["majority_answer_acc"] <= 1.0
 
 
+def test_balance_types_draws_every_question_type_equally(tmp_path):
+    pytest.importorskip("datamodules.synthetic.ct")
+    dm = CTVQADataModule(grid=(8, 16, 16), spacing=None, cache_dir=str(tmp_path), balance_types=True, batch_size=4,
+                         demo={"n_volumes": 6, "shape": (43, 32, 33), "spacing": (8.0, 8.0, 8.0)})
+    dm.setup()
+    dm.trainer = type("Trainer", (), {"lightning_module": type("Model", (), {"collator": staticmethod(list)})()})()
+    types = dm.datasets["train"].table["question_type"]
+    sampler = dm.train_dataloader().sampler
+    drawn = types.iloc[[i for _ in range(50) for i in sampler]].value_counts(normalize=True)
+    assert len(sampler) == len(types) and types.value_counts(normalize=True).max() > 0.3  # skewed as generated
+    assert drawn.max() - drawn.min() < 0.08, drawn  # about 1/4 each when drawn
+
+
 # ---------------------------------------------------------------- tools/bench_ct.py
 
 
