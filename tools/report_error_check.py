@@ -25,6 +25,7 @@ import importlib
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     inj.add_argument("--out", required=True, help="output directory")
     ev = sub.add_parser("evaluate", help="run a checker on errors.jsonl and score it")
     ev.add_argument("--data", required=True, help="errors.jsonl or the folder holding it")
-    ev.add_argument("--checker", required=True, help="'rule' or 'ckpt:PATH' (a Lightning checkpoint)")
+    ev.add_argument("--checker", required=True, nargs="+",
+                    help="'rule' or 'ckpt:PATH' (a Lightning checkpoint); several are scored on the same reports, each "
+                         "into its own folder of --out, and compared side by side")
     ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ev.add_argument("--out", required=True, help="output directory")
@@ -199,32 +202,69 @@ def _ci(block: dict, name: str) -> str:
 
 
 def evaluate_main(args: argparse.Namespace) -> dict:
+    """Score each checker; with several, also a side-by-side table (comparison.md / comparison.json in --out)."""
+    specs = [args.checker] if isinstance(args.checker, str) else list(args.checker)
+    if len(specs) == 1:
+        return evaluate_one(args, specs[0], Path(args.out))
+    runs = {}
+    for i, spec in enumerate(specs):
+        label = spec if spec == "rule" else f"{i}-{Path(spec.partition(':')[2]).stem}"
+        runs[spec] = evaluate_one(args, spec, Path(args.out) / re.sub(r"[^\w.-]+", "_", label))
+    table = comparison_table(runs)
+    print(table)
+    Path(args.out, "comparison.md").write_text(table + "\n")
+    Path(args.out, "comparison.json").write_text(json.dumps(runs, indent=2))
+    return runs
+
+
+def comparison_table(runs: dict[str, dict]) -> str:
+    """Markdown: one column per checker; SIMPLE and COMPLEX figures, then the detection rate of each true type."""
+    names = list(runs)
+    first = runs[names[0]]
+    rows = [("SIMPLE accuracy", lambda m: m["simple"]["accuracy"]), ("SIMPLE F1", lambda m: m["simple"]["f1"]),
+            ("SIMPLE sensitivity", lambda m: m["simple"]["sensitivity"]),
+            ("SIMPLE specificity", lambda m: m["simple"]["specificity"]),
+            ("COMPLEX fine macro-F1", lambda m: m["complex_fine"]["macro_f1"])]
+    rows += [(f"detected: {t}", lambda m, t=t: m["simple"]["sensitivity_by_fine_type"][t]["sensitivity"])
+             for t in first["simple"]["sensitivity_by_fine_type"]]
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for label, get in rows:
+        cells = []
+        for name in names:
+            try:
+                cells.append(f"{float(get(runs[name])):.3f}")
+            except (KeyError, TypeError, ValueError):
+                cells.append("")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_one(args: argparse.Namespace, spec: str, out: Path) -> dict:
     records = read_jsonl(args.data)
     if not records:
         raise DataError(f"{args.data}: no reports")
-    checker = load_checker(args.checker)
+    checker = load_checker(spec)
     predictions = checker([{"id": r["id"], "modified": r["modified"], "text": r["modified"],
                             "images": r.get("images", [])} for r in records])
     if not isinstance(predictions, list) or len(predictions) != len(records):
-        raise ValueError(f"checker {args.checker!r} returned {len(predictions)} predictions for {len(records)} "
+        raise ValueError(f"checker {spec!r} returned {len(predictions)} predictions for {len(records)} "
                          "reports")
     for i, (record, prediction) in enumerate(zip(records, predictions)):
         if prediction.setdefault("id", record["id"]) != record["id"]:
-            raise ValueError(f"checker {args.checker!r}: prediction {i} is for id {prediction['id']!r}, "
+            raise ValueError(f"checker {spec!r}: prediction {i} is for id {prediction['id']!r}, "
                              f"record {i} is {record['id']!r}")
     scores = score_checker(records, predictions, n_boot=args.n_boot, seed=args.seed)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     truth = {r["id"]: r for r in records}
     _write_jsonl(out / "predictions.jsonl", [
         {**p, "true_has_error": truth[p["id"]]["has_error"], "true_coarse_type": truth[p["id"]]["coarse_type"],
          "true_fine_type": truth[p["id"]]["fine_type"]} for p in predictions])
     write_confusion_matrices(scores, out)
-    metrics = _finite({**scores, "checker": args.checker, "data": str(args.data)})
+    metrics = _finite({**scores, "checker": spec, "data": str(args.data)})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     s, c, f = scores["simple"], scores["complex_coarse"], scores["complex_fine"]
-    print(f"{args.data}: n={scores['n']} ({scores['n_error']} with an error), checker {args.checker}")
+    print(f"{args.data}: n={scores['n']} ({scores['n_error']} with an error), checker {spec}")
     print(f"SIMPLE   accuracy {_ci(s, 'accuracy')}  F1 {_ci(s, 'f1')}")
     print(f"         sensitivity {_ci(s, 'sensitivity')}  specificity {_ci(s, 'specificity')}")
     print(f"COMPLEX  coarse macro-F1 {_ci(c, 'macro_f1')}  fine macro-F1 {_ci(f, 'macro_f1')}")
