@@ -9,7 +9,7 @@ volume and size questions can be learnt from the image; about one volume in five
 (splenectomy / nephrectomy). Zero to five lesions of known size sit in the liver, spleen or kidneys: cyst-like
 (0-10 HU), solid hypodense (25-35 HU below liver or spleen) or hyperdense (90-120 HU).
 
-Layout written under ``demo_cache_dir(cache_dir) / "ct-vqa-demo-v2-..."``::
+Layout written under ``demo_cache_dir(cache_dir) / "ct-vqa-demo-v3-..."``::
 
     volumes/<image_id>.nii.gz   int16 HU, (X, Y, Z) = (right-left, anterior-posterior, superior-inferior) axes
     masks/<image_id>.nii.gz     uint8 labels on the same grid: TotalSegmentator v2 ids (spleen 1, kidney_right 2,
@@ -197,7 +197,7 @@ def generate_ct_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0, 
     if len(shape) != 3 or len(spacing) != 3 or any(n * sp < fov for n, sp, fov in zip(shape, spacing, (340, 250, 260))):
         raise ValueError(f"shape {shape} x spacing {spacing} mm must cover at least 340 x 250 x 260 mm (X, Y, Z)")
     settings = {"version": 1, "seed": seed, "n_volumes": n_volumes, "shape": shape, "spacing": spacing}
-    name = f"ct-vqa-demo-v2-n{n_volumes}-{'x'.join(map(str, shape))}-{'x'.join(f'{s:g}' for s in spacing)}mm-s{seed}"
+    name = f"ct-vqa-demo-v3-n{n_volumes}-{'x'.join(map(str, shape))}-{'x'.join(f'{s:g}' for s in spacing)}mm-s{seed}"
     return build_once(demo_cache_dir(cache_dir) / name, settings,
                       lambda tmp: _write_demo(tmp, seed, n_volumes, shape, spacing))
 

@@ -2,9 +2,9 @@
 
 Questions follow the four categories of DeepTumorVQA (Chen et al., arXiv:2505.18915), with their subtype
 names where one exists: ``measurement`` (organ volume, organ mean HU, largest lesion volume), ``recognition``
-(which organ is missing, which organ holds a lesion), ``visual_reasoning`` (lesion counting, left vs right
-kidney, larger vs smaller organ, largest lesion diameter and location) and ``medical_reasoning`` (lesion
-attenuation type, splenomegaly).
+(which organ is missing, which organ of a set or of a pair holds a lesion), ``visual_reasoning`` (lesion
+counting, left vs right kidney, larger vs smaller organ, largest lesion diameter and location) and
+``medical_reasoning`` (lesion attenuation type, splenomegaly).
 
 Inputs: a CT volume in HU and a multi-label mask on the same grid with TotalSegmentator v2 ``total`` label ids
 (Wasserthal et al., Radiol AI 2023; ``spleen`` 1, ``kidney_right`` 2, ``kidney_left`` 3, ``gallbladder`` 4,
@@ -317,6 +317,16 @@ def _drafts(m: dict[str, OrganMeasure], hosts: list[str], min_voxels: int, rng: 
             question = "Which of these organs is free of lesions?"
         out.append(_draft("recognition", "lesion existence", question, answer,
                           [*others, NONE_OF_THESE] if answer != NONE_OF_THESE else others, None, True))
+    # recognition: which organ of a pair holds a lesion (the kidneys; liver and spleen), asked of every pair
+    for a, b in (("kidney_right", "kidney_left"), ("liver", "spleen")):
+        if a in hosts and b in hosts and a in present and b in present:
+            both, neither = f"both the {organ_phrase(a)} and the {organ_phrase(b)}", "neither"
+            options = {(True, False): organ_phrase(a), (False, True): organ_phrase(b), (True, True): both,
+                       (False, False): neither}
+            answer = options[(bool(m[a].lesions), bool(m[b].lesions))]
+            out.append(_draft("recognition", "lesion existence", f"Which of the {organ_phrase(a)} and the "
+                              f"{organ_phrase(b)} contains a lesion?", answer,
+                              [o for o in options.values() if o != answer], None, True))
     # visual reasoning: counting, left vs right kidney, two organs' sizes, largest lesion diameter and location
     counted = [o for o in hosts if o in present]
     if counted:  # half of the time an organ with lesions, if any, so that "0" is not the usual answer
