@@ -75,6 +75,22 @@ def read_error_records(path: Path) -> list[dict]:
     return records
 
 
+def load_radiograph(record: dict, image_size: int | None = None) -> torch.Tensor:
+    """A record's first image as (1, H, W) float32 in [0, 1], resized to `image_size` square if given."""
+    if not record.get("images"):
+        raise DataError(f"report {record['id']}: no image, but images were asked for (with_images / mode='qa')")
+    path = Path(record["images"][0])
+    try:
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("L"), dtype=np.float32) / 255
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} (report {record['id']}): unreadable image: {err}") from err
+    tensor = torch.from_numpy(pixels)[None]
+    if image_size is not None:
+        tensor = resize(tensor, [image_size, image_size], antialias=True)
+    return tensor
+
+
 class ReportErrorDataset(Dataset):
     """Samples of one split from injected-error records; see the module docstring for both modes."""
 
@@ -91,18 +107,7 @@ class ReportErrorDataset(Dataset):
 
     def image(self, record: dict) -> torch.Tensor:
         """The study's first frontal image as (1, H, W) float32 in [0, 1]."""
-        if not record.get("images"):
-            raise DataError(f"report {record['id']}: no image, but images were asked for (with_images / mode='qa')")
-        path = Path(record["images"][0])
-        try:
-            with Image.open(path) as img:
-                pixels = np.asarray(img.convert("L"), dtype=np.float32) / 255
-        except (OSError, ValueError) as err:
-            raise DataError(f"{path} (report {record['id']}): unreadable image: {err}") from err
-        tensor = torch.from_numpy(pixels)[None]
-        if self.image_size is not None:
-            tensor = resize(tensor, [self.image_size, self.image_size], antialias=True)
-        return tensor
+        return load_radiograph(record, self.image_size)
 
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]

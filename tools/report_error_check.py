@@ -110,7 +110,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def _load_module(path: Path):
-    """The LightningModule of a checkpoint, of the class recorded in it (LightningCLI's ``_class_path``)."""
+    """The LightningModule of a checkpoint, of the class recorded in it (LightningCLI's ``_class_path``), and the
+    checkpoint's ``datamodule_hyper_parameters`` (empty if none)."""
     import lightning as L  # only here: `evaluate --checker rule` starts without it
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -128,7 +129,8 @@ def _load_module(path: Path):
         raise DataError(f"{path}: its class {class_path!r} cannot be imported ({err})") from err
     if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
         raise DataError(f"{path}: {class_path!r} is not a LightningModule")
-    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+    module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+    return module, checkpoint.get("datamodule_hyper_parameters") or {}
 
 
 def load_checker(spec: str) -> Callable[[list[dict]], list[dict]]:
@@ -150,12 +152,11 @@ def load_checker(spec: str) -> Callable[[list[dict]], list[dict]]:
         return check
     if spec.startswith("ckpt:"):
         path = Path(spec[len("ckpt:"):])
-        module = _load_module(path)
+        module, data = _load_module(path)
         predict = getattr(module, "predict_reports", None)
         if predict is None and hasattr(module, "rank_choices"):  # a MultimodalLM trained on image + report QA
             from mmclin.reports.mllm_checker import MultimodalReportChecker
 
-            data = torch.load(path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {}
             return MultimodalReportChecker(module, image_size=data.get("image_size"),
                                            error_types=data.get("error_types"))
         if not callable(predict):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from datamodules.report_errors import NO_ERROR_ANSWER, QUESTION, ReportErrorDataset, error_answer
+from datamodules.report_errors import NO_ERROR_ANSWER, QUESTION, error_answer, load_radiograph
 from mmclin.reports.errors import FINE_TYPES
 
 
@@ -42,7 +42,7 @@ class MultimodalReportChecker:
                              "radiographs")
         self.module = module.eval()
         self.choices = [NO_ERROR_ANSWER] + [error_answer(t) for t in (error_types or FINE_TYPES)]
-        self.images = ReportErrorDataset([], "qa", True, self.choices, image_size)
+        self.image_size = image_size
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -50,7 +50,7 @@ class MultimodalReportChecker:
         out = []
         for start in tqdm(range(0, len(records), self.batch_size), desc="multimodal checker", unit="batch"):
             chunk = records[start:start + self.batch_size]
-            samples = [{"image": [self.images.image(r)], "question": f"{r['modified']}\n{QUESTION}",
+            samples = [{"image": [load_radiograph(r, self.image_size)], "question": f"{r['modified']}\n{QUESTION}",
                         "answer": NO_ERROR_ANSWER, "choices": self.choices, "meta": {}} for r in chunk]
             batch = self.module.collator(samples)
             picks = self.module.rank_choices(batch, self.module._media(batch))
