@@ -549,14 +549,10 @@ def timed(run: Callable[[], object]) -> float:
 
 def run_ct(args: argparse.Namespace) -> str:
     """CT loading (first vs cached pass), 3D encoder memory (tools/bench_ct.py), and fundus preprocessing rate."""
-    import contextlib
-    import io
-
     import bench_ct
 
     print("[bench ct] CT volumes: first pass, cached pass, encoder step", file=sys.stderr, flush=True)
-    with contextlib.redirect_stdout(io.StringIO()) as ct_text:
-        rows = bench_ct.main(args.ct_args)
+    rows, ct_text = bench_ct.run(args.ct_args)
     first, again = rows[0], rows[1]  # bench_ct's order: uncached pass, cached pass, encoder step
     speedup = f"- Cached pass: x{again['per_s'] / first['per_s']:.1f} the volumes/s of the first pass.\n"
     photos = sorted(Path(args.fundus_dir).glob("**/*.jpg"))
@@ -575,7 +571,7 @@ def run_ct(args: argparse.Namespace) -> str:
         fundus = f"Fundus preprocessing: no photographs under {args.fundus_dir}; skipped."
     return f"""{machine_line(torch.get_num_threads())}
 
-{ct_text.getvalue().strip()}
+{ct_text}
 {speedup}
 {fundus}
 

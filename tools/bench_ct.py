@@ -177,7 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def run(argv: list[str] | None = None) -> tuple[list[dict], str]:
+    """Measure with the command-line options in `argv`; the rows and their report (markdown table and notes)."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     preprocessing = dataclasses.replace(CTPreprocessing(), grid=tuple(args.grid), resize_mode=args.resize_mode,
@@ -195,12 +196,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         if args.cache_dir is None:
             shutil.rmtree(cache_dir, ignore_errors=True)
-    print(markdown_table(rows))
-    print(f"\n- Preprocessing: {preprocessing.settings()}\n"
-          f"- Encoder: ViT3DEncoder (MONAI ViT), patch {tuple(args.patch_size)}, width {args.hidden_size}, "
-          f"{args.layers} blocks; fp32; torch {torch.__version__}, {args.threads} threads\n"
-          "- Memory: peak resident memory of the process (CUDA: peak allocated) during the first forward+backward; "
-          "+step is that peak minus the memory just before it (activations and gradients). Seconds: a second step.")
+    return rows, (
+        f"{markdown_table(rows)}\n\n- Preprocessing: {preprocessing.settings()}\n"
+        f"- Encoder: ViT3DEncoder (MONAI ViT), patch {tuple(args.patch_size)}, width {args.hidden_size}, "
+        f"{args.layers} blocks; fp32; torch {torch.__version__}, {args.threads} threads\n"
+        "- Memory: peak resident memory of the process (CUDA: peak allocated) during the first forward+backward; "
+        "+step is that peak minus the memory just before it (activations and gradients). Seconds: a second step.")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    rows, report = run(argv)
+    print(report)
     return rows
 
 
