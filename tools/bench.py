@@ -358,13 +358,13 @@ def fusion_child() -> None:
 
         def loss_of(batch: dict) -> torch.Tensor:
             # training_step's loss without its self.log, which needs a trainer
-            media = model._media(batch)
+            media = model.batch_media(batch)
             return model.lm_forward(batch["input_ids"], batch["attention_mask"], media, batch["labels"])[0].loss
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     lm_tokens = 0
     if spec["mode"] != "encoder":
         with torch.no_grad():
-            media_tokens = model._media(batch)[0].shape[-2]
+            media_tokens = model.batch_media(batch)[0].shape[-2]
         lm_tokens = batch["input_ids"].shape[1] + (media_tokens - 1 if spec["mode"] == "soft_prompt" else 0)
     del series
     seconds, settled = [], 0.0

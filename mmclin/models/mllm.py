@@ -124,13 +124,15 @@ class MultimodalLM(L.LightningModule):
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
         return out, labels
 
-    def _media(self, batch: dict):
+    def batch_media(self, batch: dict):
+        """The batch's media for :meth:`lm_forward`, :meth:`rank_choices` and :meth:`generate_answers`: tokens
+        (B, M, T, D_lm), mask (B, M, T) and presence (B, M), each sample's media in text order."""
         tokens, mask, owner = self.encode_media(batch)
         return self._group(tokens, mask, owner, len(batch["input_ids"]))
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out, _ = self.lm_forward(batch["input_ids"], batch["attention_mask"], self._media(batch), batch["labels"])
+        out, _ = self.lm_forward(batch["input_ids"], batch["attention_mask"], self.batch_media(batch), batch["labels"])
         self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return out.loss
 
@@ -186,7 +188,7 @@ class MultimodalLM(L.LightningModule):
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        media = self._media(batch)
+        media = self.batch_media(batch)
         out, _ = self.lm_forward(batch["input_ids"], batch["attention_mask"], media, batch["labels"])
         self.log("val/loss", out.loss, batch_size=len(batch["input_ids"]), sync_dist=True)
         generated = self.generate_answers(batch, media)

@@ -53,6 +53,6 @@ class MultimodalReportChecker:
             samples = [{"image": [load_radiograph(r, self.image_size)], "question": f"{r['modified']}\n{QUESTION}",
                         "answer": NO_ERROR_ANSWER, "choices": self.choices, "meta": {}} for r in chunk]
             batch = self.module.collator(samples)
-            picks = self.module.rank_choices(batch, self.module._media(batch))
+            picks = self.module.rank_choices(batch, self.module.batch_media(batch))
             out += [{"id": r["id"], **parse_error_answer(p)} for r, p in zip(chunk, picks)]
         return out
