@@ -81,3 +81,54 @@ def test_evaluator_scores_are_logged_beside_accuracy(tmp_path):
                         enable_model_summary=False)
     (metrics,) = trainer.validate(model, DataLoader(_samples(6, 1), batch_size=4, collate_fn=model.collator))
     assert seen == [6] and metrics["val/answered_fast"] == 0.5 and "val/acc_likelihood" in metrics
+
+
+class _SeriesData(L.LightningDataModule):
+    """Series questions with a corpus(), batched by the model's collator (built after the tokenizer is fitted)."""
+
+    def corpus(self, split: str = "train") -> list[str]:
+        return [s["question"] for s in _samples(8, 0)] * 20
+
+    def train_dataloader(self):
+        return DataLoader(_samples(8, 0), batch_size=4, collate_fn=self.trainer.lightning_module.collator)
+
+
+def test_tokenizer_fitted_on_the_corpus_is_shorter_and_comes_back_from_the_checkpoint(tmp_path):
+    L.seed_everything(0)
+    encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=16, n_layers=1, n_heads=2)
+    tiny_lm = {"tiny": {"hidden_size": 16, "intermediate_size": 32}, "freeze": "none"}
+    model = MultimodalLM({"series": encoder}, lm=tiny_lm, tokenizer_vocab=300)
+    question = "Is the rhythm slow or fast?"
+    n_bytes = len(model.tokenizer(question)["input_ids"])
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=_SeriesData())
+    tok = model.tokenizer
+    assert len(tok) <= 300 and model.lm.get_input_embeddings().num_embeddings == len(tok)
+    assert len(tok(question)["input_ids"]) < n_bytes / 3  # whole words are tokens now
+    text = "Ünseen text: 12.5 mm <media> ok"  # any text still round-trips (byte fallback)
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=False) == "<s>" + text
+    assert model.media_token_id == tok.convert_tokens_to_ids("<media>") and model.collator.tokenizer is tok
+
+    encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=16, n_layers=1, n_heads=2)
+    loaded = MultimodalLM.load_from_checkpoint(trainer.checkpoint_callback.best_model_path, weights_only=False,
+                                               encoders={"series": encoder})
+    assert loaded.tokenizer.get_vocab() == tok.get_vocab()
+    batch = model.collator(_samples(2, 1))
+    model.eval()
+    with torch.no_grad():
+        expected = model.lm_forward(batch["input_ids"], batch["attention_mask"], model.batch_media(batch))[0].logits
+        got = loaded.lm_forward(batch["input_ids"], batch["attention_mask"], loaded.batch_media(batch))[0].logits
+    torch.testing.assert_close(got, expected)
+
+
+def test_tokenizer_vocab_needs_a_tiny_lm_and_a_corpus():
+    encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=16, n_layers=1, n_heads=2)
+    with pytest.raises(ValueError, match="random-init LM"):
+        MultimodalLM({"series": encoder}, lm={"source": "/nonexistent"}, tokenizer_vocab=300)
+    model = MultimodalLM({"series": encoder}, lm={"tiny": {"hidden_size": 16, "intermediate_size": 32}},
+                         tokenizer_vocab=300)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="corpus"):
+        trainer.fit(model, DataLoader(_samples(4, 0), batch_size=4, collate_fn=model.collator))

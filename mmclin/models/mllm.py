@@ -16,7 +16,7 @@ from torch import nn
 from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_positions
 from mmclin.fusion.projector import MLPProjector
 from mmclin.fusion.soft_prompt import IGNORE_INDEX, splice_media
-from mmclin.llm import MEDIA_TOKEN, lm_hidden_size, load_causal_lm
+from mmclin.llm import MEDIA_TOKEN, bpe_tokenizer, lm_hidden_size, load_causal_lm, tokenizer_from_json
 from mmclin.models.optim import adamw_cosine
 from mmclin.tasks.qa import QACollator, parse_choice
 
@@ -45,6 +45,7 @@ class MultimodalLM(L.LightningModule):
         max_new_tokens: int = 8,
         evaluator: Callable[[list[dict], str], dict[str, float]] | None = None,
         predictions_dir: str | None = None,
+        tokenizer_vocab: int | None = None,
     ):
         """
         Args:
@@ -66,9 +67,16 @@ class MultimodalLM(L.LightningModule):
                 :class:`mmclin.tasks.vqa.VQAEvaluator`, :class:`mmclin.tasks.report.ReportEvaluator`).
             predictions_dir: where evaluation predictions are written (``predictions-rank{r}.jsonl``, merged to
                 ``predictions.jsonl``); default the trainer's log directory.
+            tokenizer_vocab: with a tiny random-init LM (``lm.tiny``) only: when fitting starts, replace its byte
+                tokenizer by a byte-level BPE of this many tokens (:func:`mmclin.llm.bpe_tokenizer`) fitted on the
+                datamodule's ``corpus("train")`` and its ``choices``; long texts such as reports become ~4-5x
+                fewer tokens. The fitted tokenizer is saved in every checkpoint. None: the LM's own tokenizer.
         """
         super().__init__()
         self.save_hyperparameters()
+        if tokenizer_vocab is not None and lm.get("tiny") is None:
+            raise ValueError("tokenizer_vocab fits a tokenizer for a random-init LM (lm.tiny); a pretrained LM keeps "
+                             "the tokenizer its embeddings were trained with")
         if not encoders:
             raise ValueError("encoders must name at least one modality, e.g. {'series': ...}")
         self.encoders = nn.ModuleDict(encoders)
@@ -83,6 +91,38 @@ class MultimodalLM(L.LightningModule):
         self.collator = QACollator(self.tokenizer, media_keys=tuple(encoders))
         self.evaluator = evaluator
         self._predictions: list[dict] = []
+        self._fitted_tokenizer: str | None = None  # the BPE of `tokenizer_vocab` as JSON, once fitted
+
+    # -- tokenizer ---------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.hparams.tokenizer_vocab is None or self._fitted_tokenizer is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        corpus = getattr(datamodule, "corpus", None)
+        if corpus is None:
+            raise RuntimeError("tokenizer_vocab: the tokenizer is fitted on the training texts, so the datamodule "
+                               "needs corpus('train') (e.g. ReportErrorDataModule); or leave tokenizer_vocab unset")
+        texts = [*corpus("train"), *getattr(datamodule, "choices", [])]
+        self._use_tokenizer(bpe_tokenizer(texts, self.hparams.tokenizer_vocab, self.tokenizer.model_max_length))
+
+    def _use_tokenizer(self, tokenizer) -> None:
+        self.tokenizer, self._fitted_tokenizer = tokenizer, tokenizer.backend_tokenizer.to_str()
+        self.lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # random-init rows, like the others
+        for config in (self.lm.config, self.lm.generation_config):
+            config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+        self.media_token_id = tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
+        self.collator = QACollator(tokenizer, media_keys=tuple(self.encoders))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._fitted_tokenizer is not None:
+            checkpoint["tokenizer"] = self._fitted_tokenizer
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before the weights are loaded: the embedding rows must match the checkpoint's tokenizer.
+        fitted = checkpoint.get("tokenizer")
+        if fitted is not None and fitted != self._fitted_tokenizer:
+            self._use_tokenizer(tokenizer_from_json(fitted, self.tokenizer.model_max_length))
 
     # -- media -------------------------------------------------------------------------------------------
     def encode_media(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
