@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import Convolution
 from monai.networks.nets import ViT
 from monai.networks.nets.densenet import DenseNet121, DenseNet169, DenseNet201
 from monai.networks.nets.resnet import ResNetFeatures
@@ -71,7 +72,13 @@ def _shorten(keys: list[str], n: int = 10) -> str:
 
 
 class ViT3DEncoder(ImageBackboneEncoder):
-    """MONAI's ViT on 3D patches (no class token): the patch tokens after the final LayerNorm, and their mean."""
+    """MONAI's ViT on 3D patches (no class token): the patch tokens after the final LayerNorm, and their mean.
+
+    With ``stem_channels``, stride-2 3x3x3 convolutions (MONAI ``Convolution``: conv, instance norm, GELU) run
+    before the ViT, which then embeds patches of their feature map; the token grid stays ``img_size / patch_size``.
+    Such an early-convolution stem makes ViTs train more easily and see small structures that a linear patch
+    embedding of a 512-voxel patch misses (Xiao et al. 2021, "Early convolutions help transformers see better").
+    """
 
     def __init__(
         self,
@@ -82,6 +89,7 @@ class ViT3DEncoder(ImageBackboneEncoder):
         num_layers: int = 12,
         num_heads: int = 12,
         in_channels: int = 1,
+        stem_channels: tuple[int, ...] = (),
         proj_type: Literal["conv", "perceptron"] = "conv",
         pos_embed_type: Literal["learnable", "sincos", "none"] = "learnable",
         qkv_bias: bool = False,
@@ -100,6 +108,8 @@ class ViT3DEncoder(ImageBackboneEncoder):
             num_layers: transformer blocks.
             num_heads: attention heads; must divide ``hidden_size``.
             in_channels: image channels (1 for CT).
+            stem_channels: widths of stride-2 convolutions before the ViT, e.g. ``[16, 32]``; each halves the
+                feature map, so ``patch_size`` must be divisible by ``2 ** len(stem_channels)``. Empty: none.
             proj_type: patch embedding: ``conv`` or ``perceptron`` (patch flattening + linear, M3D's choice).
             pos_embed_type: ``learnable``, fixed ``sincos`` or ``none``.
             qkv_bias: bias in the attention's qkv projection.
@@ -115,11 +125,22 @@ class ViT3DEncoder(ImageBackboneEncoder):
             raise ValueError(f"img_size and patch_size need 3 entries (D, H, W), got {img_size} and {patch_size}")
         if any(i % p for i, p in zip(img_size, patch_size)):
             raise ValueError(f"patch_size {tuple(patch_size)} must divide img_size {tuple(img_size)}")
+        stride = 2 ** len(stem_channels)
+        if stem_channels and pretrained_path is not None:
+            raise ValueError("stem_channels with pretrained_path: a pretrained MONAI ViT has no convolution stem, "
+                             "which would start random in front of it; use one or the other")
+        if any(p % stride for p in patch_size):
+            raise ValueError(f"patch_size {tuple(patch_size)} must be divisible by {stride}, the downsampling of "
+                             f"stem_channels {list(stem_channels)}")
         self.img_size, self.patch_size = tuple(img_size), tuple(patch_size)
         self.in_channels, self.dropout = in_channels, dropout
-        self.backbone = ViT(in_channels, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads,
-                            proj_type=proj_type, pos_embed_type=pos_embed_type, classification=False,
-                            dropout_rate=dropout, spatial_dims=3, qkv_bias=qkv_bias)
+        widths = [in_channels, *stem_channels]
+        self.stem = nn.Sequential(*(Convolution(3, c_in, c_out, strides=2, kernel_size=3, act="GELU", norm="INSTANCE")
+                                    for c_in, c_out in zip(widths, widths[1:])))
+        self.backbone = ViT(widths[-1], [i // stride for i in img_size], [p // stride for p in patch_size],
+                            hidden_size, mlp_dim, num_layers, num_heads, proj_type=proj_type,
+                            pos_embed_type=pos_embed_type, classification=False, dropout_rate=dropout,
+                            spatial_dims=3, qkv_bias=qkv_bias)
         # MONAI's ViT does not pass use_flash_attention on to its blocks (MONAI 1.6); the SABlock reads it at run
         # time, and its SDPA branch is exact for this block (no saved attention, no relative positions).
         self.use_sdpa = use_sdpa
@@ -129,6 +150,7 @@ class ViT3DEncoder(ImageBackboneEncoder):
         if pretrained_path is not None:
             load_local_weights(self.backbone, pretrained_path, state_dict_prefix)
         if freeze:
+            self.stem.requires_grad_(False)
             self.freeze_backbone()
 
     @property
@@ -153,7 +175,8 @@ class ViT3DEncoder(ImageBackboneEncoder):
             # MONAI's SDPA branch applies attention dropout in eval mode too: switch it with the block's mode.
             for block in self.backbone.blocks:
                 block.attn.dropout_rate = self.dropout if block.training else 0.0
-        tokens, _ = self.backbone(volume)  # MONAI returns (tokens after the final norm, per-block hidden states)
+        # MONAI returns (tokens after the final norm, per-block hidden states)
+        tokens, _ = self.backbone(self.stem(volume))
         return image_output(tokens)
 
 

@@ -72,6 +72,28 @@ def test_vit3d_tokens_are_row_major_on_the_patch_grid():
     assert moved.nonzero().flatten().tolist() == [1 * 16 + 2 * 4 + 3]
 
 
+def test_vit3d_with_a_convolution_stem_keeps_the_token_grid():
+    encoder = ViT3DEncoder(**TINY_VIT3D, stem_channels=(4, 8))
+    assert encoder.grid == (4, 4, 4) and len(encoder.stem) == 2
+    out = encoder(torch.randn(2, 1, 16, 32, 32))
+    _assert_image_output(out, 2, 64, 32)
+    out.pooled.sum().backward()
+    assert encoder.stem[0].conv.weight.grad.abs().sum() > 0
+    # the token at grid (d, h, w) still sees its own patch first: a change there moves it most
+    encoder = ViT3DEncoder(**{**TINY_VIT3D, "num_layers": 0}, stem_channels=(4,)).eval()
+    volume = torch.randn(1, 1, 16, 32, 32)
+    changed = volume.clone()
+    changed[..., 4:8, 16:24, 24:32] += 1
+    moved = (encoder(changed).tokens - encoder(volume).tokens).abs().sum(-1)[0]
+    assert int(moved.argmax()) == 1 * 16 + 2 * 4 + 3
+    with pytest.raises(ValueError, match="divisible by 8"):
+        ViT3DEncoder(**{**TINY_VIT3D, "patch_size": (4, 8, 8)}, stem_channels=(4, 8, 8))
+    with pytest.raises(ValueError, match="no convolution stem"):
+        ViT3DEncoder(**TINY_VIT3D, stem_channels=(4,), pretrained_path="weights.pt")
+    frozen = ViT3DEncoder(**TINY_VIT3D, stem_channels=(4,), freeze=True)
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
 def test_frozen_encoder_has_no_trainable_weights_and_stays_in_eval():
     encoder = ViT3DEncoder(**TINY_VIT3D, freeze=True)
     encoder.train()
