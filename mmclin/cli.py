@@ -19,15 +19,23 @@ class MMClinCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Class names are known only once the data is; the model needs them for zero-shot evaluation.
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="fit only: then test the best checkpoint (the last one without a monitored metric) "
+                                 "on the test split and print its figures")
 
     def after_fit(self) -> None:
-        """Print the final validation figures, the data's baselines and where the checkpoint went."""
+        """Print the final validation figures, the data's baselines and where the checkpoint went; test if asked."""
         self._print_metrics("val", "Validation metrics (last epoch)")
         ckpt = self.trainer.checkpoint_callback
         if ckpt is not None and ckpt.best_model_path:
             rank_zero_info(f"Best checkpoint: {ckpt.best_model_path}")
         if ckpt is not None and ckpt.last_model_path:
             rank_zero_info(f"Last checkpoint: {ckpt.last_model_path}")
+        if self.config[self.subcommand].get("test_after_fit"):
+            best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+            rank_zero_info(f"Testing {best or 'the final weights'} on the test split")
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
+            self._print_metrics("test", "Test metrics")
 
     def after_test(self) -> None:
         self._print_metrics("test", "Test metrics")
