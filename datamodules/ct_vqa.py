@@ -227,6 +227,11 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
             targets.append(choices[LETTERS.index(row.answer_letter)] if choices else row.answer)
         table["prompt"], table["target"] = prompts, targets
 
+    def corpus(self, split: str = "train") -> list[str]:
+        """The split's prompts (questions with their options) and answers: what a tokenizer is fitted on."""
+        table = self.datasets[split].table
+        return [*table["prompt"], *table["target"].astype(str)]
+
     def baselines(self, split: str) -> dict[str, float]:
         """Accuracy on `split` of trivial answerers, overall and per question type (``.../<type>``).
 
