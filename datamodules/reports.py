@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from mmclin.errors import DataError
@@ -302,6 +303,15 @@ def read_mimic_reports(root: str | os.PathLike, split_csv: str | os.PathLike | N
 FORMATS = ("iu-csv", "r2gen", "mimic")
 
 
+def split_studies(ids: list[str], val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+                  ) -> dict[str, str]:
+    """Study id -> train / val / test: a seeded permutation of the sorted distinct ids, cut by the fractions."""
+    unique = sorted(set(ids))
+    order = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
+    n_test, n_val = round(test_fraction * len(unique)), round(val_fraction * len(unique))
+    return {sid: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, sid in enumerate(order)}
+
+
 def read_reports(path: str | os.PathLike, format: Literal["iu-csv", "r2gen", "mimic"],
                  image_root: str | os.PathLike | None = None, on_error: Literal["raise", "skip"] = "raise",
                  split: str | None = None) -> ReadResult:
@@ -312,7 +322,8 @@ def read_reports(path: str | os.PathLike, format: Literal["iu-csv", "r2gen", "mi
         format: "iu-csv", "r2gen" or "mimic".
         image_root: see the readers; given, images must exist.
         on_error: "raise" or "skip".
-        split: keep only reports of this split (train / val / test).
+        split: keep only reports of this split (train / val / test). A corpus without splits (IU-Xray) is split
+            by study with :func:`split_studies` and its defaults, as ``ReportErrorDataModule`` does with its own.
     """
     path = Path(path)
     if format == "iu-csv":
@@ -326,5 +337,9 @@ def read_reports(path: str | os.PathLike, format: Literal["iu-csv", "r2gen", "mi
     else:
         raise ValueError(f"unknown report format {format!r}; choose one of {list(FORMATS)}")
     if split is not None:
-        result.reports = [r for r in result.reports if r.split == split]
+        if all(r.split is None for r in result.reports):
+            split_of = split_studies([r.id for r in result.reports])
+            result.reports = [r for r in result.reports if split_of[r.id] == split]
+        else:
+            result.reports = [r for r in result.reports if r.split == split]
     return result

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.reports import read_iu_xray, read_mimic_reports, read_r2gen, read_reports
+from datamodules.reports import read_iu_xray, read_mimic_reports, read_r2gen, read_reports, split_studies
 from mmclin.errors import DataError
 from mmclin.reports.errors import (
     FINE_TYPES,
@@ -174,6 +174,16 @@ def test_iu_csv_pair_reads_sections_images_and_keeps_xxxx(tmp_path):
     assert result[6].sections["impression"] is None and result[6].text.endswith("The lungs are clear.")
     # the sections of the composed text read back as the columns
     assert parse_sections(first.text) == first.sections
+
+
+def test_a_corpus_without_splits_is_split_by_study_as_the_datamodule_does(tmp_path):
+    csv = write_iu(tmp_path)
+    ids = [r.id for r in read_iu_xray(csv)]
+    split_of = split_studies(ids)
+    for split in ("train", "val", "test"):
+        assert [r.id for r in read_reports(csv, "iu-csv", split=split).reports] == [i for i in ids
+                                                                                   if split_of[i] == split]
+    assert sum(v == "test" for v in split_of.values()) == round(0.15 * len(ids))
 
 
 def test_iu_bad_rows_raise_with_uid_or_are_skipped_and_counted(tmp_path):
@@ -444,6 +454,9 @@ def test_scoring_on_a_known_confusion(tmp_path):
     assert simple["confusion_matrix"] == [[1, 1], [1, 1]]
     assert simple["sensitivity_by_fine_type"] == {"laterality_swap": {"n": 1, "detected": 1, "sensitivity": 1.0},
                                                   "finding_insertion": {"n": 1, "detected": 0, "sensitivity": 0.0}}
+    image = simple["image_dependent"]  # both error types are image-dependent: the same reports as SIMPLE
+    assert image["n_error"] == 2 and image["sensitivity"] == pytest.approx(0.5)
+    assert image["balanced_accuracy"] == pytest.approx((0.5 + 0.5) / 2) and image["f1"] == pytest.approx(0.5)
     coarse = s["complex_coarse"]
     assert coarse["macro_f1"] == pytest.approx((2 / 3 + 0 + 0.5) / 3)  # substitute, insert, none
     assert coarse["per_type"]["substitute"] == pytest.approx({"f1": 2 / 3, "precision": 0.5, "recall": 1.0,

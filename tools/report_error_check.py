@@ -225,7 +225,11 @@ def comparison_table(runs: dict[str, dict]) -> str:
     rows = [("SIMPLE accuracy", lambda m: m["simple"]["accuracy"]), ("SIMPLE F1", lambda m: m["simple"]["f1"]),
             ("SIMPLE sensitivity", lambda m: m["simple"]["sensitivity"]),
             ("SIMPLE specificity", lambda m: m["simple"]["specificity"]),
-            ("COMPLEX fine macro-F1", lambda m: m["complex_fine"]["macro_f1"])]
+            ("COMPLEX fine macro-F1", lambda m: m["complex_fine"]["macro_f1"]),
+            ("image-dependent types: sensitivity", lambda m: m["simple"]["image_dependent"]["sensitivity"]),
+            ("image-dependent types: balanced accuracy",
+             lambda m: m["simple"]["image_dependent"]["balanced_accuracy"]),
+            ("image-dependent types: F1", lambda m: m["simple"]["image_dependent"]["f1"])]
     rows += [(f"detected: {t}", lambda m, t=t: m["simple"]["sensitivity_by_fine_type"][t]["sensitivity"])
              for t in first["simple"]["sensitivity_by_fine_type"]]
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
@@ -269,6 +273,11 @@ def evaluate_one(args: argparse.Namespace, spec: str, out: Path) -> dict:
     print(f"SIMPLE   accuracy {_ci(s, 'accuracy')}  F1 {_ci(s, 'f1')}")
     print(f"         sensitivity {_ci(s, 'sensitivity')}  specificity {_ci(s, 'specificity')}")
     print(f"COMPLEX  coarse macro-F1 {_ci(c, 'macro_f1')}  fine macro-F1 {_ci(f, 'macro_f1')}")
+    if "image_dependent" in s:
+        image = s["image_dependent"]
+        print(f"IMAGE-DEPENDENT types (clean vs {image['n_error']} reports with such an error): sensitivity "
+              f"{_ci(image, 'sensitivity')}  balanced accuracy {_ci(image, 'balanced_accuracy')}  "
+              f"F1 {_ci(image, 'f1')}")
     print(f"  {'true type':<22}{'n':>5}{'detected':>10}{'type F1':>9}")
     for name, row in s["sensitivity_by_fine_type"].items():
         print(f"  {name:<22}{row['n']:>5}{row['sensitivity']:>10.3f}{f['per_type'][name]['f1']:>9.3f}")

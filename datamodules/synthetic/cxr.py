@@ -18,8 +18,11 @@ image where the report puts them (radiological convention: the patient's right i
 
 Reports state every organ system (devices, heart, mediastinum, lungs, pleura, bones) with negations for normal
 ones, laterality, severity, measurements with units and, when there is a prior study, interval change (new /
-unchanged / stable / increased / decreased / improved); the IMPRESSION repeats every abnormal finding. So every
-error type of :mod:`mmclin.reports.errors` has sites, and an error in one section usually contradicts the other.
+unchanged / stable / increased / decreased / improved). So every error type of :mod:`mmclin.reports.errors` has
+sites. The IMPRESSION repeats every abnormal finding: in full in half of the studies, so that an error in one
+section contradicts the other and the text alone can show it; by name only in the other half ("Pleural effusion.",
+"Pneumothorax.", "Support devices as described."), so that a swapped side, a changed severity, size, lobe or
+device position is consistent within the report and can only be caught by looking at the image.
 
 The output is what an IU-Xray download (Demner-Fushman et al., JAMIA 2016; the Kaggle "Chest X-rays (Indiana
 University)" CSV release) looks like to our reader: ``indiana_reports.csv`` with columns ``uid, MeSH, Problems,
@@ -45,7 +48,7 @@ from tqdm import tqdm
 
 from datamodules.synthetic.cache import build_once, demo_cache_dir
 
-DEMO_NAME = "cxr-report-demo-v1"
+DEMO_NAME = "cxr-report-demo-v2"
 REPORTS_CSV = "indiana_reports.csv"
 PROJECTIONS_CSV = "indiana_projections.csv"
 FINDINGS_JSONL = "findings.jsonl"
@@ -55,6 +58,7 @@ DEFAULTS = {"seed": 0, "n_studies": 600, "size": 128}
 
 # ---------------------------------------------------------------------------------------------- anatomy
 # Normalised coordinates: u across (0 = viewer's left = patient's right), v down (0 = top); t = |u - 0.5|.
+BRIEF_IMPRESSION_RATE = 0.5  # share of reports whose impression names the findings without their details
 FIELD_OF_VIEW_MM = 375.0  # image width: an adult's ~300 mm inner thoracic width spans 80% of it
 THORAX_HALF_WIDTH = 0.40  # t of the lateral lung edge at its widest (inner rib margin)
 MEDIASTINUM_HALF_WIDTH = 0.065
@@ -414,6 +418,11 @@ def _finding_sentence(f: Finding, rng) -> str:
     return _with_interval(core, f.interval, rng) + "."
 
 
+_BRIEF_ITEM = {"effusion": "Pleural effusion.", "pneumothorax": "Pneumothorax.", "cardiomegaly": "Cardiomegaly.",
+               "nodule": "Pulmonary nodule.", "ett": "Support devices as described.",
+               "picc": "Support devices as described.", "ng": "Support devices as described."}
+
+
 def _impression_item(f: Finding | Device, rng) -> str:
     if isinstance(f, Device):
         return _device_sentence(f, rng)
@@ -430,7 +439,8 @@ def _impression_item(f: Finding | Device, rng) -> str:
 
 
 def write_report(study: Study, rng: np.random.Generator) -> tuple[str, str]:
-    """FINDINGS and IMPRESSION text of a study: every organ system, then the abnormal findings again."""
+    """FINDINGS and IMPRESSION text of a study: every organ system, then the abnormal findings again, in full
+    (side, severity, size, lobe, device position) or, in a share ``BRIEF_IMPRESSION_RATE`` of studies, by name."""
     by_kind = {f.kind: f for f in study.findings}
     sentences = [_device_sentence(d, rng) for d in study.devices]
     sentences.append(_finding_sentence(by_kind["cardiomegaly"], rng) if "cardiomegaly" in by_kind else
@@ -456,9 +466,12 @@ def write_report(study: Study, rng: np.random.Generator) -> tuple[str, str]:
 
     order = ("effusion", "pneumothorax", "cardiomegaly", "nodule")
     items = [by_kind[k] for k in order if k in by_kind] + list(study.devices)
+    brief = rng.random() < BRIEF_IMPRESSION_RATE
     if not items:
         impression = _pick(rng, ("No acute cardiopulmonary abnormality.", "Normal chest radiograph.",
                                  "No acute cardiopulmonary process."))
+    elif brief:
+        impression = " ".join(dict.fromkeys(_BRIEF_ITEM[item.kind] for item in items))
     elif len(items) == 1:
         impression = _impression_item(items[0], rng)
     else:
@@ -517,7 +530,7 @@ def generate_cxr_demo(
     """
     if n_studies < 1 or size < 32:
         raise ValueError(f"need n_studies >= 1 and size >= 32 pixels; got n_studies={n_studies}, size={size}")
-    settings = {"seed": seed, "n_studies": n_studies, "size": size, "version": 1}
+    settings = {"seed": seed, "n_studies": n_studies, "size": size, "version": 2}
     return build_once(demo_dir(cache_dir, seed, n_studies, size), settings,
                       lambda tmp: _write_demo(tmp, seed, n_studies, size))
 

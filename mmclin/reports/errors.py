@@ -42,6 +42,10 @@ FINE_TYPES: dict[str, str] = {
     "device_change": "substitute",
     "typo_homophone": "substitute",
 }
+# Errors about what the image shows (presence, side, place, size, severity, device): a report can carry them and
+# still agree with itself, and then only the image shows them. Interval changes need the prior study, typos none.
+IMAGE_DEPENDENT_TYPES = ("negation_flip", "laterality_swap", "anatomical_location", "severity_change",
+                         "measurement_change", "finding_insertion", "finding_omission", "device_change")
 
 # Words of chest radiograph reports that a transcription typo may hit (checked by rules.RuleChecker too).
 MEDICAL_VOCABULARY = frozenset("""

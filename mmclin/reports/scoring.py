@@ -1,7 +1,10 @@
 """Scores of a report error checker at the two levels of Wu, Kim et al. 2023 (arXiv:2312.13103).
 
 SIMPLE: is there an error? Accuracy, F1 (error = positive class), precision, sensitivity (recall of erroneous
-reports) and specificity (recall of clean reports), plus the sensitivity per true error type.
+reports) and specificity (recall of clean reports), plus the sensitivity per true error type. ``image_dependent``
+scores the same question on the clean reports and those with an error of IMAGE_DEPENDENT_TYPES only (errors the
+image can show when the text agrees with itself): sensitivity, balanced accuracy ((sensitivity + specificity) / 2,
+so flagging every report scores 0.5) and F1.
 
 COMPLEX: which error? A report's class is its error type, or "none" for a clean report, at the coarse level
 (none / insert / remove / substitute) and at the fine level (none + FINE_TYPES). ``macro_f1`` averages the
@@ -37,7 +40,7 @@ from torchmetrics.functional.classification import (
 
 from mmclin.metrics.bootstrap import bootstrap_ci
 from mmclin.plots import plot_confusion_matrix
-from mmclin.reports.errors import COARSE_TYPES, FINE_TYPES
+from mmclin.reports.errors import COARSE_TYPES, FINE_TYPES, IMAGE_DEPENDENT_TYPES
 
 NONE = "none"
 UNSPECIFIED = "unspecified"
@@ -66,6 +69,10 @@ def _binary(name: str):
             return float("nan")  # undefined on a resample without erroneous (clean) reports
         return float(fn(torch.as_tensor(pred.astype(np.int64)), torch.as_tensor(truth.astype(np.int64))))
     return metric
+
+
+def _balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
+    return (_binary("sensitivity")(truth, pred) + _binary("specificity")(truth, pred)) / 2
 
 
 def _macro_f1(k: int):
@@ -158,6 +165,15 @@ def score_checker(records: Sequence[dict], predictions: Sequence[dict], n_boot: 
             hits = pred_bin[[t == c for t in truth]]
             detected[c] = {"n": int(hits.size), "detected": int(hits.sum()), "sensitivity": float(hits.mean())}
         simple[f"sensitivity_by_{level_name}_type"] = detected
+    subset = np.array([not r["has_error"] or r["fine_type"] in IMAGE_DEPENDENT_TYPES for r in records])
+    if truth_bin[subset].any() and (~truth_bin[subset]).any():
+        image: dict = {"n_error": int(truth_bin[subset].sum()), "types": list(IMAGE_DEPENDENT_TYPES)}
+        for name, metric in (("sensitivity", _binary("sensitivity")), ("balanced_accuracy", _balanced_accuracy),
+                             ("f1", _binary("f1"))):
+            image[name] = metric(truth_bin[subset], pred_bin[subset])
+            image[f"{name}_ci"] = list(bootstrap_ci(metric, truth_bin[subset], pred_bin[subset], n_boot=n_boot,
+                                                    level=level, seed=seed))
+        simple["image_dependent"] = image
 
     def classes(names, pred):
         return [NONE, *names] + ([UNSPECIFIED] if UNSPECIFIED in pred else [])
