@@ -11,10 +11,7 @@ tokenizer and the label set, so the loaders batch with the model's ``collator`` 
 ``mode="qa"`` gives question-answer samples over the study's frontal image for
 :class:`mmclin.models.mllm.MultimodalLM`: ``{"image": [(1, H, W)], "question": "<report>\\nIs there an error in
 this report? If so, which type?", "answer": "error: yes; type: laterality_swap" | "error: no", "choices",
-"meta"}``. With ``describe=True`` training also asks, once per study, for the study's own (error-free) report
-from the image alone: report generation ties the report's words (sides, sizes, devices) to what the image shows,
-as LLaVA's alignment stage does, which an error check over the image needs and its yes/no answers teach only
-slowly.
+"meta"}``.
 """
 
 from __future__ import annotations
@@ -40,7 +37,6 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 QUESTION = "Is there an error in this report? If so, which type?"
-DESCRIBE_QUESTION = "Write the report of this chest radiograph."
 NO_ERROR_ANSWER = "error: no"
 _SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}  # each split draws its errors from its own stream
 _RECORD_KEYS = ("id", "original", "modified", "has_error", "fine_type")
@@ -92,30 +88,24 @@ class ReportErrorDataset(Dataset):
     """Samples of one split from injected-error records; see the module docstring for both modes."""
 
     def __init__(self, records: list[dict], mode: Literal["text", "qa"], with_images: bool, choices: list[str],
-                 image_size: int | None = None, describe: bool = False):
-        if describe and mode != "qa":
-            raise ValueError("describe=True adds report-generation samples for the multimodal LM: it needs mode='qa'")
+                 image_size: int | None = None):
         self.records = records
         self.mode = mode
         self.with_images = with_images
         self.choices = choices
         self.image_size = image_size
-        self.describe = describe
 
     def __len__(self) -> int:
-        return len(self.records) * (2 if self.describe else 1)
+        return len(self.records)
 
     def image(self, record: dict) -> torch.Tensor:
         """The study's first frontal image as (1, H, W) float32 in [0, 1]."""
         return load_radiograph(record, self.image_size)
 
     def __getitem__(self, i: int) -> dict:
-        r = self.records[i % len(self.records)]
+        r = self.records[i]
         meta = {"id": r["id"], "has_error": bool(r["has_error"]), "fine_type": r["fine_type"],
                 "coarse_type": r.get("coarse_type"), "span": r.get("span")}
-        if i >= len(self.records):  # the second half of a describe dataset: the study's report from its image
-            return {"image": [self.image(r)], "question": DESCRIBE_QUESTION, "answer": r["original"], "choices": [],
-                    "meta": {**meta, "task": "describe"}}
         if self.mode == "qa":
             return {"image": [self.image(r)], "question": f"{r['modified']}\n{QUESTION}",
                     "answer": error_answer(r["fine_type"] if r["has_error"] else None),
@@ -150,7 +140,6 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         test_fraction: float = 0.15,
         image_root: str | None = None,
         image_size: int | None = None,
-        describe: bool = False,
         on_error: Literal["raise", "skip"] = "raise",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -174,8 +163,6 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
             image_root: folder of the IU PNGs (default ``<root>/images/images_normalized`` where it exists, as in
                 the Kaggle release, else ``<root>/images``); read only when images are asked for.
             image_size: resize images to this square side (default: as stored).
-            describe: ``qa`` mode: training also asks for each study's error-free report from its image (see the
-                module docstring); validation and test ask only the error question.
             on_error: a bad IU report row raises ``DataError`` (``raise``) or is left out and logged (``skip``).
             batch_size: training batch size.
             eval_batch_size: validation/test batch size (default: batch_size).
@@ -187,8 +174,6 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         super().__init__()
         if mode not in ("text", "qa"):
             raise ValueError(f"mode must be 'text' or 'qa', got {mode!r}")
-        if describe and mode != "qa":
-            raise ValueError("describe=True adds report-generation samples for the multimodal LM: it needs mode='qa'")
         if mode == "qa" and with_images is False:
             raise ValueError("mode='qa' samples carry the study image for the multimodal LM; with_images cannot be "
                              "False")
@@ -288,6 +273,6 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         h = self.hparams
         dataset = ReportErrorDataset(self._records(split, train), h.mode, self.with_images, self.choices,
-                                     h.image_size, describe=train and h.describe)
+                                     h.image_size)
         # batched by the model's ReportCollator (text mode) or QACollator (qa mode)
         return self.model_batches(dataset, split, train, self.root, "reports")
