@@ -1,15 +1,14 @@
 """Seeded generator of small synthetic abdominal CT volumes with label masks and DeepTumorVQA-style questions.
 
-Each volume is an axial abdominal CT in HU in the portal venous phase of intravenous contrast, as most of the tumour
-CT behind DeepTumorVQA (AbdomenAtlas) is: air (-1000) outside an elliptic body, a subcutaneous fat ring (~-100 HU),
-the muscular wall (~45 HU), intra-abdominal fat with a few bowel loops (~30 HU), a vertebra (~350 HU) with
-paraspinal muscles and the enhanced aorta (140-180 HU), the liver (95-125 HU) on the patient's right, the spleen
-(100-125 HU) on the left and both kidneys (150-190 HU, nephrographic). Organ sizes vary strongly between volumes
-(linear scale 0.6-1.6 for the spleen, 0.8-1.25 for the liver, 0.7-1.35 for each kidney, drawn independently), so
-volume and size questions can be learnt from the image; about one volume in five lacks the spleen or a kidney
-(splenectomy / nephrectomy). Zero to five lesions of known size sit in the liver, spleen or kidneys: cyst-like (0-15
-HU: fluid does not enhance), solid hypodense (45-65 HU below liver or spleen) or hyperdense (45-75 HU above their
-organ: hypervascular).
+Each volume is an axial abdominal CT in HU in the portal venous phase of intravenous contrast, the usual phase of
+abdominal tumour CT: air (-1000) outside an elliptic body, a subcutaneous fat ring (~-100 HU), the muscular wall
+(~45 HU), intra-abdominal fat with a few bowel loops (~30 HU), a vertebra (~350 HU) with paraspinal muscles and the
+enhanced aorta (140-180 HU), the liver (95-125 HU) on the patient's right, the spleen (100-125 HU) on the left and
+both kidneys (150-190 HU, nephrographic). Organ sizes vary strongly between volumes (linear scale 0.6-1.6 for the
+spleen, 0.8-1.25 for the liver, 0.7-1.35 for each kidney, drawn independently), so volume and size questions can be
+learnt from the image; about one volume in five lacks the spleen or a kidney (splenectomy / nephrectomy). Zero to
+five lesions of known size sit in the liver, spleen or kidneys: cyst-like (0-15 HU: fluid does not enhance), solid
+hypodense (45-65 HU below liver or spleen) or hyperdense (45-75 HU above their organ: hypervascular).
 
 Layout written under ``demo_cache_dir(cache_dir) / "ct-vqa-demo-v4-..."``::
 
