@@ -1,16 +1,15 @@
 """Seeded generator of small synthetic abdominal CT volumes with label masks and DeepTumorVQA-style questions.
 
-Each volume is an axial abdominal CT in HU in the portal venous phase of intravenous contrast, the usual phase of
-abdominal tumour CT: air (-1000) outside an elliptic body, a subcutaneous fat ring (~-100 HU), the muscular wall
-(~45 HU), intra-abdominal fat with a few bowel loops (~30 HU), a vertebra (~350 HU) with paraspinal muscles and the
-enhanced aorta (140-180 HU), the liver (95-125 HU) on the patient's right, the spleen (100-125 HU) on the left and
-both kidneys (150-190 HU, nephrographic). Organ sizes vary strongly between volumes (linear scale 0.6-1.6 for the
-spleen, 0.8-1.25 for the liver, 0.7-1.35 for each kidney, drawn independently), so volume and size questions can be
-learnt from the image; about one volume in five lacks the spleen or a kidney (splenectomy / nephrectomy). Zero to
-five lesions of known size sit in the liver, spleen or kidneys: cyst-like (0-15 HU: fluid does not enhance), solid
-hypodense (45-65 HU below liver or spleen) or hyperdense (45-75 HU above their organ: hypervascular).
+Each volume is an axial abdominal CT in HU: air (-1000) outside an elliptic body, a subcutaneous fat ring
+(~-100 HU), the muscular wall (~45 HU), intra-abdominal fat with a few bowel loops (~30 HU), a vertebra
+(~350 HU) with paraspinal muscles and the aorta (~40 HU), the liver (45-75 HU) on the patient's right, the
+spleen (40-55 HU) on the left and both kidneys (28-40 HU). Organ sizes vary strongly between volumes (linear
+scale 0.6-1.6 for the spleen, 0.8-1.25 for the liver, 0.7-1.35 for each kidney, drawn independently), so
+volume and size questions can be learnt from the image; about one volume in five lacks the spleen or a kidney
+(splenectomy / nephrectomy). Zero to five lesions of known size sit in the liver, spleen or kidneys: cyst-like
+(0-10 HU), solid hypodense (25-35 HU below liver or spleen) or hyperdense (90-120 HU).
 
-Layout written under ``demo_cache_dir(cache_dir) / "ct-vqa-demo-v4-..."``::
+Layout written under ``demo_cache_dir(cache_dir) / "ct-vqa-demo-v3-..."``::
 
     volumes/<image_id>.nii.gz   int16 HU, (X, Y, Z) = (right-left, anterior-posterior, superior-inferior) axes
     masks/<image_id>.nii.gz     uint8 labels on the same grid: TotalSegmentator v2 ids (spleen 1, kidney_right 2,
@@ -151,19 +150,19 @@ def synthesize_ct(shape: Sequence[int], spacing: Sequence[float], rng: np.random
     spine_y = -ay + fat + 45
     hu[np.broadcast_to((x / 38) ** 2 + ((y - spine_y + 22) / 22) ** 2 <= 1.0, shape)] = rng.uniform(45, 55)
     hu[np.broadcast_to(x ** 2 + (y - spine_y) ** 2 <= 18 ** 2, shape)] = rng.uniform(300, 400)  # vertebral body
-    hu[np.broadcast_to((x + 22) ** 2 + (y - spine_y - 30) ** 2 <= 11 ** 2, shape)] = rng.uniform(140, 180)  # aorta
+    hu[np.broadcast_to((x + 22) ** 2 + (y - spine_y - 30) ** 2 <= 11 ** 2, shape)] = rng.uniform(35, 45)  # aorta
 
     labels = np.zeros(shape, dtype=np.uint8)
     masks = _organ_masks(grid, np.broadcast_to(inside, shape), rng)
-    organ_hu = {"liver": rng.uniform(95, 125), "spleen": rng.uniform(100, 125), "kidney_right": rng.uniform(150, 190)}
-    organ_hu["kidney_left"] = organ_hu["kidney_right"] + rng.uniform(-5, 5)
+    organ_hu = {"liver": rng.uniform(45, 75), "spleen": rng.uniform(40, 55), "kidney_right": rng.uniform(28, 40)}
+    organ_hu["kidney_left"] = organ_hu["kidney_right"] + rng.uniform(-3, 3)
     for name, mask in masks.items():
         hu[mask] = organ_hu[name]
         labels[mask] = TOTALSEGMENTATOR_LABELS[name]
     lesion_label = {host: label for label, host in DEMO_LESION_LABELS.items()}
     for host, lesion, kind in _place_lesions(masks, spacing, rng):
-        hu[lesion] = {"cyst": rng.uniform(0, 15), "hyperdense": organ_hu[host] + rng.uniform(45, 75),
-                      "solid": organ_hu[host] - rng.uniform(45, 65)}[kind]
+        hu[lesion] = {"cyst": rng.uniform(0, 10), "hyperdense": rng.uniform(90, 120),
+                      "solid": organ_hu[host] - rng.uniform(25, 35)}[kind]
         labels[lesion] = lesion_label[host]
     hu = ndimage.gaussian_filter(hu, 0.3) + rng.normal(0.0, _NOISE_HU, shape)  # partial volume, quantum noise
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16), labels, affine
@@ -198,7 +197,7 @@ def generate_ct_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0, 
     if len(shape) != 3 or len(spacing) != 3 or any(n * sp < fov for n, sp, fov in zip(shape, spacing, (340, 250, 260))):
         raise ValueError(f"shape {shape} x spacing {spacing} mm must cover at least 340 x 250 x 260 mm (X, Y, Z)")
     settings = {"version": 1, "seed": seed, "n_volumes": n_volumes, "shape": shape, "spacing": spacing}
-    name = f"ct-vqa-demo-v4-n{n_volumes}-{'x'.join(map(str, shape))}-{'x'.join(f'{s:g}' for s in spacing)}mm-s{seed}"
+    name = f"ct-vqa-demo-v3-n{n_volumes}-{'x'.join(map(str, shape))}-{'x'.join(f'{s:g}' for s in spacing)}mm-s{seed}"
     return build_once(demo_cache_dir(cache_dir) / name, settings,
                       lambda tmp: _write_demo(tmp, seed, n_volumes, shape, spacing))
 
