@@ -48,12 +48,43 @@ class MMClinCLI(LightningCLI):
         baselines = getattr(self.datamodule, "baselines", None)
         if baselines is not None:  # what a trivial answerer scores on the same split, for comparison
             metrics.update({f"{split}/baseline/{k}": v for k, v in baselines(split).items()})
-        if not metrics:
-            return
-        width = max(map(len, metrics))
-        lines = [f"  {k:<{width}}  {v:.4f}" if math.isfinite(v) else f"  {k:<{width}}  nan"
-                 for k, v in sorted(metrics.items())]
-        rank_zero_info(f"{title}:\n" + "\n".join(lines))
+        if metrics:
+            rank_zero_info(f"{title}:\n" + metrics_table(metrics))
+
+
+def metrics_table(metrics: dict[str, float], depth: int = 2) -> str:
+    """Metrics as aligned lines, a bootstrap interval beside its figure and finer breakdowns left to the logs.
+
+    ``x_ci_low/...`` and ``x_ci_high/...`` print as ``value [low, high]`` on the line of ``x/...``. Names are
+    ``split/metric[/group[/subgroup]]`` (``split/baseline/...`` counts from after ``baseline``); those with more than
+    `depth` parts after the split (e.g. a VQA question subtype) are counted, not printed: every figure is in the
+    logger's metrics file.
+    """
+    def parts(name: str) -> list[str]:
+        rest = name.split("/")[1:]
+        return rest[1:] if rest[:1] == ["baseline"] else rest
+
+    bounds = {}
+    for name, value in metrics.items():
+        head, _, tail = name.partition("/")
+        metric, _, group = tail.partition("/")
+        for side in ("low", "high"):
+            if metric.endswith(f"_ci_{side}"):
+                base = "/".join(p for p in (head, metric.removesuffix(f"_ci_{side}"), group) if p)
+                bounds.setdefault(base, {})[side] = value
+    shown = {k: v for k, v in metrics.items() if "_ci_" not in k.split("/")[1] and len(parts(k)) <= depth}
+    hidden = sum("_ci_" not in k.split("/")[1] for k in metrics) - len(shown)
+    width = max(map(len, shown), default=0)
+    lines = []
+    for name, value in sorted(shown.items()):
+        text = f"{value:.4f}" if math.isfinite(value) else "nan"
+        if {"low", "high"} <= set(bounds.get(name, {})):
+            text += f" [{bounds[name]['low']:.4f}, {bounds[name]['high']:.4f}]"
+        lines.append(f"  {name:<{width}}  {text}")
+    if hidden:
+        plural = "s" * (hidden > 1)
+        lines.append(f"  ({hidden} finer figure{plural}, e.g. per question subtype, in the logger's metrics file)")
+    return "\n".join(lines)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMClinCLI:

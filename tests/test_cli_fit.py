@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import CONFIGS
 
-from mmclin.cli import main
+from mmclin.cli import main, metrics_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +42,16 @@ def test_console_entry_points_print_config():
         assert out.returncode == 0, out.stderr[-2000:]
         assert "class_path: mmclin.models.CLIPModule" in out.stdout
         assert "class_path: datamodules.DermDataModule" in out.stdout
+
+
+def test_metrics_table_puts_intervals_beside_figures_and_counts_the_finer_ones():
+    metrics = {"test/acc": 0.5, "test/acc_ci_low": 0.4, "test/acc_ci_high": 0.6,
+               "test/acc/measurement": 0.42, "test/acc_ci_low/measurement": 0.35, "test/acc_ci_high/measurement": 0.49,
+               "test/acc/measurement/organ_volume": 0.3, "test/acc_ci_low/measurement/organ_volume": 0.2,
+               "test/acc_ci_high/measurement/organ_volume": 0.4, "test/baseline/majority_acc/recognition": 0.3,
+               "test/loss": float("nan")}
+    lines = metrics_table(metrics).splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["test/acc", "test/acc/measurement",
+                                                          "test/baseline/majority_acc/recognition", "test/loss"]
+    assert lines[0].endswith("0.5000 [0.4000, 0.6000]") and lines[1].endswith("0.4200 [0.3500, 0.4900]")
+    assert lines[3].endswith("nan") and lines[-1].startswith("  (1 finer figure, e.g. per question subtype")
