@@ -64,16 +64,18 @@ def metrics_table(metrics: dict[str, float], depth: int = 2) -> str:
         rest = name.split("/")[1:]
         return rest[1:] if rest[:1] == ["baseline"] else rest
 
-    bounds = {}
+    bounds, figures = {}, {}
     for name, value in metrics.items():
         head, _, tail = name.partition("/")
         metric, _, group = tail.partition("/")
-        for side in ("low", "high"):
-            if metric.endswith(f"_ci_{side}"):
-                base = "/".join(p for p in (head, metric.removesuffix(f"_ci_{side}"), group) if p)
-                bounds.setdefault(base, {})[side] = value
-    shown = {k: v for k, v in metrics.items() if "_ci_" not in k.split("/")[1] and len(parts(k)) <= depth}
-    hidden = sum("_ci_" not in k.split("/")[1] for k in metrics) - len(shown)
+        side = next((s for s in ("low", "high") if metric.endswith(f"_ci_{s}")), None)
+        if side is None:
+            figures[name] = value
+        else:
+            base = "/".join(p for p in (head, metric.removesuffix(f"_ci_{side}"), group) if p)
+            bounds.setdefault(base, {})[side] = value
+    shown = {k: v for k, v in figures.items() if len(parts(k)) <= depth}
+    hidden = len(figures) - len(shown)
     width = max(map(len, shown), default=0)
     lines = []
     for name, value in sorted(shown.items()):

@@ -151,11 +151,15 @@ def score_checker(records: Sequence[dict], predictions: Sequence[dict], n_boot: 
     truth_fine = [r["fine_type"] if r["has_error"] else NONE for r in records]
     pred_coarse, pred_fine = zip(*(_predicted_types(by_id[i], f"prediction for id {i!r}") for i in ids))
 
-    simple: dict = {}
-    for name in ("accuracy", "f1", "precision", "sensitivity", "specificity"):
-        metric = _binary(name)
-        simple[name] = metric(truth_bin, pred_bin)
-        simple[f"{name}_ci"] = list(bootstrap_ci(metric, truth_bin, pred_bin, n_boot=n_boot, level=level, seed=seed))
+    def with_intervals(metrics, truth: np.ndarray, pred: np.ndarray) -> dict:
+        out = {}
+        for name, metric in metrics:
+            out[name] = metric(truth, pred)
+            out[f"{name}_ci"] = list(bootstrap_ci(metric, truth, pred, n_boot=n_boot, level=level, seed=seed))
+        return out
+
+    simple = with_intervals([(name, _binary(name)) for name in ("accuracy", "f1", "precision", "sensitivity",
+                                                                 "specificity")], truth_bin, pred_bin)
     simple["classes"] = ["no error", "error"]
     simple["confusion_matrix"] = [[int((~truth_bin & ~pred_bin).sum()), int((~truth_bin & pred_bin).sum())],
                                   [int((truth_bin & ~pred_bin).sum()), int((truth_bin & pred_bin).sum())]]
@@ -166,14 +170,12 @@ def score_checker(records: Sequence[dict], predictions: Sequence[dict], n_boot: 
             detected[c] = {"n": int(hits.size), "detected": int(hits.sum()), "sensitivity": float(hits.mean())}
         simple[f"sensitivity_by_{level_name}_type"] = detected
     subset = np.array([not r["has_error"] or r["fine_type"] in IMAGE_DEPENDENT_TYPES for r in records])
-    if truth_bin[subset].any() and (~truth_bin[subset]).any():
-        image: dict = {"n_error": int(truth_bin[subset].sum()), "types": list(IMAGE_DEPENDENT_TYPES)}
-        for name, metric in (("sensitivity", _binary("sensitivity")), ("balanced_accuracy", _balanced_accuracy),
-                             ("f1", _binary("f1"))):
-            image[name] = metric(truth_bin[subset], pred_bin[subset])
-            image[f"{name}_ci"] = list(bootstrap_ci(metric, truth_bin[subset], pred_bin[subset], n_boot=n_boot,
-                                                    level=level, seed=seed))
-        simple["image_dependent"] = image
+    truth_image, pred_image = truth_bin[subset], pred_bin[subset]
+    if truth_image.any() and not truth_image.all():
+        simple["image_dependent"] = {
+            "n_error": int(truth_image.sum()), "types": list(IMAGE_DEPENDENT_TYPES),
+            **with_intervals([("sensitivity", _binary("sensitivity")), ("balanced_accuracy", _balanced_accuracy),
+                              ("f1", _binary("f1"))], truth_image, pred_image)}
 
     def classes(names, pred):
         return [NONE, *names] + ([UNSPECIFIED] if UNSPECIFIED in pred else [])
