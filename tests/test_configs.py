@@ -48,10 +48,7 @@ def test_ct_vqa_with_deeptumorvqa_and_lora_overlays_runs_a_step(demo_cache, tmp_
     """The real-use stack (DeepTumorVQA preprocessing, 1B LM with LoRA) on the demo, shrunk to run on a CPU."""
     override = tmp_path / "tiny.yaml"
     override.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "max_steps": 1, "max_epochs": 1,
-                    "limit_val_batches": 1, "default_root_dir": str(tmp_path),
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": str(tmp_path)}}},
+        "trainer": _one_step_on_cpu(tmp_path, "auto"),
         "model": {"init_args": {
             "encoders": {"volume": {"class_path": "encoders.volume.ViT3DEncoder",
                                     "init_args": {"img_size": [16, 32, 32], "patch_size": [4, 8, 8], "hidden_size": 32,
@@ -70,6 +67,13 @@ def test_ct_vqa_with_deeptumorvqa_and_lora_overlays_runs_a_step(demo_cache, tmp_
     assert cli.datamodule.preprocessing.hu_window == (-1000.0, 1000.0)  # the overlay's window, as Merlin / CT-CLIP
     trainable = [n for n, p in cli.model.lm.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def _one_step_on_cpu(tmp_path: Path, strategy: str) -> dict:
+    """Trainer settings of an overlay smoke test: one training step and one validation batch on the CPU."""
+    return {"accelerator": "cpu", "devices": 1, "strategy": strategy, "max_steps": 1, "max_epochs": 1,
+            "limit_val_batches": 1, "default_root_dir": str(tmp_path),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}}
 
 
 def _tiny_vision_only(text_cfg: dict | None = None) -> dict:
@@ -100,10 +104,7 @@ def test_derm1m_overlay_runs_a_step_with_a_local_hf_text_tower(tiny_bert_dir, de
                 "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32}
     override = tmp_path / "tiny.yaml"
     override.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "ddp", "max_steps": 1, "max_epochs": 1,
-                    "limit_val_batches": 1, "default_root_dir": str(tmp_path),
-                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                               "init_args": {"save_dir": str(tmp_path)}}},
+        "trainer": _one_step_on_cpu(tmp_path, "ddp"),
         "model": {"init_args": {"model_config": _tiny_vision_only(text_cfg), "warmup": 0}},
         "data": {"init_args": {"batch_size": 8, "num_workers": 0, "demo_lesions_per_class": 4,
                                "demo_image_size": 32}},
