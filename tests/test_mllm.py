@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from encoders.timeseries import PatchTransformerEncoder
+from encoders.volume import ViT3DEncoder
 from mmclin.models.mllm import MultimodalLM
 from mmclin.tasks.qa import parse_choice
 
@@ -132,3 +133,74 @@ def test_tokenizer_vocab_needs_a_tiny_lm_and_a_corpus():
                         enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(RuntimeError, match="corpus"):
         trainer.fit(model, DataLoader(_samples(4, 0), batch_size=4, collate_fn=model.collator))
+
+
+def _blob_samples(n: int, seed: int) -> list[dict]:
+    """8^3 volumes with a bright 2^3 cube where the answer says; targets mark the cube."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        volume, target = 0.1 * torch.randn(1, 8, 8, 8, generator=g), torch.zeros(1, 8, 8, 8, dtype=torch.bool)
+        z, y, x = (int(v) for v in torch.randint(0, 7, (3,), generator=g))
+        volume[0, z:z + 2, y:y + 2, x:x + 2] += 1.0
+        target[0, z:z + 2, y:y + 2, x:x + 2] = True
+        out.append({"volume": [volume], "volume_targets": [target], "question": "Where is the blob?",
+                    "answer": "top" if z < 4 else "bottom", "choices": ["top", "bottom"]})
+    return out
+
+
+def test_dense_aux_targets_teach_the_encoder_where_a_finding_is(tmp_path):
+    L.seed_everything(0)
+    encoder = ViT3DEncoder(img_size=(8, 8, 8), patch_size=(2, 2, 2), hidden_size=32, mlp_dim=64, num_layers=1,
+                           num_heads=2)
+    tiny_lm = {"tiny": {"hidden_size": 32, "intermediate_size": 64}, "freeze": "none"}
+    model = MultimodalLM({"volume": encoder}, lm=tiny_lm, lr=3e-3, aux_classes=["blob"],
+                         predictions_dir=str(tmp_path))
+    batch = model.collator(_blob_samples(3, 0))
+    assert batch["volume_targets"].shape == (3, 1, 8, 8, 8)
+    train = DataLoader(_blob_samples(64, 0), batch_size=16, shuffle=True, collate_fn=model.collator)
+    val = DataLoader(_blob_samples(32, 1), batch_size=16, collate_fn=model.collator)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=15, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, train, val)
+    (metrics,) = trainer.validate(model, val)
+    assert metrics["val/aux_auroc/blob"] > 0.9, metrics  # chance 0.5: the head finds the cube's patches
+    assert metrics["val/aux_loss"] < 0.3
+
+
+def test_aux_targets_must_fit_the_encoder_and_match_the_datamodules_classes():
+    encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=16, n_layers=1, n_heads=2)
+    tiny_lm = {"tiny": {"hidden_size": 16, "intermediate_size": 32}}
+    with pytest.raises(ValueError, match="no token grid"):
+        MultimodalLM({"series": encoder}, lm=tiny_lm, aux_classes=["lesion"])
+    with pytest.raises(ValueError, match="aux_tokens needs aux_classes"):
+        MultimodalLM({"series": encoder}, lm=tiny_lm, aux_tokens=True)
+    model = MultimodalLM({"series": encoder}, lm=tiny_lm, aux_classes=["lesion"], aux_level="medium")
+    batch = model.collator(_samples(2, 0)) | {"series_targets": torch.zeros(2, 1, 4, 4, 4)}
+    with pytest.raises(ValueError, match=r"series_targets \(2, 1, 4, 4, 4\): expected \(N, 1\), one row per medium"):
+        model.batch_media(batch, aux_loss=True)
+    _, loss = model.batch_media(batch | {"series_targets": torch.ones(2, 1)}, aux_loss=True)
+    assert loss.ndim == 0 and loss > 0
+    encoder = ViT3DEncoder(img_size=(8, 8, 8), patch_size=(4, 4, 4), hidden_size=16, mlp_dim=32, num_layers=1,
+                           num_heads=2)
+    model = MultimodalLM({"volume": encoder}, lm=tiny_lm, aux_classes=["liver", "lesion"])
+    model.trainer = type("Trainer", (), {"datamodule": type("Data", (), {"aux_classes": ["lesion"]})()})()
+    with pytest.raises(ValueError, match=r"aux_classes \['liver', 'lesion'\] need .* it has \['lesion'\]"):
+        model.setup("fit")
+
+
+def test_finding_tokens_carry_the_heads_probabilities_to_the_lm():
+    encoder = ViT3DEncoder(img_size=(8, 8, 8), patch_size=(4, 4, 4), hidden_size=16, mlp_dim=32, num_layers=1,
+                           num_heads=2)
+    model = MultimodalLM({"volume": encoder}, lm={"tiny": {"hidden_size": 16, "intermediate_size": 32}},
+                         aux_classes=["liver", "lesion"], aux_tokens=True)
+    samples = _blob_samples(2, 0)
+    tokens, mask, _ = model.encode_media(model.collator(samples))  # no targets needed
+    assert tokens.shape == (2, 8 + 2, 16) and mask.all()
+    with torch.no_grad():
+        model.aux_heads["volume"].weight.zero_()
+        model.aux_heads["volume"].bias.copy_(torch.tensor([-30.0, 30.0]))  # liver absent, lesion present
+        tokens, _, _ = model.encode_media(model.collator(samples))
+    absent, present = model.aux_embeddings.detach()
+    torch.testing.assert_close(tokens[:, -2], absent[0].expand(2, -1))
+    torch.testing.assert_close(tokens[:, -1], present[1].expand(2, -1))

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import BinaryAUROC
 
 from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_positions
 from mmclin.fusion.projector import MLPProjector
@@ -46,6 +47,10 @@ class MultimodalLM(L.LightningModule):
         evaluator: Callable[[list[dict], str], dict[str, float]] | None = None,
         predictions_dir: str | None = None,
         tokenizer_vocab: int | None = None,
+        aux_classes: list[str] | None = None,
+        aux_level: Literal["token", "medium"] = "token",
+        aux_loss_weight: float = 1.0,
+        aux_tokens: bool = False,
     ):
         """
         Args:
@@ -71,6 +76,21 @@ class MultimodalLM(L.LightningModule):
                 tokenizer by a byte-level BPE of this many tokens (:func:`mmclin.llm.bpe_tokenizer`) fitted on the
                 datamodule's ``corpus("train")`` and its ``choices``; long texts such as reports become ~4-5x
                 fewer tokens. The fitted tokenizer is saved in every checkpoint. None: the LM's own tokenizer.
+            aux_classes: auxiliary supervision of the encoder by the batch's ``<key>_targets`` (the datamodule's
+                ``aux_classes``: same names, same order), trained with binary cross-entropy beside the answers.
+                Such a signal tells a small encoder what and where small findings are, which the answers alone
+                convey too weakly (M3D, Bai et al. 2024, trains segmentation beside VQA). Validation and test log
+                each class's AUROC (``aux_auroc/<class>``).
+            aux_level: ``token``: dense targets (N, C, *spatial), e.g. organ and lesion masks of a CT, max-pooled
+                to the encoder's token ``grid`` (an encoder with a ``grid``, e.g. ``ViT3DEncoder``); a linear head on
+                each token predicts whether its patch holds each class. ``medium``: targets (N, C), e.g. the
+                findings of a radiograph, predicted from the pooled output.
+            aux_loss_weight: weight of that loss beside the answer loss.
+            aux_tokens: append to each medium's LM tokens one finding token per auxiliary class, a learned
+                embedding of "present" and one of "absent" mixed by the head's probability (for ``token``, the
+                highest over the tokens), so that the LM reads what the head found without having to find it in
+                the patch tokens (segmentation-aware tokens, as MAIRA-Seg, Sharma et al. 2024). Needs
+                ``aux_classes``; works at inference without targets.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -89,15 +109,36 @@ class MultimodalLM(L.LightningModule):
                                              gate_init=xattn_gate_init) if fusion == "cross_attention" \
             else None
         self.collator = QACollator(self.tokenizer, media_keys=tuple(encoders))
+        if aux_level not in ("token", "medium"):
+            raise ValueError(f"aux_level must be 'token' or 'medium', got {aux_level!r}")
+        if aux_tokens and not aux_classes:
+            raise ValueError("aux_tokens needs aux_classes: one finding token per auxiliary class")
+        self.aux_embeddings = None
+        if aux_classes:
+            gridless = [k for k, e in encoders.items() if not hasattr(e, "grid")] if aux_level == "token" else []
+            if gridless:
+                raise ValueError(f"aux_level 'token': encoder(s) {gridless} have no token grid to pool targets to; "
+                                 "use aux_level 'medium' for one target vector per medium")
+            self.aux_heads = nn.ModuleDict({k: nn.Linear(e.out_dim, len(aux_classes)) for k, e in encoders.items()})
+            self.aux_auroc = nn.ModuleDict({s: nn.ModuleList(BinaryAUROC() for _ in aux_classes)
+                                              for s in ("val", "test")})
+            # (absent, present) embedding of each class's finding token
+            self.aux_embeddings = nn.Parameter(0.02 * torch.randn(2, len(aux_classes), width)) if aux_tokens \
+                else None
         self.evaluator = evaluator
         self._predictions: list[dict] = []
         self._fitted_tokenizer: str | None = None  # the BPE of `tokenizer_vocab` as JSON, once fitted
 
     # -- tokenizer ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        classes = getattr(datamodule, "aux_classes", None)
+        names = list(self.hparams.aux_classes or [])
+        if names and datamodule is not None and list(classes or []) != names:
+            raise ValueError(f"aux_classes {names} need the datamodule's aux_classes "
+                             f"with the same names in the same order; it has {list(classes or []) or 'none'}")
         if self.hparams.tokenizer_vocab is None or self._fitted_tokenizer is not None:
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
         corpus = getattr(datamodule, "corpus", None)
         if corpus is None:
             raise RuntimeError("tokenizer_vocab: the tokenizer is fitted on the training texts, so the datamodule "
@@ -125,15 +166,54 @@ class MultimodalLM(L.LightningModule):
             self._use_tokenizer(tokenizer_from_json(fitted, self.tokenizer.model_max_length))
 
     # -- media -------------------------------------------------------------------------------------------
-    def encode_media(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens (N, T, D_lm), mask (N, T) and owning sample (N,) of every medium in the batch."""
+    def encode_media(self, batch: dict, aux_loss: bool = False):
+        """Tokens (N, T, D_lm), mask (N, T) and owning sample (N,) of every medium in the batch; with
+        `aux_loss`, also the auxiliary loss (None without ``aux_classes`` or targets)."""
         keys = [k for k in self.encoders if k in batch]
         if len(keys) != 1:
             raise ValueError(f"a batch must carry exactly one of the modalities {list(self.encoders)}; has {keys}")
         key = keys[0]
         out = self.encoders[key](batch[key], batch.get(f"{key}_lengths"))
         tokens, mask = self.connectors[key](out.tokens, out.mask)
-        return tokens, mask, batch[f"{key}_sample"]
+        logits = None
+        if self.hparams.aux_classes:  # (N, T, C) per token or (N, C) per medium
+            logits = self.aux_heads[key](out.tokens if self.hparams.aux_level == "token" else out.pooled).float()
+        if self.aux_embeddings is not None:
+            tokens, mask = self._append_finding_tokens(logits, out.mask, tokens, mask)
+        media = tokens, mask, batch[f"{key}_sample"]
+        return (*media, self._aux_loss(key, logits, batch.get(f"{key}_targets"))) if aux_loss else media
+
+    def _append_finding_tokens(self, logits, encoder_mask, tokens, mask):
+        """Tokens and mask with one finding token per auxiliary class appended to each medium."""
+        probability = torch.sigmoid(logits)
+        if self.hparams.aux_level == "token":  # the most confident token of the medium
+            probability = probability.masked_fill(~encoder_mask[..., None], 0.0).amax(1)
+        absent, present = self.aux_embeddings
+        found = probability[..., None] * present + (1 - probability[..., None]) * absent  # (N, C, D_lm)
+        return torch.cat([tokens, found.to(tokens.dtype)], 1), torch.cat([mask, mask.new_ones(found.shape[:2])], 1)
+
+    def _aux_loss(self, key: str, logits: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor | None:
+        """BCE of the auxiliary head's `logits` against `targets`: (N, C) per medium, or (N, C, *spatial)
+        max-pooled to the encoder's grid; updates the AUROCs outside training."""
+        if logits is None or targets is None:
+            return None
+        n_classes = len(self.hparams.aux_classes)
+        if self.hparams.aux_level == "medium":
+            if tuple(targets.shape) != tuple(logits.shape):
+                raise ValueError(f"{key}_targets {tuple(targets.shape)}: expected (N, {n_classes}), one row per "
+                                 "medium (aux_level 'medium')")
+            truth = targets.float()
+        else:
+            grid = tuple(self.encoders[key].grid)
+            if targets.ndim != 2 + len(grid) or targets.shape[1] != n_classes:
+                raise ValueError(f"{key}_targets {tuple(targets.shape)}: expected (N, {n_classes}, *spatial) with one "
+                                 f"axis per axis of the encoder's token grid {grid} (aux_level 'token')")
+            pool = F.adaptive_max_pool3d if len(grid) == 3 else F.adaptive_max_pool2d
+            truth = pool(targets.float(), grid).flatten(2).transpose(1, 2)  # (N, T, C), grid order as the tokens
+        if not self.training:
+            for c, auroc in enumerate(self.aux_auroc["test" if self.trainer.testing else "val"]):
+                auroc.update(logits[..., c].flatten(), truth[..., c].flatten().long())
+        return F.binary_cross_entropy_with_logits(logits, truth)
 
     @staticmethod
     def _group(tokens: torch.Tensor, mask: torch.Tensor, owner: torch.Tensor, batch_size: int):
@@ -164,17 +244,24 @@ class MultimodalLM(L.LightningModule):
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
         return out, labels
 
-    def batch_media(self, batch: dict):
+    def batch_media(self, batch: dict, aux_loss: bool = False):
         """The batch's media for :meth:`lm_forward`, :meth:`rank_choices` and :meth:`generate_answers`: tokens
-        (B, M, T, D_lm), mask (B, M, T) and presence (B, M), each sample's media in text order."""
-        tokens, mask, owner = self.encode_media(batch)
-        return self._group(tokens, mask, owner, len(batch["input_ids"]))
+        (B, M, T, D_lm), mask (B, M, T) and presence (B, M), each sample's media in text order; with `aux_loss`,
+        also the auxiliary loss (or None)."""
+        tokens, mask, owner, *loss = self.encode_media(batch, aux_loss)
+        media = self._group(tokens, mask, owner, len(batch["input_ids"]))
+        return (media, *loss) if aux_loss else media
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out, _ = self.lm_forward(batch["input_ids"], batch["attention_mask"], self.batch_media(batch), batch["labels"])
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch["input_ids"]))
-        return out.loss
+        media, aux_loss = self.batch_media(batch, aux_loss=True)
+        out, _ = self.lm_forward(batch["input_ids"], batch["attention_mask"], media, batch["labels"])
+        size = len(batch["input_ids"])
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
+        if aux_loss is None:
+            return out.loss
+        self.log("train/aux_loss", aux_loss, batch_size=size)
+        return out.loss + self.hparams.aux_loss_weight * aux_loss
 
     def configure_optimizers(self):
         return adamw_cosine(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup)
@@ -228,9 +315,12 @@ class MultimodalLM(L.LightningModule):
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        media = self.batch_media(batch)
+        media, aux_loss = self.batch_media(batch, aux_loss=True)
         out, _ = self.lm_forward(batch["input_ids"], batch["attention_mask"], media, batch["labels"])
-        self.log("val/loss", out.loss, batch_size=len(batch["input_ids"]), sync_dist=True)
+        split = "test" if self.trainer.testing else "val"
+        self.log(f"{split}/loss", out.loss, batch_size=len(batch["input_ids"]), sync_dist=True)
+        if aux_loss is not None:
+            self.log(f"{split}/aux_loss", aux_loss, batch_size=len(batch["input_ids"]), sync_dist=True)
         generated = self.generate_answers(batch, media)
         ranked = self.rank_choices(batch, media)
         for i, text in enumerate(generated):
@@ -269,6 +359,11 @@ class MultimodalLM(L.LightningModule):
         if not rows:
             return
         metrics = {}
+        for name, auroc in zip(self.hparams.aux_classes, self.aux_auroc[prefix]) if self.hparams.aux_classes \
+                else ():
+            if auroc.update_count:
+                metrics[f"{prefix}/aux_auroc/{name}"] = float(auroc.compute())  # synced over ranks by torchmetrics
+                auroc.reset()
         closed = [r for r in rows if r["choices"]]  # open answers (reports) are scored by the evaluator only
         for name, key in (("generation", "parsed"), ("likelihood", "ranked")) if closed else ():
             metrics[f"{prefix}/acc_{name}"] = sum(r[key] == r["answer"] for r in closed) / len(closed)

@@ -36,7 +36,9 @@ class QACollator:
     generation and choice ranking), the media flattened over the batch as ``series`` (N, C, L_max) with
     ``series_lengths`` (N,) and ``series_sample`` (N,) (the sample each medium belongs to, in text order),
     and the raw ``question``, ``answer``, ``choices`` and ``meta``. With another media key (e.g. ``image``)
-    the media fields are named after it (``image``, ``image_lengths``, ``image_sample``).
+    the media fields are named after it (``image``, ``image_lengths``, ``image_sample``). Samples that carry
+    per-medium dense targets (``volume_targets``: a list like their media, of equal-shape tensors) add them
+    stacked as ``volume_targets`` (N, C, ...), for token supervision of the encoder.
     """
 
     def __init__(
@@ -93,7 +95,11 @@ class QACollator:
         padded = torch.zeros(len(media), *media[0].shape[:-1], int(lengths.max()))
         for i, x in enumerate(media):
             padded[i, ..., : x.shape[-1]] = torch.as_tensor(x, dtype=torch.float32)
-        return {
+        targets = [x for s in samples for x in s.get(f"{key}_targets", ())]
+        if targets and len(targets) != len(media):
+            raise DataError(f"{len(targets)} {key}_targets for {len(media)} {key} media: give every medium its "
+                            "targets or none")
+        return ({f"{key}_targets": torch.stack([torch.as_tensor(t) for t in targets])} if targets else {}) | {
             "input_ids": _pad(full, tok.pad_token_id, "right"),
             "attention_mask": _pad([[1] * len(r) for r in full], 0, "right"),
             "labels": _pad(labels, IGNORE_INDEX, "right"),
