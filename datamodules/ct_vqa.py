@@ -40,24 +40,32 @@ def with_options(question: str, choices: list[str]) -> str:
 
 
 class CTVQADataset(Dataset):
-    """Yields ``{"volume": [(1, D, H, W) float32], "question", "answer", "choices", "meta"}``."""
+    """Yields ``{"volume": [(1, D, H, W) float32], "question", "answer", "choices", "meta"}``, and with
+    `mask_classes` also ``"volume_targets": [(C, D, H, W) bool]``: one channel per class, True where the volume's
+    label mask holds one of that class's label ids."""
 
-    def __init__(self, table: pd.DataFrame, volumes: CTVolumeDataset):
+    def __init__(self, table: pd.DataFrame, volumes: CTVolumeDataset,
+                 mask_classes: dict[str, list[int]] | None = None):
         """
         Args:
             table: one row per question with ``prompt``, ``target``, ``choices``, ``volume_index`` and meta columns.
-            volumes: the preprocessed volumes, indexed by ``volume_index``.
+            volumes: the preprocessed volumes (with their masks when `mask_classes` is set), by ``volume_index``.
+            mask_classes: class name -> label ids of the masks.
         """
         self.table = table.reset_index(drop=True)
         self.volumes = volumes
+        self.mask_ids = [torch.tensor(ids) for ids in (mask_classes or {}).values()]
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, i: int) -> dict:
         row = self.table.iloc[i]
-        return {
-            "volume": [self.volumes[int(row["volume_index"])]["image"]],
+        volume = self.volumes[int(row["volume_index"])]
+        targets = {"volume_targets": [torch.stack([torch.isin(volume["mask"][0], ids) for ids in self.mask_ids])]} \
+            if self.mask_ids else {}
+        return targets | {
+            "volume": [volume["image"]],
             "question": row["prompt"],
             "answer": row["target"],
             "choices": list(row["choices"]),
@@ -94,6 +102,8 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
         check_hu: bool = True,
         question_types: list[str] | None = None,
         balance_types: bool = False,
+        mask_classes: dict[str, list[int]] | None = None,
+        mask_pattern: str | None = None,
         on_missing: Literal["raise", "skip"] = "raise",
         batch_size: int = 4,
         eval_batch_size: int | None = None,
@@ -120,6 +130,12 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
             balance_types: draw training questions so that every question type is seen equally often (a type with
                 few questions per volume, e.g. recognition, is otherwise a small share of the training signal);
                 an epoch keeps its length.
+            mask_classes: also yield per-voxel class targets from each volume's label mask, for a model trained
+                with auxiliary targets (``MultimodalLM(aux_classes=...)``): class name -> label ids, e.g.
+                ``{liver: [5], lesion: [201, 202, 203, 204]}``. The mask is preprocessed with its volume
+                (nearest neighbour) and must share its grid.
+            mask_pattern: label mask path relative to `root` with ``{image_id}``; default the record's
+                ``mask_path`` (DeepTumorVQA-style records of the demo carry one).
             on_missing: a question whose volume is not found: ``raise`` (DataError) or ``skip`` (counted, logged).
             batch_size: training batch size.
             eval_batch_size: validation/test batch size (default: batch_size).
@@ -140,6 +156,12 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
         self.datasets: dict[str, CTVQADataset] = {}
         self.volumes: CTVolumeDataset | None = None
         self.n_skipped = 0
+        self.mask_classes = {str(k): [int(i) for i in v] for k, v in mask_classes.items()} if mask_classes else None
+
+    @property
+    def aux_classes(self) -> list[str]:
+        """Names of the per-voxel targets (``mask_classes``), for ``MultimodalLM(aux_classes=...)``."""
+        return list(self.mask_classes or {})
 
     @property
     def root(self) -> Path:
@@ -175,9 +197,10 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
         paths = sorted(table["volume_path"].unique())
         index = {p: i for i, p in enumerate(paths)}
         table["volume_index"] = table["volume_path"].map(index)
-        self.volumes = CTVolumeDataset(paths, self.preprocessing, demo_cache_dir(h.cache_dir) / "ct-volumes")
+        masks = self._mask_paths(table, paths) if self.mask_classes else None
+        self.volumes = CTVolumeDataset(paths, self.preprocessing, demo_cache_dir(h.cache_dir) / "ct-volumes", masks)
         for split in SPLITS:
-            self.datasets[split] = CTVQADataset(table[table["split"] == split], self.volumes)
+            self.datasets[split] = CTVQADataset(table[table["split"] == split], self.volumes, self.mask_classes)
         log.info("CT VQA %s: questions per split %s, %d volumes, %d skipped (volume not found); preprocessing %s",
                  self.root, {k: len(v) for k, v in self.datasets.items()}, len(paths), self.n_skipped,
                  self.preprocessing.settings())
@@ -213,6 +236,19 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
             log.warning("CT VQA %s: skipped %d question(s) whose volume was not found (%d image_ids)", self.root,
                         self.n_skipped, table.loc[missing, "image_id"].nunique())
         return table[~missing].copy()
+
+    def _mask_paths(self, table: pd.DataFrame, paths: list[str]) -> list[str]:
+        """The label mask of each volume in `paths`: from `mask_pattern`, else the records' ``mask_path``."""
+        masks = {}
+        for row in table.drop_duplicates("volume_path").itertuples():
+            relative = self.hparams.mask_pattern.format(image_id=row.image_id) if self.hparams.mask_pattern \
+                else getattr(row, "mask_path", None)
+            if not isinstance(relative, str) or not (self.root / relative).is_file():
+                where = f"mask {self.root / relative}" if isinstance(relative, str) else "no mask_path in the record"
+                raise DataError(f"{row.record}: mask_classes needs a label mask for image_id {row.image_id!r}: "
+                                f"{where} (set mask_pattern, or leave mask_classes unset)")
+            masks[row.volume_path] = str(self.root / relative)
+        return [masks[p] for p in paths]
 
     @staticmethod
     def _add_prompts(table: pd.DataFrame) -> None:

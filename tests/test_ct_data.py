@@ -461,6 +461,24 @@ def test_datamodule_on_the_ct_demo(tmp_path):
     assert 0.0 <= dm.baselines("test")["majority_answer_acc"] <= 1.0
 
 
+def test_mask_classes_yield_per_class_targets_on_the_volume_grid(tmp_path):
+    pytest.importorskip("datamodules.synthetic.ct")
+    classes = {"liver": [5, 201], "lesion": [201, 202, 203, 204]}
+    demo = {"n_volumes": 3, "shape": (43, 32, 33), "spacing": (8.0, 8.0, 8.0)}
+    dm = CTVQADataModule(grid=(8, 16, 16), spacing=None, cache_dir=str(tmp_path), mask_classes=classes, demo=demo)
+    dm.setup()
+    sample = dm.datasets["train"][0]
+    (targets,) = sample["volume_targets"]
+    assert targets.shape == (2, 8, 16, 16) and targets.dtype == torch.bool
+    mask = dm.volumes[dm.datasets["train"].table["volume_index"].iloc[0]]["mask"][0]
+    assert torch.equal(targets[0], torch.isin(mask, torch.tensor([5, 201])))
+    assert targets[0].any()
+    assert torch.equal(targets[1], mask >= 201)  # the demo's lesion labels are 201-204
+    with pytest.raises(DataError, match=r"train.jsonl:0: mask_classes needs a label mask .*nowhere/ctdemo_\d+"):
+        CTVQADataModule(grid=(8, 16, 16), spacing=None, cache_dir=str(tmp_path), mask_classes=classes, demo=demo,
+                        mask_pattern="nowhere/{image_id}.nii.gz").setup()
+
+
 def test_balance_types_draws_every_question_type_equally(tmp_path):
     pytest.importorskip("datamodules.synthetic.ct")
     dm = CTVQADataModule(grid=(8, 16, 16), spacing=None, cache_dir=str(tmp_path), balance_types=True, batch_size=4,
