@@ -11,13 +11,15 @@ tokenizer and the label set, so the loaders batch with the model's ``collator`` 
 ``mode="qa"`` gives question-answer samples over the study's frontal image for
 :class:`mmclin.models.mllm.MultimodalLM`: ``{"image": [(1, H, W)], "question": "<report>\\nIs there an error in
 this report? If so, which type?", "answer": "error: yes; type: laterality_swap" | "error: no", "choices",
-"meta"}``.
+"meta"}``; with ``mesh_classes``, also ``"image_targets": [(C,) float]``, the study's findings from its IU-Xray
+MeSH terms, for ``MultimodalLM(aux_classes=..., aux_level="medium")``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -88,8 +90,9 @@ class ReportErrorDataset(Dataset):
     """Samples of one split from injected-error records; see the module docstring for both modes."""
 
     def __init__(self, records: list[dict], mode: Literal["text", "qa"], with_images: bool, choices: list[str],
-                 image_size: int | None = None):
+                 image_size: int | None = None, mesh_classes: dict[str, re.Pattern] | None = None):
         self.records = records
+        self.mesh_classes = mesh_classes or {}
         self.mode = mode
         self.with_images = with_images
         self.choices = choices
@@ -102,12 +105,20 @@ class ReportErrorDataset(Dataset):
         """The study's first frontal image as (1, H, W) float32 in [0, 1]."""
         return load_radiograph(record, self.image_size)
 
+    def targets(self, record: dict) -> torch.Tensor:
+        """(C,) float: 1 for each class whose pattern matches one of the study's MeSH terms."""
+        if "mesh" not in record:
+            raise DataError(f"report {record['id']}: mesh_classes needs the study's MeSH terms, and this record has "
+                            "none (records injected from an IU-Xray CSV carry them; or leave mesh_classes unset)")
+        return torch.tensor([float(any(p.search(t) for t in record["mesh"])) for p in self.mesh_classes.values()])
+
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
         meta = {"id": r["id"], "has_error": bool(r["has_error"]), "fine_type": r["fine_type"],
                 "coarse_type": r.get("coarse_type"), "span": r.get("span")}
         if self.mode == "qa":
-            return {"image": [self.image(r)], "question": f"{r['modified']}\n{QUESTION}",
+            targets = {"image_targets": [self.targets(r)]} if self.mesh_classes else {}
+            return targets | {"image": [self.image(r)], "question": f"{r['modified']}\n{QUESTION}",
                     "answer": error_answer(r["fine_type"] if r["has_error"] else None),
                     "choices": list(self.choices), "meta": meta}
         sample = {"text": r["modified"], "has_error": bool(r["has_error"]), "fine_type": r["fine_type"],
@@ -146,6 +157,7 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         num_workers: int = 0,
         demo_studies: int = 600,
         demo_image_size: int = 128,
+        mesh_classes: dict[str, str] | None = None,
         cache_dir: str | None = None,
     ):
         """
@@ -169,6 +181,9 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
             num_workers: DataLoader workers.
             demo_studies: demo size (studies).
             demo_image_size: demo image side in pixels.
+            mesh_classes: in ``qa`` mode, also yield the study's findings as targets for the image encoder:
+                class name -> regular expression searched in each IU-Xray MeSH term (case-insensitive), e.g.
+                ``{effusion_right: "^Pleural Effusion/right"}``; a class is 1 when any term matches.
             cache_dir: demo location (default ``$MMCLIN_CACHE`` or ``~/.cache/mmclin``).
         """
         super().__init__()
@@ -181,6 +196,12 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
             raise ValueError(f"need val_fraction, test_fraction >= 0 with a sum < 1; got {val_fraction}, "
                              f"{test_fraction}")
         self.save_hyperparameters()
+        if mesh_classes and mode != "qa":
+            raise ValueError("mesh_classes are image targets of the qa mode; the text checker has no image encoder")
+        try:
+            self.mesh_classes = {str(k): re.compile(v, re.IGNORECASE) for k, v in (mesh_classes or {}).items()}
+        except re.error as err:
+            raise ValueError(f"mesh_classes: {err.pattern!r} is not a regular expression: {err}") from err
         self.with_images = (mode == "qa") if with_images is None else with_images
         self.reports: dict[str, list] = {}  # split -> Report (empty when root is an errors.jsonl)
         self.records: dict[str, list[dict]] = {}  # split -> injected records (val/test fixed; train of epoch 0)
@@ -192,6 +213,11 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         if h.root is None:
             return generate_cxr_demo(h.cache_dir, seed=0, n_studies=h.demo_studies, size=h.demo_image_size)
         return Path(h.root)
+
+    @property
+    def aux_classes(self) -> list[str]:
+        """Names of the image targets (``mesh_classes``), for ``MultimodalLM(aux_classes=...)``."""
+        return list(self.mesh_classes)
 
     @property
     def error_types(self) -> list[str]:
@@ -273,6 +299,6 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         h = self.hparams
         dataset = ReportErrorDataset(self._records(split, train), h.mode, self.with_images, self.choices,
-                                     h.image_size)
+                                     h.image_size, self.mesh_classes)
         # batched by the model's ReportCollator (text mode) or QACollator (qa mode)
         return self.model_batches(dataset, split, train, self.root, "reports")

@@ -174,8 +174,9 @@ def read_iu_xray(reports_csv: str | os.PathLike, projections_csv: str | os.PathL
         if problem or missing:
             out.fault(where, problem or missing)
             continue
+        mesh = [t.strip() for t in row["MeSH"].split(";") if t.strip()]
         out.result.reports.append(Report(id=uid, text=compose_report(sections), sections=sections, images=paths,
-                                         split=None, source=where))
+                                         split=None, source=where, mesh=mesh))
     return out.done()
 
 

@@ -19,6 +19,7 @@ from datamodules.report_errors import (
     NO_ERROR_ANSWER,
     QUESTION,
     ReportErrorDataModule,
+    ReportErrorDataset,
     error_answer,
     read_error_records,
 )
@@ -330,6 +331,28 @@ def test_qa_mode_gives_image_question_answer_samples(demo):
     assert batch["image"].shape == (3, 1, 64, 64) and batch["image_sample"].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="with_images cannot be False"):
         ReportErrorDataModule(mode="qa", with_images=False)
+
+
+def test_mesh_classes_give_image_targets_from_the_studys_findings(demo, truth):
+    classes = {"effusion_right": "^Pleural Effusion/right", "effusion_left": "^Pleural Effusion/left",
+               "tube": "^Tube, Inserted"}
+    dm = ReportErrorDataModule(root=str(demo), mode="qa", image_size=64, mesh_classes=classes)
+    dm.setup()
+    assert dm.aux_classes == list(classes)
+    dataset = ReportErrorDataset(dm.records["val"], "qa", True, dm.choices, 64, dm.mesh_classes)
+    by_uid = {row["uid"]: row for row in truth}
+    for i, record in enumerate(dm.records["val"]):
+        study = by_uid[int(record["id"])]
+        effusion = _finding(study, "effusion")
+        expected = [effusion is not None and effusion["side"] == "right", effusion is not None and
+                    effusion["side"] == "left", any(d["kind"] in ("ett", "ng") for d in study["devices"])]
+        assert dataset[i]["image_targets"][0].tolist() == [float(e) for e in expected], record["mesh"]
+    with pytest.raises(DataError, match="report 7: mesh_classes needs the study's MeSH terms"):
+        dataset.targets({"id": "7", "modified": "No acute disease."})
+    with pytest.raises(ValueError, match="not a regular expression"):
+        ReportErrorDataModule(mode="qa", mesh_classes={"bad": "(unclosed"})
+    with pytest.raises(ValueError, match="text checker has no image encoder"):
+        ReportErrorDataModule(mode="text", mesh_classes=classes)
 
 
 def _dataset(dm: ReportErrorDataModule, split: str):

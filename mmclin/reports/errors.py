@@ -458,7 +458,7 @@ def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int 
         record = {"id": report.id, "original": report.text, "modified": report.text, "has_error": False,
                   "coarse_type": None, "fine_type": None, "span": None, "original_span": None,
                   "original_text": None, "new_text": None, "no_site": [], "images": list(report.images),
-                  "split": report.split}
+                  "split": report.split, "mesh": list(report.mesh)}
         if i in with_error:
             for fine_type in sorted(order, key=lambda t: (used[t], order.index(t))):
                 error = inject(report.text, fine_type, rng)

@@ -46,6 +46,7 @@ class Report:
     images: list[str] = field(default_factory=list)  # image paths (joined to the image root when one was given)
     split: str | None = None  # train / val / test where the source defines one
     source: str = ""  # file and row/key it came from, for messages
+    mesh: list[str] = field(default_factory=list)  # IU-Xray MeSH terms ("Pleural Effusion/right/small"), if given
 
 
 @dataclass(frozen=True)
