@@ -136,16 +136,18 @@ def test_tokenizer_vocab_needs_a_tiny_lm_and_a_corpus():
 
 
 def _blob_samples(n: int, seed: int) -> list[dict]:
-    """8^3 volumes with a bright 2^3 cube where the answer says; targets mark the cube."""
+    """8^3 volumes with a bright 2^3 cube where the answer says (every third volume has none); targets mark it."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         volume, target = 0.1 * torch.randn(1, 8, 8, 8, generator=g), torch.zeros(1, 8, 8, 8, dtype=torch.bool)
         z, y, x = (int(v) for v in torch.randint(0, 7, (3,), generator=g))
-        volume[0, z:z + 2, y:y + 2, x:x + 2] += 1.0
-        target[0, z:z + 2, y:y + 2, x:x + 2] = True
+        if i % 3:
+            volume[0, z:z + 2, y:y + 2, x:x + 2] += 1.0
+            target[0, z:z + 2, y:y + 2, x:x + 2] = True
         out.append({"volume": [volume], "volume_targets": [target], "question": "Where is the blob?",
-                    "answer": "top" if z < 4 else "bottom", "choices": ["top", "bottom"]})
+                    "answer": "none" if i % 3 == 0 else "top" if z < 4 else "bottom",
+                    "choices": ["top", "bottom", "none"]})
     return out
 
 
@@ -164,7 +166,8 @@ def test_dense_aux_targets_teach_the_encoder_where_a_finding_is(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, train, val)
     (metrics,) = trainer.validate(model, val)
-    assert metrics["val/aux_auroc/blob"] > 0.9, metrics  # chance 0.5: the head finds the cube's patches
+    assert metrics["val/aux_auroc_token/blob"] > 0.9, metrics  # chance 0.5: the head finds the cube's patches
+    assert metrics["val/aux_auroc/blob"] > 0.9  # and tells the volumes with a cube from those without
     assert metrics["val/aux_loss"] < 0.3
 
 

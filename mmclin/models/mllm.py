@@ -80,7 +80,9 @@ class MultimodalLM(L.LightningModule):
                 ``aux_classes``: same names, same order), trained with binary cross-entropy beside the answers.
                 Such a signal tells a small encoder what and where small findings are, which the answers alone
                 convey too weakly (M3D, Bai et al. 2024, trains segmentation beside VQA). Validation and test log
-                each class's AUROC (``aux_auroc/<class>``).
+                each class's AUROC per medium (``aux_auroc/<class>``: for token targets, the highest token
+                against "anywhere in the medium") and, for token targets, per token (``aux_auroc_token/<class>``;
+                easy background patches make it high even where the per-medium decision is at chance).
             aux_level: ``token``: dense targets (N, C, *spatial), e.g. organ and lesion masks of a CT, max-pooled
                 to the encoder's token ``grid`` (an encoder with a ``grid``, e.g. ``ViT3DEncoder``); a linear head on
                 each token predicts whether its patch holds each class. ``medium``: targets (N, C), e.g. the
@@ -120,8 +122,10 @@ class MultimodalLM(L.LightningModule):
                 raise ValueError(f"aux_level 'token': encoder(s) {gridless} have no token grid to pool targets to; "
                                  "use aux_level 'medium' for one target vector per medium")
             self.aux_heads = nn.ModuleDict({k: nn.Linear(e.out_dim, len(aux_classes)) for k, e in encoders.items()})
-            self.aux_auroc = nn.ModuleDict({s: nn.ModuleList(BinaryAUROC() for _ in aux_classes)
-                                              for s in ("val", "test")})
+            # per medium ("val"), and per token ("val_token") for token targets
+            self.aux_auroc = nn.ModuleDict({s + level: nn.ModuleList(BinaryAUROC() for _ in aux_classes)
+                                            for s in ("val", "test")
+                                            for level in ("", "_token")[: 2 if aux_level == "token" else 1]})
             # (absent, present) embedding of each class's finding token
             self.aux_embeddings = nn.Parameter(0.02 * torch.randn(2, len(aux_classes), width)) if aux_tokens \
                 else None
@@ -211,8 +215,12 @@ class MultimodalLM(L.LightningModule):
             pool = F.adaptive_max_pool3d if len(grid) == 3 else F.adaptive_max_pool2d
             truth = pool(targets.float(), grid).flatten(2).transpose(1, 2)  # (N, T, C), grid order as the tokens
         if not self.training:
-            for c, auroc in enumerate(self.aux_auroc["test" if self.trainer.testing else "val"]):
-                auroc.update(logits[..., c].flatten(), truth[..., c].flatten().long())
+            split = "test" if self.trainer.testing else "val"
+            per_medium = (logits, truth) if logits.ndim == 2 else (logits.amax(1), truth.amax(1))
+            scored = [(split, *per_medium)] + ([(f"{split}_token", logits, truth)] if logits.ndim == 3 else [])
+            for name, x, y in scored:
+                for c, auroc in enumerate(self.aux_auroc[name]):
+                    auroc.update(x[..., c].flatten(), y[..., c].flatten().long())
         return F.binary_cross_entropy_with_logits(logits, truth)
 
     @staticmethod
@@ -359,11 +367,12 @@ class MultimodalLM(L.LightningModule):
         if not rows:
             return
         metrics = {}
-        for name, auroc in zip(self.hparams.aux_classes, self.aux_auroc[prefix]) if self.hparams.aux_classes \
-                else ():
-            if auroc.update_count:
-                metrics[f"{prefix}/aux_auroc/{name}"] = float(auroc.compute())  # synced over ranks by torchmetrics
-                auroc.reset()
+        for key, aurocs in self.aux_auroc.items() if self.hparams.aux_classes else ():
+            split, level = key.split("_")[0], key.removeprefix(prefix)  # level "" (per medium) or "_token"
+            for name, auroc in zip(self.hparams.aux_classes, aurocs if split == prefix else ()):
+                if auroc.update_count:  # synced over ranks by torchmetrics
+                    metrics[f"{prefix}/aux_auroc{level}/{name}"] = float(auroc.compute())
+                    auroc.reset()
         closed = [r for r in rows if r["choices"]]  # open answers (reports) are scored by the evaluator only
         for name, key in (("generation", "parsed"), ("likelihood", "ranked")) if closed else ():
             metrics[f"{prefix}/acc_{name}"] = sum(r[key] == r["answer"] for r in closed) / len(closed)
