@@ -25,7 +25,7 @@ from mmclin.reports.errors import (
     inject_corpus,
 )
 from mmclin.reports.rules import RuleChecker
-from mmclin.reports.scoring import score_checker, write_confusion_matrices
+from mmclin.reports.scoring import image_dependent_difference, score_checker, write_confusion_matrices
 from mmclin.reports.sections import (
     SEVERITY_RANK,
     Report,
@@ -477,6 +477,24 @@ def test_scoring_on_a_known_confusion(tmp_path):
                                                    "fine_type": "finding_insertion"}])
 
 
+def test_paired_difference_on_the_image_dependent_reports():
+    records = ([{"id": f"e{i}", "has_error": True, "coarse_type": "substitute", "fine_type": "laterality_swap"}
+                for i in range(20)] + [{"id": f"c{i}", "has_error": False, "coarse_type": None, "fine_type": None}
+                                       for i in range(20)]
+               + [{"id": "t", "has_error": True, "coarse_type": "substitute", "fine_type": "typo_homophone"}])
+    # the reference flags half of the swaps, the other all of them; both pass every clean report
+    reference = [{"id": r["id"], "has_error": r["id"] in {f"e{i}" for i in range(10)}} for r in records]
+    other = [{"id": r["id"], "has_error": r["has_error"]} for r in records]
+    d = image_dependent_difference(records, reference, other, n_boot=200)
+    assert d["balanced_accuracy"] == pytest.approx(1.0 - 0.75) and d["f1"] == pytest.approx(1 - 2 * 10 / 30)
+    assert 0 < d["balanced_accuracy_ci"][0] <= d["balanced_accuracy"] <= d["balanced_accuracy_ci"][1]
+    same = image_dependent_difference(records, other, other, n_boot=50)
+    assert same["f1"] == 0 and same["f1_ci"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="other checker: no prediction for 1 record"):
+        image_dependent_difference(records, reference, other[1:])
+    assert image_dependent_difference(records[-1:], reference, other) == {}  # no clean report to score against
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
@@ -513,6 +531,24 @@ def test_cli_inject_and_evaluate_round_trip_on_iu_csv(tmp_path, capsys):
         assert (out / "rule" / f"confusion_{name}.png").is_file()
     text = capsys.readouterr().out
     assert "SIMPLE   accuracy" in text and "fine macro-F1" in text
+
+
+def test_evaluate_several_checkers_side_by_side_with_the_paired_difference(tmp_path, monkeypatch, capsys):
+    records = [{"id": str(i), "modified": "x", "has_error": i % 2 == 1, "coarse_type": "substitute" if i % 2 else None,
+                "fine_type": "negation_flip" if i % 2 else None} for i in range(40)]
+    (tmp_path / "errors.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    flags = {"rule": lambda i: False, "ckpt:good.ckpt": lambda i: i % 2 == 1}  # the second one is always right
+    monkeypatch.setattr(report_error_check, "load_checker", lambda spec: lambda rows: [
+        {"id": r["id"], "has_error": flags[spec](int(r["id"])),
+         **({"coarse_type": "substitute", "fine_type": "negation_flip"} if flags[spec](int(r["id"])) else {})}
+        for r in rows])
+    runs = report_error_check.main(["evaluate", "--data", str(tmp_path), "--checker", "rule", "ckpt:good.ckpt",
+                                    "--n-boot", "100", "--out", str(tmp_path / "eval")])
+    difference = runs["rule"]["last_minus_this"]
+    assert difference["balanced_accuracy"] == pytest.approx(0.5) and difference["balanced_accuracy_ci"][0] > 0.3
+    table = (tmp_path / "eval" / "comparison.md").read_text()
+    assert "| image-dependent balanced accuracy: last column minus this (paired 95% CI) | +0.500 [" in table
+    assert table == capsys.readouterr().out.split("confusion_fine.png\n")[-1]
 
 
 def _save_checkpoint(module: L.LightningModule, path: Path, class_path: str | None = None) -> Path:

@@ -37,7 +37,7 @@ from datamodules.reports import FORMATS, read_reports
 from mmclin.errors import DataError
 from mmclin.reports.errors import FINE_TYPES, corpus_summary, inject_corpus
 from mmclin.reports.rules import RuleChecker
-from mmclin.reports.scoring import score_checker, write_confusion_matrices
+from mmclin.reports.scoring import image_dependent_difference, score_checker, write_confusion_matrices
 
 # The trained checker a checkpoint without a recorded class (no LightningCLI "_class_path") is taken to be.
 DEFAULT_CHECKER_CLASS = "mmclin.models.report_checker.ReportChecker"
@@ -88,7 +88,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, required: tuple[str, ...] = ("id", "modified", "has_error", "coarse_type",
+                                                               "fine_type")) -> list[dict]:
+    """Rows of an errors.jsonl (a directory means its errors.jsonl), each checked for the `required` keys."""
     path = Path(path)
     path = path / "errors.jsonl" if path.is_dir() else path
     if not path.is_file():
@@ -100,7 +102,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path} line {i}: not JSON ({err})") from err
-            missing = [k for k in ("id", "modified", "has_error", "coarse_type", "fine_type") if k not in rows[-1]]
+            missing = [k for k in required if k not in rows[-1]]
             if missing:
                 raise DataError(f"{path} line {i}: missing key(s) {missing}")
     return rows
@@ -203,14 +205,19 @@ def _ci(block: dict, name: str) -> str:
 
 
 def evaluate_main(args: argparse.Namespace) -> dict:
-    """Score each checker; with several, also a side-by-side table (comparison.md / comparison.json in --out)."""
+    """Score each checker; with several, also a side-by-side table (comparison.md / comparison.json in --out)
+    with the last checker's paired difference to each other one on the image-dependent error types."""
     specs = [args.checker] if isinstance(args.checker, str) else list(args.checker)
     if len(specs) == 1:
         return evaluate_one(args, specs[0], Path(args.out))
-    runs = {}
-    for i, spec in enumerate(specs):
-        label = spec if spec == "rule" else f"{i}-{Path(spec.partition(':')[2]).stem}"
-        runs[spec] = evaluate_one(args, spec, Path(args.out) / re.sub(r"[^\w.-]+", "_", label))
+    outs = {spec: Path(args.out) / re.sub(r"[^\w.-]+", "_", spec if spec == "rule" else
+                                          f"{i}-{Path(spec.partition(':')[2]).stem}") for i, spec in enumerate(specs)}
+    runs = {spec: evaluate_one(args, spec, out) for spec, out in outs.items()}
+    records, tested = read_jsonl(args.data), read_jsonl(outs[specs[-1]] / "predictions.jsonl", ("id", "has_error"))
+    for spec in specs[:-1]:  # the last checker (the one under test) against each other one, on the same reports
+        runs[spec]["last_minus_this"] = _finite(image_dependent_difference(
+            records, read_jsonl(outs[spec] / "predictions.jsonl", ("id", "has_error")), tested, n_boot=args.n_boot,
+            seed=args.seed))
     table = comparison_table(runs)
     print(table)
     Path(args.out, "comparison.md").write_text(table + "\n")
@@ -219,7 +226,8 @@ def evaluate_main(args: argparse.Namespace) -> dict:
 
 
 def comparison_table(runs: dict[str, dict]) -> str:
-    """Markdown: one column per checker; SIMPLE and COMPLEX figures, then the detection rate of each true type."""
+    """Markdown: one column per checker; SIMPLE and COMPLEX figures, the detection rate of each true type, and the
+    last checker's paired difference to each column on the image-dependent types (``last_minus_this``)."""
     names = list(runs)
     first = runs[names[0]]
     rows = [("SIMPLE accuracy", lambda m: m["simple"]["accuracy"]), ("SIMPLE F1", lambda m: m["simple"]["f1"]),
@@ -241,6 +249,14 @@ def comparison_table(runs: dict[str, dict]) -> str:
             except (KeyError, TypeError, ValueError):
                 cells.append("")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for metric, label in (("balanced_accuracy", "balanced accuracy"), ("f1", "F1")):
+        cells = []
+        for name in names:
+            difference = runs[name].get("last_minus_this", {})
+            value, (low, high) = difference.get(metric), difference.get(f"{metric}_ci", (None, None))
+            cells.append("" if None in (value, low, high) else f"{value:+.3f} [{low:+.3f}, {high:+.3f}]")
+        lines.append(f"| image-dependent {label}: last column minus this (paired 95% CI) | " + " | ".join(cells)
+                     + " |")
     return "\n".join(lines)
 
 

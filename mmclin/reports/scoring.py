@@ -14,7 +14,9 @@ answer). ``macro_f1_errors`` is the mean F1 over the true error types, scored on
 (the type question asked where there is an error to type). A prediction that flags an error but names no
 type is the class "unspecified".
 
-Headline numbers come with percentile bootstrap confidence intervals over reports.
+Headline numbers come with percentile bootstrap confidence intervals over reports. Two checkers on the same
+reports are compared by :func:`image_dependent_difference`: a paired bootstrap (both resampled with the same
+reports) of the difference in their image-dependent scores.
 """
 
 from __future__ import annotations
@@ -188,6 +190,43 @@ def score_checker(records: Sequence[dict], predictions: Sequence[dict], n_boot: 
                                    level, seed),
         "complex_fine": _complex(truth_fine, list(pred_fine), classes(FINE_TYPES, pred_fine), n_boot, level, seed),
     }
+
+
+def image_dependent_difference(records: Sequence[dict], reference: Sequence[dict], other: Sequence[dict],
+                               n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """``other`` minus ``reference`` in image-dependent balanced accuracy and F1, with paired bootstrap intervals.
+
+    Args:
+        records: the injected records both checkers were run on.
+        reference: predictions of the reference checker (dicts with id and has_error), one per record.
+        other: predictions of the compared checker, likewise.
+        n_boot: bootstrap resamples of the reports; each resample scores both checkers on the same reports.
+        level: coverage of the intervals.
+        seed: bootstrap seed.
+
+    Returns:
+        ``{"balanced_accuracy": d, "balanced_accuracy_ci": [low, high], "f1": d, "f1_ci": [...]}``; an interval
+        above 0 means ``other`` does better on these reports beyond resampling noise. Empty when the records hold
+        no image-dependent error or no clean report.
+    """
+    subset = [r for r in records if not r["has_error"] or r["fine_type"] in IMAGE_DEPENDENT_TYPES]
+    truth = np.array([bool(r["has_error"]) for r in subset])
+    if not truth.any() or truth.all():
+        return {}
+    columns = []
+    for name, predictions in (("reference", reference), ("other", other)):
+        by_id = {p["id"]: bool(p.get("has_error")) for p in predictions}
+        missing = [r["id"] for r in subset if r["id"] not in by_id]
+        if missing:
+            raise ValueError(f"{name} checker: no prediction for {len(missing)} record(s), e.g. ids {missing[:5]}")
+        columns.append(np.array([by_id[r["id"]] for r in subset]))
+    out = {}
+    for name, metric in (("balanced_accuracy", _balanced_accuracy), ("f1", _binary("f1"))):
+        def difference(t, a, b, metric=metric):
+            return metric(t, b) - metric(t, a)
+        out[name] = difference(truth, *columns)
+        out[f"{name}_ci"] = list(bootstrap_ci(difference, truth, *columns, n_boot=n_boot, level=level, seed=seed))
+    return out
 
 
 def write_confusion_matrices(scores: dict, out_dir: str | os.PathLike, prefix: str = "confusion") -> list[Path]:
