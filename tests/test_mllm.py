@@ -30,18 +30,24 @@ def _samples(n: int, seed: int) -> list[dict]:
     return out
 
 
+def _fit_and_validate(model: MultimodalLM, train: list[dict], val: list[dict], epochs: int) -> dict:
+    """Fit `model` on `train` (batches of 16) and return its validation metrics on `val`."""
+    train_loader = DataLoader(train, batch_size=16, shuffle=True, collate_fn=model.collator)
+    val_loader = DataLoader(val, batch_size=16, collate_fn=model.collator)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, train_loader, val_loader)
+    (metrics,) = trainer.validate(model, val_loader)
+    return metrics
+
+
 @pytest.mark.parametrize("fusion", ["soft_prompt", "cross_attention"])
 def test_learns_a_closed_question_about_a_series(fusion, tmp_path):
     L.seed_everything(0)
     encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=32, n_layers=1, n_heads=2)
     tiny_lm = {"tiny": {"hidden_size": 32, "intermediate_size": 64}, "freeze": "none"}  # random init: train it
     model = MultimodalLM({"series": encoder}, lm=tiny_lm, fusion=fusion, lr=3e-3, predictions_dir=str(tmp_path))
-    train = DataLoader(_samples(64, 0), batch_size=16, shuffle=True, collate_fn=model.collator)
-    val = DataLoader(_samples(32, 1), batch_size=16, collate_fn=model.collator)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=40, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(model, train, val)
-    (metrics,) = trainer.validate(model, val)
+    metrics = _fit_and_validate(model, _samples(64, 0), _samples(32, 1), epochs=40)
     assert metrics["val/acc_likelihood"] >= 0.8, metrics  # majority baseline 0.5
     lines = (tmp_path / "val-predictions" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 32 and {"generated", "parsed", "ranked"} <= set(json.loads(lines[0]))
@@ -160,12 +166,7 @@ def test_dense_aux_targets_teach_the_encoder_where_a_finding_is(tmp_path):
                          predictions_dir=str(tmp_path))
     batch = model.collator(_blob_samples(3, 0))
     assert batch["volume_targets"].shape == (3, 1, 8, 8, 8)
-    train = DataLoader(_blob_samples(64, 0), batch_size=16, shuffle=True, collate_fn=model.collator)
-    val = DataLoader(_blob_samples(32, 1), batch_size=16, collate_fn=model.collator)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=15, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(model, train, val)
-    (metrics,) = trainer.validate(model, val)
+    metrics = _fit_and_validate(model, _blob_samples(64, 0), _blob_samples(32, 1), epochs=15)
     assert metrics["val/aux_auroc_token/blob"] > 0.9, metrics  # chance 0.5: the head finds the cube's patches
     assert metrics["val/aux_auroc/blob"] > 0.9  # and tells the volumes with a cube from those without
     assert metrics["val/aux_loss"] < 0.3
