@@ -521,7 +521,7 @@ class FundusReportDataModule(SplitLoaders, L.LightningDataModule):
 
     def baselines(self, split: str) -> dict[str, float]:
         """Accuracy and macro-F1 on `split` of always stating the training split's most frequent grade."""
-        from mmclin.models.mllm import macro_f1
+        from mmclin.metrics.f1 import macro_f1
 
         train, other = self.datasets["train"].table, self.datasets[split].table
         train, other = train[train["grade"] >= 0], other[other["grade"] >= 0]

@@ -273,7 +273,7 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
 
     def baselines(self, split: str) -> dict[str, float]:
         """Accuracy and macro-F1 on `split` of always answering the training split's most frequent stage."""
-        from mmclin.models.mllm import macro_f1
+        from mmclin.metrics.f1 import macro_f1
 
         train = self.stage_counts("train")
         majority = max(train, key=train.get)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mmclin.errors import DataError
+from mmclin.metrics.f1 import macro_f1
 from mmclin.tasks.report import (
     GRADE_NAMES,
     REFERRAL_LEVELS,
@@ -277,6 +278,13 @@ def test_report_evaluator_clinical_scores_on_a_known_confusion():
         assert m[f"val/{name}_ci_low"] <= m[f"val/{name}"] <= m[f"val/{name}_ci_high"], name
     assert m["val/bleu"] < 100 and m["val/bleu_ci_low"] < m["val/bleu_ci_high"]
     assert 0 < m["val/rouge_l"] < 1
+
+
+def test_macro_f1_of_labels_counts_unparsed_and_unknown_answers_as_misses():
+    truth = ["slow", "fast", "fast", "slow"]
+    assert macro_f1(truth, truth) == 1.0
+    # slow: tp 1, fn 1 -> 2/3; fast: tp 1, fp 0, fn 1 (None) -> 2/3
+    assert macro_f1(truth, ["slow", None, "fast", "irregular"]) == pytest.approx(2 / 3)
 
 
 def test_f1_scores_counts_unreadable_as_wrong():

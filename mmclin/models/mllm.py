@@ -18,6 +18,7 @@ from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_po
 from mmclin.fusion.projector import MLPProjector
 from mmclin.fusion.soft_prompt import IGNORE_INDEX, splice_media
 from mmclin.llm import MEDIA_TOKEN, bpe_tokenizer, lm_hidden_size, load_causal_lm, tokenizer_from_json
+from mmclin.metrics.f1 import macro_f1
 from mmclin.models.optim import adamw_cosine
 from mmclin.tasks.qa import QACollator, parse_choice
 
@@ -390,14 +391,3 @@ class MultimodalLM(L.LightningModule):
         directory = Path(root) / f"{prefix}-predictions"
         directory.mkdir(parents=True, exist_ok=True)
         return directory
-
-
-def macro_f1(truth: list[str], predicted: list[str | None]) -> float:
-    """Macro-F1 over the classes in `truth`; a None (unparsable) prediction counts as wrong."""
-    scores = []
-    for c in sorted(set(truth)):
-        tp = sum(t == c and p == c for t, p in zip(truth, predicted))
-        fp = sum(t != c and p == c for t, p in zip(truth, predicted))
-        fn = sum(t == c and p != c for t, p in zip(truth, predicted))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(scores) / len(scores)

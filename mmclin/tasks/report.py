@@ -38,13 +38,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from rouge_score import rouge_scorer
 from sacrebleu.metrics.bleu import BLEU
-from torchmetrics.functional.classification import multiclass_f1_score
 
 from mmclin.errors import DataError
 from mmclin.metrics.bootstrap import bootstrap_ci
+from mmclin.metrics.f1 import coded_f1_scores, f1_scores
 
 # ICDR severity scale (Wilkinson et al. 2003): index = grade. The demo reports use exactly these names.
 GRADE_NAMES: tuple[str, ...] = (
@@ -246,34 +245,6 @@ def parse_referral(text: str) -> str | None:
 
 
 # -- metrics -----------------------------------------------------------------------------------------------
-def f1_scores(truth: Sequence[int], predicted: Sequence[int | None], n_classes: int) -> tuple[float, dict[int, float]]:
-    """Macro-F1 and per-class F1 over the classes present in `truth`.
-
-    A None (unreadable) prediction is wrong: a false negative of its true class and a false positive of
-    none. The classes averaged are those in `truth`, as in :func:`mmclin.models.mllm.macro_f1`.
-
-    Args:
-        truth: class indices in [0, n_classes).
-        predicted: class indices or None.
-        n_classes: number of classes.
-    Returns:
-        (macro-F1, {class: F1}); (nan, {}) for no rows.
-    """
-    unreadable = np.array([n_classes if p is None else p for p in predicted], dtype=np.int64)
-    return _f1_scores(np.asarray(truth, dtype=np.int64), unreadable, n_classes)
-
-
-def _f1_scores(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> tuple[float, dict[int, float]]:
-    """:func:`f1_scores` with unreadable predictions already coded as class `n_classes`."""
-    if len(truth) == 0:
-        return float("nan"), {}
-    # The extra class n_classes collects unreadable predictions; it is never averaged.
-    per_class = multiclass_f1_score(torch.as_tensor(predicted), torch.as_tensor(truth), n_classes + 1,
-                                    average="none", validate_args=False)
-    scores = {c: float(per_class[c]) for c in sorted({int(t) for t in truth})}
-    return float(np.mean(list(scores.values()))), scores
-
-
 class ReportEvaluator:
     """BLEU, ROUGE-L and clinical accuracy of generated fundus reports.
 
@@ -331,7 +302,7 @@ class ReportEvaluator:
             out[f"{prefix}/{name}_macro_f1"] = macro
             coded = np.array([n_classes if x is None else x for x in predicted], dtype=np.int64)
             out[f"{prefix}/{name}_macro_f1_ci_low"], out[f"{prefix}/{name}_macro_f1_ci_high"] = self._ci(
-                lambda t, p, k=n_classes: _f1_scores(t, p, k)[0], np.asarray(truth, dtype=np.int64), coded)
+                lambda t, p, k=n_classes: coded_f1_scores(t, p, k)[0], np.asarray(truth, dtype=np.int64), coded)
             for c, score in per_class.items():
                 out[f"{prefix}/{name}_f1/{labels[c]}"] = score
             out[f"{prefix}/{name}_unparsed"] = float(sum(x is None for x in predicted))
