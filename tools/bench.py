@@ -30,6 +30,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from memory import peak_rss_mib, reset_peak_rss, status_mib
 from open_clip.loss import ClipLoss
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -310,12 +311,6 @@ FUSION_LABELS = {"soft_prompt": "soft prompt + MLP projector", "cross_attention"
 N_LEADS = 12
 
 
-def rss_mib(field: str) -> float:
-    """A /proc/self/status memory line (VmRSS: now, VmHWM: peak since start or the last reset) in MiB."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
 def fusion_model(spec: dict) -> torch.nn.Module:
     """The spec's MultimodalLM (or bare encoder): tiny LM, one 12-lead patch-transformer encoder."""
     from encoders.timeseries import PatchTransformerEncoder
@@ -371,14 +366,14 @@ def fusion_child() -> None:
     for step in range(spec["warmup"] + spec["steps"]):
         if step == spec["warmup"]:
             # Warm-up done: optimizer state, gradients and the runtime's one-off buffers are resident.
-            settled = rss_mib("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            settled = status_mib("VmRSS")
+            reset_peak_rss()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss_of(batch).backward()
         optimizer.step()
         seconds.append(time.perf_counter() - start)
-    print(json.dumps({"settled_mib": settled, "peak_mib": rss_mib("VmHWM"), "seconds": seconds,
+    print(json.dumps({"settled_mib": settled, "peak_mib": peak_rss_mib(), "seconds": seconds,
                       "lm_tokens": lm_tokens, "encoder_tokens": N_LEADS * spec["length"] // spec["patch_size"]}))
 
 

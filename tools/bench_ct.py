@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -25,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from memory import peak_rss_mib, reset_peak_rss, status_mib
 from torch import nn
 
 from datamodules.ct import CTPreprocessing, CTVolumeDataset
@@ -41,33 +40,6 @@ def small_vit(grid: Sequence[int], patch_size: Sequence[int] = (4, 16, 16), hidd
         raise ValueError(f"patch_size {tuple(patch_size)} must divide the grid {tuple(grid)}")
     return ViT3DEncoder(img_size=tuple(grid), patch_size=tuple(patch_size), hidden_size=hidden_size,
                         mlp_dim=4 * hidden_size, num_layers=num_layers, num_heads=num_heads)
-
-
-def _status_mib(field: str) -> float | None:
-    """A /proc/self/status line (VmRSS now, VmHWM peak since start or the last reset) in MiB; None off Linux."""
-    status = Path("/proc/self/status")
-    if not status.exists():
-        return None
-    line = next((x for x in status.read_text().splitlines() if x.startswith(field + ":")), None)
-    return int(line.split()[1]) / 1024 if line else None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float:
-    """Peak RSS: VmHWM where readable, else getrusage's ru_maxrss (KiB on Linux, bytes on macOS)."""
-    hwm = _status_mib("VmHWM")
-    if hwm is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
 
 
 def _pass(volumes: Sequence[Path], preprocessing: CTPreprocessing, cache_dir: Path, label: str) -> dict:
@@ -103,9 +75,9 @@ def encoder_step(encoder: nn.Module, batch: torch.Tensor) -> dict:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        before = _status_mib("VmRSS") if _reset_peak_rss() else None
+        before = status_mib("VmRSS") if reset_peak_rss() else None
         step()
-        peak = _peak_rss_mib()
+        peak = peak_rss_mib()
     start = time.perf_counter()
     step()
     if device.type == "cuda":
