@@ -88,9 +88,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = ("id", "modified", "has_error", "coarse_type",
-                                                               "fine_type")) -> list[dict]:
-    """Rows of an errors.jsonl (a directory means its errors.jsonl), each checked for the `required` keys."""
+def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     path = path / "errors.jsonl" if path.is_dir() else path
     if not path.is_file():
@@ -102,7 +100,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = ("id", "modified", 
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path} line {i}: not JSON ({err})") from err
-            missing = [k for k in required if k not in rows[-1]]
+            missing = [k for k in ("id", "modified", "has_error", "coarse_type", "fine_type") if k not in rows[-1]]
             if missing:
                 raise DataError(f"{path} line {i}: missing key(s) {missing}")
     return rows
@@ -208,16 +206,19 @@ def evaluate_main(args: argparse.Namespace) -> dict:
     """Score each checker; with several, also a side-by-side table (comparison.md / comparison.json in --out)
     with the last checker's paired difference to each other one on the image-dependent error types."""
     specs = [args.checker] if isinstance(args.checker, str) else list(args.checker)
+    records = read_jsonl(args.data)
+    if not records:
+        raise DataError(f"{args.data}: no reports")
     if len(specs) == 1:
-        return evaluate_one(args, specs[0], Path(args.out))
-    outs = {spec: Path(args.out) / re.sub(r"[^\w.-]+", "_", spec if spec == "rule" else
-                                          f"{i}-{Path(spec.partition(':')[2]).stem}") for i, spec in enumerate(specs)}
-    runs = {spec: evaluate_one(args, spec, out) for spec, out in outs.items()}
-    records, tested = read_jsonl(args.data), read_jsonl(outs[specs[-1]] / "predictions.jsonl", ("id", "has_error"))
+        return evaluate_one(args, records, specs[0], Path(args.out))[0]
+    runs, predictions = {}, {}
+    for i, spec in enumerate(specs):
+        label = spec if spec == "rule" else f"{i}-{Path(spec.partition(':')[2]).stem}"
+        out = Path(args.out) / re.sub(r"[^\w.-]+", "_", label)
+        runs[spec], predictions[spec] = evaluate_one(args, records, spec, out)
     for spec in specs[:-1]:  # the last checker (the one under test) against each other one, on the same reports
         runs[spec]["last_minus_this"] = _finite(image_dependent_difference(
-            records, read_jsonl(outs[spec] / "predictions.jsonl", ("id", "has_error")), tested, n_boot=args.n_boot,
-            seed=args.seed))
+            records, predictions[spec], predictions[specs[-1]], n_boot=args.n_boot, seed=args.seed))
     table = comparison_table(runs)
     print(table)
     Path(args.out, "comparison.md").write_text(table + "\n")
@@ -260,10 +261,9 @@ def comparison_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_one(args: argparse.Namespace, spec: str, out: Path) -> dict:
-    records = read_jsonl(args.data)
-    if not records:
-        raise DataError(f"{args.data}: no reports")
+def evaluate_one(args: argparse.Namespace, records: list[dict], spec: str, out: Path) -> tuple[dict, list[dict]]:
+    """Run checker `spec` on `records` (read from ``args.data``), write its metrics, predictions and plots to `out`
+    and print them; returns the metrics and the predictions."""
     checker = load_checker(spec)
     predictions = checker([{"id": r["id"], "modified": r["modified"], "text": r["modified"],
                             "images": r.get("images", [])} for r in records])
@@ -299,7 +299,7 @@ def evaluate_one(args: argparse.Namespace, spec: str, out: Path) -> dict:
         print(f"  {name:<22}{row['n']:>5}{row['sensitivity']:>10.3f}{f['per_type'][name]['f1']:>9.3f}")
     print(f"wrote {out}/metrics.json, predictions.jsonl, confusion_simple.png, confusion_coarse.png, "
           "confusion_fine.png")
-    return metrics
+    return metrics, predictions
 
 
 def main(argv: list[str] | None = None) -> dict:
