@@ -124,12 +124,11 @@ class MultimodalLM(L.LightningModule):
                                  "use aux_level 'medium' for one target vector per medium")
             self.aux_heads = nn.ModuleDict({k: nn.Linear(e.out_dim, len(aux_classes)) for k, e in encoders.items()})
             # per medium ("val"), and per token ("val_token") for token targets
-            self.aux_auroc = nn.ModuleDict({s + level: nn.ModuleList(BinaryAUROC() for _ in aux_classes)
-                                            for s in ("val", "test")
-                                            for level in ("", "_token")[: 2 if aux_level == "token" else 1]})
-            # (absent, present) embedding of each class's finding token
-            self.aux_embeddings = nn.Parameter(0.02 * torch.randn(2, len(aux_classes), width)) if aux_tokens \
-                else None
+            levels = ("", "_token") if aux_level == "token" else ("",)
+            self.aux_auroc = nn.ModuleDict({split + level: nn.ModuleList(BinaryAUROC() for _ in aux_classes)
+                                            for split in ("val", "test") for level in levels})
+            if aux_tokens:  # (absent, present) embedding of each class's finding token
+                self.aux_embeddings = nn.Parameter(0.02 * torch.randn(2, len(aux_classes), width))
         self.evaluator = evaluator
         self._predictions: list[dict] = []
         self._fitted_tokenizer: str | None = None  # the BPE of `tokenizer_vocab` as JSON, once fitted
@@ -368,9 +367,9 @@ class MultimodalLM(L.LightningModule):
         if not rows:
             return
         metrics = {}
-        for key, aurocs in self.aux_auroc.items() if self.hparams.aux_classes else ():
-            split, level = key.split("_")[0], key.removeprefix(prefix)  # level "" (per medium) or "_token"
-            for name, auroc in zip(self.hparams.aux_classes, aurocs if split == prefix else ()):
+        for level in ("", "_token") if self.hparams.aux_classes else ():  # per medium, per token
+            for name, auroc in zip(self.hparams.aux_classes, self.aux_auroc[prefix + level]
+                                   if prefix + level in self.aux_auroc else ()):
                 if auroc.update_count:  # synced over ranks by torchmetrics
                     metrics[f"{prefix}/aux_auroc{level}/{name}"] = float(auroc.compute())
                     auroc.reset()

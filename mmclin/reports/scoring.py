@@ -62,6 +62,11 @@ def _predicted_types(pred: dict, where: str) -> tuple[str, str]:
     return coarse or (FINE_TYPES[fine] if fine else UNSPECIFIED), fine or UNSPECIFIED
 
 
+def _image_dependent_case(record: dict) -> bool:
+    """A clean report, or one whose error is of IMAGE_DEPENDENT_TYPES: the reports the image-dependent scores use."""
+    return not record["has_error"] or record["fine_type"] in IMAGE_DEPENDENT_TYPES
+
+
 def _binary(name: str):
     fn = {"accuracy": binary_accuracy, "f1": binary_f1_score, "precision": binary_precision,
           "sensitivity": binary_recall, "specificity": binary_specificity}[name]
@@ -171,7 +176,7 @@ def score_checker(records: Sequence[dict], predictions: Sequence[dict], n_boot: 
             hits = pred_bin[[t == c for t in truth]]
             detected[c] = {"n": int(hits.size), "detected": int(hits.sum()), "sensitivity": float(hits.mean())}
         simple[f"sensitivity_by_{level_name}_type"] = detected
-    subset = np.array([not r["has_error"] or r["fine_type"] in IMAGE_DEPENDENT_TYPES for r in records])
+    subset = np.array([_image_dependent_case(r) for r in records])
     truth_image, pred_image = truth_bin[subset], pred_bin[subset]
     if truth_image.any() and not truth_image.all():
         simple["image_dependent"] = {
@@ -209,7 +214,7 @@ def image_dependent_difference(records: Sequence[dict], reference: Sequence[dict
         above 0 means ``other`` does better on these reports beyond resampling noise. Empty when the records hold
         no image-dependent error or no clean report.
     """
-    subset = [r for r in records if not r["has_error"] or r["fine_type"] in IMAGE_DEPENDENT_TYPES]
+    subset = [r for r in records if _image_dependent_case(r)]
     truth = np.array([bool(r["has_error"]) for r in subset])
     if not truth.any() or truth.all():
         return {}
