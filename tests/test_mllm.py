@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from encoders.timeseries import PatchTransformerEncoder
 from encoders.volume import ViT3DEncoder
+from mmclin.errors import DataError
 from mmclin.models.mllm import MultimodalLM
 from mmclin.tasks.qa import parse_choice
 
@@ -164,8 +165,12 @@ def test_dense_aux_targets_teach_the_encoder_where_a_finding_is(tmp_path):
     tiny_lm = {"tiny": {"hidden_size": 32, "intermediate_size": 64}, "freeze": "none"}
     model = MultimodalLM({"volume": encoder}, lm=tiny_lm, lr=3e-3, aux_classes=["blob"],
                          predictions_dir=str(tmp_path))
-    batch = model.collator(_blob_samples(3, 0))
+    samples = _blob_samples(3, 0)
+    batch = model.collator(samples)
     assert batch["volume_targets"].shape == (3, 1, 8, 8, 8)
+    del samples[1]["volume_targets"]
+    with pytest.raises(DataError, match="2 volume_targets for 3 volume media"):
+        model.collator(samples)
     metrics = _fit_and_validate(model, _blob_samples(64, 0), _blob_samples(32, 1), epochs=15)
     assert metrics["val/aux_auroc_token/blob"] > 0.9, metrics  # chance 0.5: the head finds the cube's patches
     assert metrics["val/aux_auroc/blob"] > 0.9  # and tells the volumes with a cube from those without
