@@ -19,7 +19,7 @@ from torch import nn
 
 @dataclass
 class EncoderOutput:
-    """What a time-series encoder returns.
+    """What an encoder returns (time series, images, volumes).
 
     Attributes:
         tokens: (B, T, D) float; zero where ``mask`` is False.
@@ -29,6 +29,9 @@ class EncoderOutput:
         mean: (B, C) per-channel mean of the valid samples when the encoder z-normalised, else None.
         std: (B, C) per-channel population std (correction=0) of the valid samples, before the eps floor
             used for dividing (a flat lead reports 0), when the encoder z-normalised, else None.
+        region_logits: (B, R, *spatial) segmentation logits of anatomical regions, from encoders with a region
+            head (:class:`encoders.regions.RegionEncoder`), else None.
+        regions: (B, R, F) statistics of those regions, else None.
     """
 
     tokens: torch.Tensor
@@ -37,6 +40,8 @@ class EncoderOutput:
     channel_index: torch.Tensor
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    region_logits: torch.Tensor | None = None
+    regions: torch.Tensor | None = None
 
 
 def _check_input(series: torch.Tensor, lengths: torch.Tensor | None, max_channels: int, exact: bool) -> torch.Tensor:

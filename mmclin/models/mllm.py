@@ -11,8 +11,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceCELoss
 from torch import nn
 from torchmetrics.classification import BinaryAUROC
+from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.utilities import dim_zero_cat
 
 from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_positions
 from mmclin.fusion.projector import MLPProjector
@@ -87,7 +90,9 @@ class MultimodalLM(L.LightningModule):
             aux_level: ``token``: dense targets (N, C, *spatial), e.g. organ and lesion masks of a CT, max-pooled
                 to the encoder's token ``grid`` (an encoder with a ``grid``, e.g. ``ViT3DEncoder``); a linear head on
                 each token predicts whether its patch holds each class. ``medium``: targets (N, C), e.g. the
-                findings of a radiograph, predicted from the pooled output.
+                findings of a radiograph, or masks (N, C, *spatial) read as "present anywhere", predicted from the
+                pooled output. An encoder with a region head (:class:`encoders.regions.RegionEncoder`) also
+                learns to segment its ``regions``, named among these classes, from their masks (Dice + BCE).
             aux_loss_weight: weight of that loss beside the answer loss.
             aux_tokens: append to each medium's LM tokens one finding token per auxiliary class, a learned
                 embedding of "present" and one of "absent" mixed by the head's probability (for ``token``, the
@@ -129,6 +134,19 @@ class MultimodalLM(L.LightningModule):
                                             for split in ("val", "test") for level in levels})
             if aux_tokens:  # (absent, present) embedding of each class's finding token
                 self.aux_embeddings = nn.Parameter(0.02 * torch.randn(2, len(aux_classes), width))
+        # Encoders with a region head (encoders.regions.RegionEncoder) learn their regions from the dense targets
+        # of the aux classes of the same names.
+        self._region_channels = {}
+        for key, encoder in encoders.items():
+            regions = getattr(encoder, "regions", None)
+            if regions is None:
+                continue
+            missing = [r for r in regions if r not in (aux_classes or [])]
+            if missing:
+                raise ValueError(f"encoder {key!r} segments regions {missing}, which must be aux_classes too: their "
+                                 f"dense targets train its region head (aux_classes: {list(aux_classes or [])})")
+            self._region_channels[key] = [aux_classes.index(r) for r in regions]
+        self.region_loss = DiceCELoss(sigmoid=True, batch=True) if self._region_channels else None
         self.evaluator = evaluator
         self._predictions: list[dict] = []
         self._fitted_tokenizer: str | None = None  # the BPE of `tokenizer_vocab` as JSON, once fitted
@@ -185,7 +203,13 @@ class MultimodalLM(L.LightningModule):
         if self.aux_embeddings is not None:
             tokens, mask = self._append_finding_tokens(logits, out.mask, tokens, mask)
         media = tokens, mask, batch[f"{key}_sample"]
-        return (*media, self._aux_loss(key, logits, batch.get(f"{key}_targets"))) if aux_loss else media
+        if not aux_loss:
+            return media
+        targets = batch.get(f"{key}_targets")
+        loss = self._aux_loss(key, logits, targets)
+        if out.region_logits is not None and targets is not None:
+            loss = loss + self._region_loss(key, out.region_logits, targets)
+        return *media, loss
 
     def _append_finding_tokens(self, logits, encoder_mask, tokens, mask):
         """Tokens and mask with one finding token per auxiliary class appended to each medium."""
@@ -203,10 +227,10 @@ class MultimodalLM(L.LightningModule):
             return None
         n_classes = len(self.hparams.aux_classes)
         if self.hparams.aux_level == "medium":
-            if tuple(targets.shape) != tuple(logits.shape):
+            if targets.shape[:2] != logits.shape:
                 raise ValueError(f"{key}_targets {tuple(targets.shape)}: expected (N, {n_classes}), one row per "
-                                 "medium (aux_level 'medium')")
-            truth = targets.float()
+                                 f"medium, or (N, {n_classes}, *spatial) masks (aux_level 'medium')")
+            truth = targets.flatten(2).amax(2).float() if targets.ndim > 2 else targets.float()  # present anywhere
         else:
             grid = tuple(self.encoders[key].grid)
             if targets.ndim != 2 + len(grid) or targets.shape[1] != n_classes:
@@ -222,6 +246,15 @@ class MultimodalLM(L.LightningModule):
                 for c, auroc in enumerate(self.aux_auroc[name]):
                     auroc.update(x[..., c].flatten(), y[..., c].flatten().long())
         return F.binary_cross_entropy_with_logits(logits, truth)
+
+    def _region_loss(self, key: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Dice + BCE of a region head's `logits` (N, R, *grid) against the dense `targets` of its regions,
+        averaged to the head's grid (the fraction of each cell inside the region)."""
+        if targets.ndim != logits.ndim or any(t % g for t, g in zip(targets.shape[2:], logits.shape[2:])):
+            raise ValueError(f"{key}_targets {tuple(targets.shape)}: the region head of encoder {key!r} needs dense "
+                             f"masks on the volume's grid, a multiple of its own grid {tuple(logits.shape[2:])}")
+        truth = F.adaptive_avg_pool3d(targets[:, self._region_channels[key]].float(), logits.shape[2:])
+        return self.region_loss(logits.float(), truth)
 
     @staticmethod
     def _group(tokens: torch.Tensor, mask: torch.Tensor, owner: torch.Tensor, batch_size: int):
@@ -370,8 +403,11 @@ class MultimodalLM(L.LightningModule):
         for level in ("", "_token") if self.hparams.aux_classes else ():  # per medium, per token
             for name, auroc in zip(self.hparams.aux_classes, self.aux_auroc[prefix + level]
                                    if prefix + level in self.aux_auroc else ()):
-                if auroc.update_count:  # synced over ranks by torchmetrics
-                    metrics[f"{prefix}/aux_auroc{level}/{name}"] = float(auroc.compute())
+                if auroc.update_count:
+                    with auroc.sync_context():  # every rank's scores
+                        scores, truth = dim_zero_cat(auroc.preds), dim_zero_cat(auroc.target)
+                    if 0 < int(truth.sum()) < len(truth):  # undefined where every medium has the class, or none
+                        metrics[f"{prefix}/aux_auroc{level}/{name}"] = float(binary_auroc(scores, truth))
                     auroc.reset()
         closed = [r for r in rows if r["choices"]]  # open answers (reports) are scored by the evaluator only
         for name, key in (("generation", "parsed"), ("likelihood", "ranked")) if closed else ():

@@ -9,9 +9,20 @@ from transformers import get_cosine_schedule_with_warmup
 
 def adamw_cosine(module: L.LightningModule, lr: float, weight_decay: float, warmup: float) -> dict:
     """`configure_optimizers` output: AdamW over the parameters that require grad, per-step cosine decay after a
-    linear warm-up of `warmup` (a fraction of the total steps if < 1, else a number of steps)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    linear warm-up of `warmup` (a fraction of the total steps if < 1, else a number of steps).
+
+    A submodule with an ``lr_scale`` attribute (e.g. the region head of :class:`encoders.regions.RegionEncoder`)
+    trains at `lr` times that scale, under the same schedule.
+    """
+    groups, seen = [], set()
+    for sub in module.modules():
+        scale = getattr(sub, "lr_scale", None)
+        if scale is not None:
+            params = [p for p in sub.parameters() if p.requires_grad and id(p) not in seen]
+            seen.update(map(id, params))
+            groups.append({"params": params, "lr": lr * scale})
+    groups.insert(0, {"params": [p for p in module.parameters() if p.requires_grad and id(p) not in seen]})
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
     total = max(1, int(module.trainer.estimated_stepping_batches))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup * total) if warmup < 1 else int(warmup), total)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
