@@ -54,7 +54,11 @@ class CTVQADataset(Dataset):
         """
         self.table = table.reset_index(drop=True)
         self.volumes = volumes
-        self.mask_ids = [torch.tensor(ids) for ids in (mask_classes or {}).values()]
+        # label id -> its classes, so that one gather builds every class's target
+        ids = [i for class_ids in (mask_classes or {}).values() for i in class_ids]
+        self.class_table = torch.zeros(max(ids, default=0) + 1, len(mask_classes or {}), dtype=torch.bool)
+        for c, class_ids in enumerate((mask_classes or {}).values()):
+            self.class_table[class_ids, c] = True
 
     def __len__(self) -> int:
         return len(self.table)
@@ -62,8 +66,7 @@ class CTVQADataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.table.iloc[i]
         volume = self.volumes[int(row["volume_index"])]
-        targets = {"volume_targets": [torch.stack([torch.isin(volume["mask"][0], ids) for ids in self.mask_ids])]} \
-            if self.mask_ids else {}
+        targets = {"volume_targets": [self._targets(volume["mask"][0])]} if self.class_table.shape[1] else {}
         return targets | {
             "volume": [volume["image"]],
             "question": row["prompt"],
@@ -74,6 +77,13 @@ class CTVQADataset(Dataset):
                      "value": None if pd.isna(row["value"]) else float(row["value"]), "record": row["record"],
                      "volume_path": row["volume_path"]} | {k: row[k] for k in META_EXTRAS if k in row.index},
         }
+
+
+    def _targets(self, mask: torch.Tensor) -> torch.Tensor:
+        """(C, D, H, W) bool: where the label `mask` (D, H, W) holds one of each class's ids."""
+        labels = mask.long()
+        known = (labels >= 0) & (labels < len(self.class_table))  # other ids are in no class
+        return self.class_table[labels.clamp(0, len(self.class_table) - 1)].movedim(-1, 0) & known
 
 
 class CTVQADataModule(SplitLoaders, L.LightningDataModule):
