@@ -185,11 +185,14 @@ def test_aux_targets_must_fit_the_encoder_and_match_the_datamodules_classes():
     with pytest.raises(ValueError, match="aux_tokens needs aux_classes"):
         MultimodalLM({"series": encoder}, lm=tiny_lm, aux_tokens=True)
     model = MultimodalLM({"series": encoder}, lm=tiny_lm, aux_classes=["lesion"], aux_level="medium")
-    batch = model.collator(_samples(2, 0)) | {"series_targets": torch.zeros(2, 1, 4, 4, 4)}
-    with pytest.raises(ValueError, match=r"series_targets \(2, 1, 4, 4, 4\): expected \(N, 1\), one row per medium"):
+    batch = model.collator(_samples(2, 0)) | {"series_targets": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match=r"series_targets \(2, 3\): expected \(N, 1\), one row per medium"):
         model.batch_media(batch, aux_loss=True)
     _, loss = model.batch_media(batch | {"series_targets": torch.ones(2, 1)}, aux_loss=True)
     assert loss.ndim == 0 and loss > 0
+    masks = torch.zeros(2, 1, 4, 4, 4)
+    masks[:, :, 1, 2, 3] = 1  # masks count as "present anywhere"
+    torch.testing.assert_close(model.batch_media(batch | {"series_targets": masks}, aux_loss=True)[1], loss)
     encoder = ViT3DEncoder(img_size=(8, 8, 8), patch_size=(4, 4, 4), hidden_size=16, mlp_dim=32, num_layers=1,
                            num_heads=2)
     model = MultimodalLM({"volume": encoder}, lm=tiny_lm, aux_classes=["liver", "lesion"])
