@@ -137,3 +137,4 @@ def test_region_encoder_learns_which_organ_holds_a_lesion(tmp_path):
     assert metrics["val/aux_auroc/left_lesion"] > 0.9, metrics  # chance 0.5
     assert metrics["val/aux_auroc/right_lesion"] > 0.9, metrics
     assert metrics["val/acc_likelihood"] >= 0.7, metrics  # majority answer 1/3
+    assert min(metrics["val/region_dice/left"], metrics["val/region_dice/right"]) > 0.9  # the organs are found

@@ -92,7 +92,8 @@ class MultimodalLM(L.LightningModule):
                 each token predicts whether its patch holds each class. ``medium``: targets (N, C), e.g. the
                 findings of a radiograph, or masks (N, C, *spatial) read as "present anywhere", predicted from the
                 pooled output. An encoder with a region head (:class:`encoders.regions.RegionEncoder`) also
-                learns to segment its ``regions``, named among these classes, from their masks (Dice + BCE).
+                learns to segment its ``regions``, named among these classes, from their masks (Dice + BCE);
+                validation logs each region's Dice (``region_dice/<region>``, per batch on the head's grid, averaged).
             aux_loss_weight: weight of that loss beside the answer loss.
             aux_tokens: append to each medium's LM tokens one finding token per auxiliary class, a learned
                 embedding of "present" and one of "absent" mixed by the head's probability (for ``token``, the
@@ -254,6 +255,13 @@ class MultimodalLM(L.LightningModule):
             raise ValueError(f"{key}_targets {tuple(targets.shape)}: the region head of encoder {key!r} needs dense "
                              f"masks on the volume's grid, a multiple of its own grid {tuple(logits.shape[2:])}")
         truth = F.adaptive_avg_pool3d(targets[:, self._region_channels[key]].float(), logits.shape[2:])
+        if not self.training and self._trainer is not None:  # Dice of the masks on the head's grid, per region
+            split = "test" if self.trainer.testing else "val"
+            found, inside = logits > 0, truth >= 0.5
+            dice = 2 * (found & inside).sum((0, 2, 3, 4)) / (found.sum((0, 2, 3, 4)) + inside.sum((0, 2, 3, 4))).clamp(
+                min=1)
+            for name, value in zip(self.encoders[key].regions, dice):
+                self.log(f"{split}/region_dice/{name}", value, batch_size=len(logits), sync_dist=True)
         return self.region_loss(logits.float(), truth)
 
     @staticmethod
