@@ -98,12 +98,11 @@ class RegionEncoder(nn.Module):
     The head runs at 1 / `stride` of the input resolution: average pooling, 3x3x3 convolutions with
     `dilations` (MONAI ``Convolution``: conv, instance norm, GELU) and a 1x1x1 convolution to one logit per
     region. Each region's mask is where its logit, upsampled trilinearly to the input grid, is positive; the
-    statistics of :func:`region_statistics` on it pass through a linear layer to become ``pooled``, the
-    summary a finding head reads (the wrapped encoder's tokens still go to the LM). A summary made of a few
-    statistics per region, unlike the mean of the patch tokens, leaves a finding head no room to memorise the
-    training volumes. No gradient flows
-    from the statistics into the head: the head learns from the masks, the projection from the answers and
-    findings.
+    statistics of :func:`region_statistics` on it, standardised (batch norm without affine) and projected
+    linearly, become ``pooled``: the summary a finding head reads, while the wrapped encoder's tokens still go to the
+    LM. A summary made of a few statistics per region, unlike the mean of the patch tokens, leaves a finding head no
+    room to memorise the training volumes. No gradient flows from the statistics into the head: the head learns
+    from the masks, the projection from the answers and findings.
     """
 
     def __init__(self, backbone: nn.Module, regions: Sequence[str], width: int = 16,
@@ -123,7 +122,8 @@ class RegionEncoder(nn.Module):
                 steps at ~1e-2, while an LM trains at ~1e-3).
             head_steps: train the head for this many training forward passes, then keep it fixed (no gradient):
                 it has learnt the regions by then, and its backward pass is the costliest part of a
-                step on a CPU. None: train it throughout.
+                step on a CPU. None: train it throughout. Under DDP, a fixed head's parameters get no gradient:
+                use ``strategy: ddp_find_unused_parameters_true`` (or None here).
         """
         super().__init__()
         if not regions:
