@@ -78,7 +78,6 @@ class CTVQADataset(Dataset):
                      "volume_path": row["volume_path"]} | {k: row[k] for k in META_EXTRAS if k in row.index},
         }
 
-
     def _targets(self, mask: torch.Tensor) -> torch.Tensor:
         """(C, D, H, W) bool: where the label `mask` (D, H, W) holds one of each class's ids."""
         labels = mask.long()

@@ -172,10 +172,8 @@ class RegionEncoder(nn.Module):
             self.head_steps is None or int(self.head_steps_done) < self.head_steps)
         if learning:
             self.head_steps_done += 1
+        with torch.set_grad_enabled(learning):
             logits = self.segmenter(volume)
-        else:
-            with torch.no_grad():
-                logits = self.segmenter(volume)
         with torch.no_grad():
             full = logits if logits.shape[2:] == volume.shape[2:] else \
                 F.interpolate(logits.float(), size=volume.shape[2:], mode="trilinear")
