@@ -31,9 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import resize
 
 from datamodules.loaders import SplitLoaders
-from datamodules.reports import split_studies
+from datamodules.reports import content_key, duplicate_groups, split_studies
 from datamodules.synthetic.cxr import REPORTS_CSV, generate_cxr_demo
 from mmclin.errors import DataError
+from mmclin.reports.sections import parse_sections
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,8 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         root = self.root
         if root.is_file():
             records = read_error_records(root)
-            split_of = self._split_of([str(r["id"]) for r in records], [r.get("split") for r in records])
+            split_of = self._split_of([str(r["id"]) for r in records], [r.get("split") for r in records],
+                                      [content_key(parse_sections(r["original"])) for r in records])
             for split in SPLITS:
                 self.records[split] = [r for r in records if split_of[str(r["id"])] == split]
         else:
@@ -250,7 +252,8 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
 
             reports = read_iu_xray(root / REPORTS_CSV, image_root=self._image_root(root) if self.with_images else None,
                                    on_error=h.on_error).reports
-            split_of = self._split_of([r.id for r in reports], [r.split for r in reports])
+            split_of = self._split_of([r.id for r in reports], [r.split for r in reports],
+                                      [content_key(r.sections) for r in reports])
             for split in SPLITS:
                 self.reports[split] = [r for r in reports if split_of[r.id] == split]
                 self.records[split] = self._inject(split, epoch=0)
@@ -267,10 +270,16 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         kaggle = root / "images" / "images_normalized"
         return kaggle if kaggle.is_dir() else root / "images"
 
-    def _split_of(self, ids: list[str], given: list[str | None]) -> dict[str, str]:
+    def _split_of(self, ids: list[str], given: list[str | None], keys: list[str]) -> dict[str, str]:
+        """The records' own splits where every one has one; else a seeded split that keeps reports with the same
+        findings + impression (`keys`) on one side, so templated reports do not leak from train to test."""
         if all(s in SPLITS for s in given):
             return dict(zip(ids, given))
-        return split_studies(ids, self.hparams.val_fraction, self.hparams.test_fraction, self.hparams.seed)
+        dup = duplicate_groups(keys)
+        log.info("report errors: %d groups of identical reports (%d reports) each kept on one side of the split",
+                 dup["n_groups"], dup["n_reports"])
+        return split_studies(ids, self.hparams.val_fraction, self.hparams.test_fraction, self.hparams.seed,
+                             groups=keys)
 
     def _inject(self, split: str, epoch: int) -> list[dict]:
         from mmclin.reports.errors import inject_corpus

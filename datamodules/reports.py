@@ -70,7 +70,7 @@ class _Collector:
 
     def fault(self, where: str, why: str) -> None:
         if self.on_error == "raise":
-            raise DataError(f"{where}: {why}")
+            raise DataError(f"{where}: {why} (--on-error skip / on_error='skip' leaves such reports out, counted)")
         self.result.skipped.append((where, why))
 
     def done(self) -> ReadResult:
@@ -161,7 +161,8 @@ def read_iu_xray(reports_csv: str | os.PathLike, projections_csv: str | os.PathL
             out.fault(where, "empty uid")
             continue
         if uid in seen:
-            raise DataError(f"{where}: uid {uid} appears twice")
+            out.fault(where, f"uid {uid} appears twice (the first row is kept)")
+            continue
         seen.add(uid)
         bad = next((f"column {c}: {b}" for c in IU_REPORT_COLUMNS if (b := _bad_bytes(row[c]))), None)
         if bad:
@@ -304,13 +305,48 @@ def read_mimic_reports(root: str | os.PathLike, split_csv: str | os.PathLike | N
 FORMATS = ("iu-csv", "r2gen", "mimic")
 
 
-def split_studies(ids: list[str], val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
-                  ) -> dict[str, str]:
-    """Study id -> train / val / test: a seeded permutation of the sorted distinct ids, cut by the fractions."""
-    unique = sorted(set(ids))
-    order = [unique[i] for i in np.random.default_rng(seed).permutation(len(unique))]
-    n_test, n_val = round(test_fraction * len(unique)), round(val_fraction * len(unique))
-    return {sid: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, sid in enumerate(order)}
+def content_key(sections: dict[str, str | None]) -> str:
+    """A report's findings + impression, lower-cased with punctuation and white space folded: templated normal
+    reports (IU-Xray has many word-for-word copies) share one key."""
+    text = " | ".join(sections.get(name) or "" for name in ("findings", "impression"))
+    return " ".join(re.sub(r"[^\w|]+", " ", text.lower()).split())
+
+
+def split_studies(ids: list[str], val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
+                  groups: list[str] | None = None) -> dict[str, str]:
+    """Study id -> train / val / test: a seeded permutation of the sorted distinct groups, cut by the fractions.
+
+    Args:
+        ids: study ids.
+        val_fraction: share of the studies in validation.
+        test_fraction: share of the studies in test.
+        seed: permutation seed.
+        groups: one key per id (e.g. :func:`content_key`): studies of one key stay on one side, so a report
+            identical to a training report is never tested. Default: every study its own group.
+    """
+    groups = list(ids) if groups is None else list(groups)
+    if len(groups) != len(ids):
+        raise ValueError(f"split_studies: {len(ids)} ids but {len(groups)} group keys")
+    members: dict[str, set[str]] = {}
+    for sid, key in zip(ids, groups):
+        members.setdefault(key, set()).add(sid)
+    keys = sorted(members)
+    order = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
+    n = len({*ids})
+    n_test, n_val = round(test_fraction * n), round(val_fraction * n)
+    split_of, taken = {}, 0
+    for key in order:  # fill test, then val, with whole groups; the rest trains
+        split = "test" if taken < n_test else "val" if taken < n_test + n_val else "train"
+        for sid in members[key]:
+            split_of[sid] = split
+        taken += len(members[key])
+    return split_of
+
+
+def duplicate_groups(keys: list[str]) -> dict[str, int]:
+    """``{"n_groups", "n_reports"}``: groups of two or more reports with the same key, and the reports in them."""
+    counts = [c for c in pd.Series(keys, dtype=object).value_counts().tolist() if c > 1]
+    return {"n_groups": len(counts), "n_reports": int(sum(counts))}
 
 
 def read_reports(path: str | os.PathLike, format: Literal["iu-csv", "r2gen", "mimic"],
@@ -324,7 +360,8 @@ def read_reports(path: str | os.PathLike, format: Literal["iu-csv", "r2gen", "mi
         image_root: see the readers; given, images must exist.
         on_error: "raise" or "skip".
         split: keep only reports of this split (train / val / test). A corpus without splits (IU-Xray) is split
-            by study with :func:`split_studies` and its defaults, as ``ReportErrorDataModule`` does with its own.
+            by study with :func:`split_studies` and its defaults, identical reports kept together
+            (:func:`content_key`), as ``ReportErrorDataModule`` does with its own.
     """
     path = Path(path)
     if format == "iu-csv":
@@ -339,7 +376,8 @@ def read_reports(path: str | os.PathLike, format: Literal["iu-csv", "r2gen", "mi
         raise ValueError(f"unknown report format {format!r}; choose one of {list(FORMATS)}")
     if split is not None:
         if all(r.split is None for r in result.reports):
-            split_of = split_studies([r.id for r in result.reports])
+            split_of = split_studies([r.id for r in result.reports],
+                                     groups=[content_key(r.sections) for r in result.reports])
             result.reports = [r for r in result.reports if split_of[r.id] == split]
         else:
             result.reports = [r for r in result.reports if r.split == split]

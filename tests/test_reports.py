@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.reports import read_iu_xray, read_mimic_reports, read_r2gen, read_reports, split_studies
+from datamodules.reports import (
+    content_key,
+    duplicate_groups,
+    read_iu_xray,
+    read_mimic_reports,
+    read_r2gen,
+    read_reports,
+    split_studies,
+)
 from mmclin.errors import DataError
 from mmclin.reports.errors import (
     FINE_TYPES,
@@ -178,27 +186,42 @@ def test_iu_csv_pair_reads_sections_images_and_keeps_xxxx(tmp_path):
 
 def test_a_corpus_without_splits_is_split_by_study_as_the_datamodule_does(tmp_path):
     csv = write_iu(tmp_path)
-    ids = [r.id for r in read_iu_xray(csv)]
-    split_of = split_studies(ids)
+    reports = read_iu_xray(csv).reports
+    ids = [r.id for r in reports]
+    split_of = split_studies(ids, groups=[content_key(r.sections) for r in reports])
     for split in ("train", "val", "test"):
         assert [r.id for r in read_reports(csv, "iu-csv", split=split).reports] == [i for i in ids
                                                                                    if split_of[i] == split]
     assert sum(v == "test" for v in split_of.values()) == round(0.15 * len(ids))
 
 
+def test_split_keeps_templated_reports_on_one_side():
+    # 40 studies, 30 of them one normal template written with other case and spacing: the template must not leak
+    texts = ["Lungs are clear. | No acute disease.", "lungs are  clear | no acute disease"] * 15 + [
+        f"Nodule {i} mm. | Nodule." for i in range(10)]
+    keys = [content_key({"findings": t.split("|")[0], "impression": t.split("|")[1]}) for t in texts]
+    assert len(set(keys)) == 11
+    ids = [str(i) for i in range(40)]
+    split_of = split_studies(ids, 0.15, 0.15, seed=3, groups=keys)
+    for key in set(keys):
+        assert len({split_of[i] for i, k in zip(ids, keys) if k == key}) == 1
+    assert duplicate_groups(keys) == {"n_groups": 1, "n_reports": 30}
+
+
 def test_iu_bad_rows_raise_with_uid_or_are_skipped_and_counted(tmp_path):
     rows = [list(r) for r in IU_ROWS[:4]]
     rows[1][6] = rows[1][7] = "  "  # uid 2: no findings, no impression
-    csv = write_iu(tmp_path, rows)
+    csv = write_iu(tmp_path, rows + [rows[0]])  # uid 1 again in row 5
     raw = csv.read_bytes().replace(b"Shortness of breath", b"Shortness \xff of breath")  # uid 4: not UTF-8
     csv.write_bytes(raw)
     (tmp_path / "images" / "3_IM-0001-3001.dcm.png").unlink()  # uid 3: image missing
-    with pytest.raises(DataError, match=r"row 2 \(uid 2\): no findings and no impression"):
+    with pytest.raises(DataError, match=r"row 2 \(uid 2\): no findings and no impression \(--on-error skip"):
         read_iu_xray(csv)
     result = read_iu_xray(csv, image_root=tmp_path / "images", on_error="skip")
     assert [r.id for r in result] == ["1"]
     reasons = dict(result.skipped)
-    assert len(reasons) == 3
+    assert len(reasons) == 4
+    assert "uid 1 appears twice" in reasons[f"{csv} row 5 (uid 1)"]
     assert "no findings and no impression" in reasons[f"{csv} row 2 (uid 2)"]
     missing_image = reasons[f"{csv} row 3 (uid 3)"]
     assert "3_IM-0001-3001.dcm.png" in missing_image and "not found" in missing_image
