@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from datamodules.reports import FORMATS, read_reports
 from mmclin.errors import DataError
+from mmclin.reports.audit import audit, audit_lines
 from mmclin.reports.errors import FINE_TYPES, corpus_summary, inject_corpus
 from mmclin.reports.rules import RuleChecker
 from mmclin.reports.scoring import image_dependent_difference, score_checker, write_confusion_matrices
@@ -60,6 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     inj.add_argument("--types", nargs="+", default=None, choices=list(FINE_TYPES), help="fine types (default all)")
     inj.add_argument("--seed", type=int, default=0)
     inj.add_argument("--out", required=True, help="output directory")
+    au = sub.add_parser("audit", help="shortcut audit: marker words and a bag-of-words baseline on errors.jsonl")
+    au.add_argument("--data", required=True, help="errors.jsonl or the folder holding it")
+    au.add_argument("--train", default=None, help="errors.jsonl to fit the bag-of-words classifier on (default: "
+                                                   "the data's own train split when it has one, else 5-fold "
+                                                   "cross-validation)")
+    au.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("--out", default=None, help="folder for audit.json (default: beside the data)")
     ev = sub.add_parser("evaluate", help="run a checker on errors.jsonl and score it")
     ev.add_argument("--data", required=True, help="errors.jsonl or the folder holding it")
     ev.add_argument("--checker", required=True, nargs="+",
@@ -197,6 +206,25 @@ def inject_main(args: argparse.Namespace) -> dict:
     return summary
 
 
+def audit_main(args: argparse.Namespace) -> dict:
+    """Marker words and the bag-of-words baseline; scored on the test split when the records carry splits."""
+    records, train = read_jsonl(args.data), None
+    if args.train is not None:
+        train = read_jsonl(args.train)
+    elif {r.get("split") for r in records} >= {"train", "test"}:
+        train = [r for r in records if r.get("split") == "train"]
+        records = [r for r in records if r.get("split") == "test"]
+    result = audit(records, train, n_boot=args.n_boot, seed=args.seed)
+    data = Path(args.data)
+    out = Path(args.out) if args.out else (data if data.is_dir() else data.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit.json").write_text(json.dumps(_finite(result), indent=2))
+    print(f"{args.data}: {len(records)} reports audited ({sum(bool(r['has_error']) for r in records)} with an error)")
+    print("\n".join(audit_lines(result)))
+    print(f"wrote {out}/audit.json")
+    return result
+
+
 def _ci(block: dict, name: str) -> str:
     low, high = block[f"{name}_ci"]
     return f"{block[name]:.3f} [{low:.3f}, {high:.3f}]"
@@ -209,6 +237,10 @@ def evaluate_main(args: argparse.Namespace) -> dict:
     records = read_jsonl(args.data)
     if not records:
         raise DataError(f"{args.data}: no reports")
+    shortcut = audit(records, n_boot=args.n_boot, seed=args.seed)  # what surface words alone score here
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "audit.json").write_text(json.dumps(_finite(shortcut), indent=2))
+    print("\n".join(audit_lines(shortcut)))
     if len(specs) == 1:
         return evaluate_one(args, records, specs[0], Path(args.out))[0]
     runs, predictions = {}, {}
@@ -287,7 +319,9 @@ def evaluate_one(args: argparse.Namespace, records: list[dict], spec: str, out: 
     s, c, f = scores["simple"], scores["complex_coarse"], scores["complex_fine"]
     print(f"{args.data}: n={scores['n']} ({scores['n_error']} with an error), checker {spec}")
     print(f"SIMPLE   accuracy {_ci(s, 'accuracy')}  F1 {_ci(s, 'f1')}")
-    print(f"         sensitivity {_ci(s, 'sensitivity')}  specificity {_ci(s, 'specificity')}")
+    print(f"         sensitivity {_ci(s, 'sensitivity')}  specificity {_ci(s, 'specificity')}  "
+          f"clean reports flagged {1 - s['specificity']:.3f} [{1 - s['specificity_ci'][1]:.3f}, "
+          f"{1 - s['specificity_ci'][0]:.3f}]")
     print(f"COMPLEX  coarse macro-F1 {_ci(c, 'macro_f1')}  fine macro-F1 {_ci(f, 'macro_f1')}")
     if "image_dependent" in s:
         image = s["image_dependent"]
@@ -305,7 +339,7 @@ def evaluate_one(args: argparse.Namespace, records: list[dict], spec: str, out: 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    return inject_main(args) if args.command == "inject" else evaluate_main(args)
+    return {"inject": inject_main, "audit": audit_main, "evaluate": evaluate_main}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from mmclin.reports.sections import Report, body_regions, find_mentions, sentence_spans
+from mmclin.reports.sections import Report, body_regions, find_mentions, parse_sections, sentence_spans
 
 COARSE_TYPES = ("insert", "remove", "substitute")
 FINE_TYPES: dict[str, str] = {
@@ -197,7 +197,7 @@ def _negation_sites(text: str, regions) -> list[_Edit]:
 # ----------------------------------------------------------------------------------- words swapped in place
 
 _LATERALITY = re.compile(r"\b(?P<w>left|right)\b", re.IGNORECASE)
-_ZONE_SWAP = {"upper": ("lower",), "lower": ("upper",), "middle": ("upper", "lower"), "apical": ("basilar",),
+_ZONE_SWAP = {"upper": ("lower",), "lower": ("upper",), "middle": ("upper", "lower"), "apical": ("basilar", "basal"),
               "basilar": ("apical",), "basal": ("apical",), "apex": ("base",), "apices": ("bases",),
               "base": ("apex",), "bases": ("apices",), "anterior": ("posterior",), "posterior": ("anterior",)}
 _ZONES = tuple(re.compile(p, re.IGNORECASE) for p in (
@@ -211,18 +211,21 @@ _SEVERITY_SWAP = {"trace": ("large",), "tiny": ("large",), "small": ("large", "m
                   "moderately": ("mildly", "severely"), "large": ("small",), "severe": ("mild",),
                   "severely": ("mildly",), "marked": ("mild",), "markedly": ("mildly",), "extensive": ("minimal",)}
 _SEVERITY = re.compile(r"\b(?P<w>" + "|".join(_SEVERITY_SWAP) + r")\b(?!\s+(?:bowel|intestine))", re.IGNORECASE)
-_INTERVAL_SWAP = {"new": ("unchanged",), "unchanged": ("increased", "decreased"), "stable": ("worsened", "improved"),
-                  "increased": ("decreased",), "decreased": ("increased",), "increasing": ("decreasing",),
+# Replacements are words radiologists use often ("increased", "decreased"), so the edit leaves no rare word behind.
+_INTERVAL_SWAP = {"new": ("unchanged", "stable"), "unchanged": ("increased", "decreased"),
+                  "stable": ("increased", "decreased"), "increased": ("decreased", "stable"),
+                  "decreased": ("increased", "stable"), "increasing": ("decreasing",),
                   "decreasing": ("increasing",), "increase": ("decrease",), "decrease": ("increase",),
-                  "improved": ("worsened",), "worsened": ("improved",), "improving": ("worsening",),
+                  "improved": ("increased",), "worsened": ("improved",), "improving": ("increasing",),
                   "worsening": ("improving",), "improvement": ("worsening",)}
 _INTERVAL = re.compile(r"\b(?P<w>" + "|".join(_INTERVAL_SWAP) + r")\b", re.IGNORECASE)
-_DEVICE_SWAP = {"endotracheal tube": ("nasogastric tube", "orogastric tube"),
+_DEVICE_SWAP = {"endotracheal tube": ("nasogastric tube", "orogastric tube", "PICC"),
                 "nasogastric tube": ("endotracheal tube",), "orogastric tube": ("endotracheal tube",),
                 "enteric tube": ("endotracheal tube",),
                 "feeding tube": ("endotracheal tube",), "tracheostomy tube": ("nasogastric tube",),
                 "chest tube": ("nasogastric tube",), "ET tube": ("NG tube",), "NG tube": ("ET tube",),
-                "OG tube": ("ET tube",), "PICC line": ("Swan-Ganz catheter",), "PICC": ("Swan-Ganz catheter",),
+                "OG tube": ("ET tube",), "PICC line": ("Swan-Ganz catheter", "central venous catheter"),
+                "PICC": ("Swan-Ganz catheter", "central venous catheter", "nasogastric tube"),
                 "Swan-Ganz catheter": ("PICC",), "central venous catheter": ("PICC",),
                 "internal jugular": ("subclavian",), "subclavian": ("internal jugular",),
                 "pacemaker": ("defibrillator",), "defibrillator": ("pacemaker",), "AICD": ("pacemaker",)}
@@ -247,14 +250,41 @@ def _anatomy_sites(text: str, regions) -> list[_Edit]:
     return [e for pattern in _ZONES for e in _word_edits(text, regions, pattern, _ZONE_SWAP)]
 
 
+def _asserted_finding_at(text: str, mentions: list, pos: int) -> bool:
+    """`pos` lies in a sentence that asserts a finding, and no negation cue precedes it in that sentence: a size
+    or change word there qualifies something the report says is present ("No large effusion" is not such a site:
+    "No small effusion" would be no error at all)."""
+    for m in mentions:
+        lo, hi = m.sentence
+        if lo <= pos < hi and m.polarity == "asserted":
+            return not _NEGATION_CUE.search(text, lo, pos)
+    return False
+
+
 def _severity_sites(text: str, regions) -> list[_Edit]:
-    return _word_edits(text, regions, _SEVERITY, _SEVERITY_SWAP)
+    mentions = find_mentions(text)
+    return _word_edits(text, regions, _SEVERITY, _SEVERITY_SWAP,
+                       keep=lambda m: _asserted_finding_at(text, mentions, m.start()))
+
+
+_NO_PRIOR = re.compile(r"^\s*(?:none|no\s+prior|not\s+available|n/a)\b", re.IGNORECASE)
+
+
+def has_comparison(text: str) -> bool:
+    """The report names a prior study (a COMPARISON section that is not "None"), so an interval change can be
+    stated at all."""
+    comparison = parse_sections(text, headerless=None)["comparison"]
+    return bool(comparison) and not _NO_PRIOR.search(comparison)
 
 
 def _interval_sites(text: str, regions) -> list[_Edit]:
-    # "no new X" says nothing is new; "no unchanged X" would be nonsense rather than an interval error
+    """Change words of sentences that assert an abnormal finding, in reports with a prior study: "worsened chest"
+    or a change over a report without comparison is not an error a radiologist makes."""
+    if not has_comparison(text):
+        return []
+    mentions = find_mentions(text)
     return _word_edits(text, regions, _INTERVAL, _INTERVAL_SWAP,
-                       keep=lambda m: not re.search(r"\bno\s+$", text[max(0, m.start() - 4):m.start()], re.I))
+                       keep=lambda m: _asserted_finding_at(text, mentions, m.start()))
 
 
 def _device_sites(text: str, regions) -> list[_Edit]:
@@ -357,9 +387,31 @@ INSERTION_TEMPLATES: tuple[tuple[str, str], ...] = (
 )
 
 
-def _insertion_sites(text: str, regions) -> list[_Edit]:
+def finding_sentences(reports: Sequence[Report]) -> list[tuple[str, str, str]]:
+    """(report id, finding term, sentence) of every sentence that asserts exactly one finding and says nothing
+    else: no negation, hedge or change word, no anonymisation token ("XXXX"), no list number, at most 16 words.
+    These are what `inject_corpus` inserts into other studies, so an insertion reads like the corpus itself."""
+    pool = []
+    for report in reports:
+        mentions = find_mentions(report.text)
+        for _, lo, hi in body_regions(report.text):
+            for span in sentence_spans(report.text, lo, hi):
+                inside = [m for m in mentions if m.sentence == span]
+                sentence = report.text[slice(*span)]
+                if (len(inside) == 1 and inside[0].polarity == "asserted" and not inside[0].interval
+                        and sentence.endswith(".") and len(sentence.split()) <= 16 and "XXXX" not in sentence
+                        and not _ITEM_NUMBER.match(sentence) and not _NEGATION_CUE.search(sentence)
+                        and not _INTERVAL.search(sentence)):
+                    pool.append((report.id, inside[0].term, sentence))
+    return pool
+
+
+def _insertion_sites(text: str, regions, pool: Sequence[tuple[str, str]] | None = None) -> list[_Edit]:
+    """Before any sentence of the findings, or after the last: a finding sentence of `pool` ((term, sentence)
+    pairs; default INSERTION_TEMPLATES) whose finding the report does not assert. Repeats are kept, so a sentence
+    is drawn as often as the corpus writes it and the inserted words follow the corpus's own frequencies."""
     asserted = {m.term for m in find_mentions(text) if m.polarity == "asserted"}
-    sentences = tuple(s for term, s in INSERTION_TEMPLATES if term not in asserted)
+    sentences = tuple(s for term, s in (INSERTION_TEMPLATES if pool is None else pool) if term not in asserted)
     if not sentences:
         return []
     targets = [r for r in regions if r[0] == "findings"] or regions
@@ -370,6 +422,20 @@ def _insertion_sites(text: str, regions) -> list[_Edit]:
         if spans and text[spans[-1][1] - 1] in ".!?":
             edits.append(_Edit(spans[-1][1], spans[-1][1], tuple(f" {x}" for x in sentences)))
     return edits
+
+
+_ITEM_NUMBER = re.compile(r"(?P<n>\d{1,2})(?P<dot>[.)])\s")
+
+
+def _renumbered(text: str, start: int, end: int, first: int) -> str:
+    """``text[start:end]`` with the list numbers that open its sentences counted down from `first`."""
+    out, cursor, number = [], start, first
+    for s, _ in sentence_spans(text, start, end):
+        m = _ITEM_NUMBER.match(text, s)
+        if m:
+            out += [text[cursor:m.start("n")], str(number)]
+            cursor, number = m.end("n"), number + 1
+    return "".join(out) + text[cursor:end]
 
 
 def _omission_sites(text: str, regions) -> list[_Edit]:
@@ -383,9 +449,13 @@ def _omission_sites(text: str, regions) -> list[_Edit]:
             inside = [m for m in mentions if m.sentence == (s, e)]
             if any(m.polarity == "asserted" for m in inside) and not any(
                     m.polarity in ("negated", "weak") for m in inside):
-                # take the white space after the sentence, or before it when it is the last one
-                edits.append(_Edit(s, spans[i + 1][0], ("",)) if i + 1 < len(spans) else
-                             _Edit(spans[i - 1][1], e, ("",)))
+                item = _ITEM_NUMBER.match(text, s)
+                if i + 1 == len(spans):  # the last sentence: take the white space before it
+                    edits.append(_Edit(spans[i - 1][1], e, ("",)))
+                elif item:  # "1. A. 2. B. 3. C." without 2. -> "1. A. 2. C.": the items after it move up
+                    edits.append(_Edit(s, hi, (_renumbered(text, spans[i + 1][0], hi, int(item.group("n"))),)))
+                else:  # take the white space after the sentence
+                    edits.append(_Edit(s, spans[i + 1][0], ("",)))
     return edits
 
 
@@ -403,24 +473,55 @@ _SITES: dict[str, Callable[[str, list], list[_Edit]]] = {
 }
 
 
-def error_sites(report_text: str, fine_type: str) -> list[tuple[int, int, tuple[str, ...]]]:
-    """Every (start, end, replacements) where `fine_type` could be injected, in text order."""
+# Substitutions whose replacement words must be words of the corpus when a vocabulary is given: a word the corpus
+# never uses ("Swan-Ganz" in an outpatient corpus, "below the carina") would mark the edit for a string match.
+# Typos are new words by nature; measurements change numbers.
+CORPUS_WORD_TYPES = ("negation_flip", "laterality_swap", "anatomical_location", "severity_change",
+                     "interval_change", "device_change")
+
+
+def report_words(text: str) -> set[str]:
+    """The lower-case words of a text (letters only), as the corpus vocabulary and the shortcut audit see them."""
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def error_sites(report_text: str, fine_type: str, insertions: Sequence[tuple[str, str]] | None = None,
+                vocabulary: frozenset[str] | None = None) -> list[tuple[int, int, tuple[str, ...]]]:
+    """Every (start, end, replacements) where `fine_type` could be injected, in text order.
+
+    Args:
+        report_text: the report.
+        fine_type: a key of FINE_TYPES.
+        insertions: (finding term, sentence) pairs a finding insertion draws from (default INSERTION_TEMPLATES).
+        vocabulary: words of the corpus; given, a substitution of CORPUS_WORD_TYPES keeps only the replacements
+            made of them, and a site left with none is no site.
+    """
     if fine_type not in FINE_TYPES:
         raise ValueError(f"unknown error type {fine_type!r}; choose one of {list(FINE_TYPES)}")
-    edits = {(e.start, e.end, e.choices) for e in _SITES[fine_type](report_text, body_regions(report_text))}
-    return sorted(edits)
+    regions = body_regions(report_text)
+    found = (_insertion_sites(report_text, regions, insertions) if fine_type == "finding_insertion"
+             else _SITES[fine_type](report_text, regions))
+    sites = {(e.start, e.end, e.choices) for e in found}
+    if vocabulary is not None and fine_type in CORPUS_WORD_TYPES:
+        sites = {(a, b, kept) for a, b, choices in sites
+                 if (kept := tuple(c for c in choices if report_words(c) <= vocabulary))}
+    return sorted(sites)
 
 
-def inject(report_text: str, fine_type: str, rng: np.random.Generator | int) -> InjectedError | None:
+def inject(report_text: str, fine_type: str, rng: np.random.Generator | int,
+           insertions: Sequence[tuple[str, str]] | None = None,
+           vocabulary: frozenset[str] | None = None) -> InjectedError | None:
     """Inject one error of `fine_type` at a site drawn with `rng`; None when the report offers no site.
 
     Args:
         report_text: the report (findings and impression are edited; the whole text when it has no headers).
         fine_type: a key of FINE_TYPES.
         rng: numpy Generator (or a seed) that picks the site and the replacement.
+        insertions: see :func:`error_sites`.
+        vocabulary: see :func:`error_sites`.
     """
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
-    sites = error_sites(report_text, fine_type)
+    sites = error_sites(report_text, fine_type, insertions, vocabulary)
     if not sites:
         return None
     start, end, choices = sites[int(rng.integers(len(sites)))]
@@ -450,6 +551,13 @@ def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int 
     if not 0 <= error_rate <= 1:
         raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
     rng = np.random.default_rng(seed)
+    # insertions come from other studies' finding sentences (at least 20 distinct ones; else the templates)
+    pool = finding_sentences(reports)
+    if len({sentence for _, _, sentence in pool}) < 20:
+        pool = None
+    # substitutions use words the corpus already has (in at least 3 reports), so they add no new word
+    counts = Counter(w for report in reports for w in report_words(report.text))
+    vocabulary = frozenset(w for w, n in counts.items() if n >= 3)
     with_error = set(rng.permutation(len(reports))[:round(error_rate * len(reports))].tolist())
     order = [types[i] for i in rng.permutation(len(types))]
     used: Counter = Counter()
@@ -461,7 +569,9 @@ def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int 
                   "split": report.split, "mesh": list(report.mesh)}
         if i in with_error:
             for fine_type in sorted(order, key=lambda t: (used[t], order.index(t))):
-                error = inject(report.text, fine_type, rng)
+                error = inject(report.text, fine_type, rng, None if pool is None else
+                               [(term, sentence) for other, term, sentence in pool if other != report.id],
+                               vocabulary)
                 if error is None:
                     record["no_site"].append(fine_type)
                     continue
