@@ -294,10 +294,20 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         return [r["original"] for r in self.records[split]]
 
     def baselines(self, split: str) -> dict[str, float]:
-        """SIMPLE accuracy on `split` of always answering the training set's majority (error / no error)."""
+        """On `split`: SIMPLE accuracy of always answering the training set's majority (error / no error), and the
+        shortcut audit's bag-of-words classifier fitted on the training reports (:mod:`mmclin.reports.audit`):
+        its SIMPLE accuracy and its balanced accuracy on the image-dependent error types."""
+        from mmclin.reports.audit import audit
+
         train_rate = np.mean([bool(r["has_error"]) for r in self.records["train"]])
         truth = np.array([bool(r["has_error"]) for r in self.records[split]])
-        return {"simple_majority_acc": float(np.mean(truth == (train_rate >= 0.5)))}
+        out = {"simple_majority_acc": float(np.mean(truth == (train_rate >= 0.5)))}
+        bow = audit(self.records[split], self.records["train"], n_boot=0)["bag_of_words"]
+        if bow is not None:
+            out["simple_bag_of_words_acc"] = bow["simple"]["accuracy"]
+            if "image_dependent" in bow["simple"]:
+                out["image_dependent_bag_of_words_bacc"] = bow["simple"]["image_dependent"]["balanced_accuracy"]
+        return out
 
     def _records(self, split: str, train: bool) -> list[dict]:
         epoch = self.trainer.current_epoch if (train and self.trainer is not None) else 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import CONFIGS
 
 from mmclin.cli import main, metrics_table
@@ -55,3 +56,15 @@ def test_metrics_table_puts_intervals_beside_figures_and_counts_the_finer_ones()
                                                           "test/baseline/majority_acc/recognition", "test/loss"]
     assert lines[0].endswith("0.5000 [0.4000, 0.6000]") and lines[1].endswith("0.4200 [0.3500, 0.4900]")
     assert lines[3].endswith("nan") and lines[-1].startswith("  (1 finer figure, e.g. per question subtype")
+
+
+def test_fit_on_a_bad_report_folder_ends_in_one_named_line(tmp_path, capsys):
+    (tmp_path / "indiana_reports.csv").write_text(
+        'uid,MeSH,Problems,image,indication,comparison,findings,impression\n7,normal,normal,x,,,"",""\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/cxr-error-check-text.yaml", "--data.init_args.root", str(tmp_path),
+              "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "row 1 (uid 7): no findings and no impression" in err[-1]
+    assert not any(line.startswith("Traceback") for line in err)

@@ -366,8 +366,9 @@ def test_checker_learns_to_flag_errors_and_round_trips(demo, tmp_path, one_threa
     import lightning as L
 
     L.seed_everything(0)
-    # Typos and inserted findings can be seen in the text alone; with these the checker must beat chance quickly.
-    dm = ReportErrorDataModule(root=str(demo), error_types=["typo_homophone", "finding_insertion"], batch_size=16)
+    # Typos (non-words) can be seen in the text alone; with them the checker must beat chance quickly. (Inserted
+    # findings are now sentences that other studies wrote, so they no longer give themselves away by wording.)
+    dm = ReportErrorDataModule(root=str(demo), error_types=["typo_homophone"], batch_size=16)
     model = ReportChecker(encoder={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1},
                           max_length=256, pooling="max", lr=3e-3, dropout=0.0, warmup=0.1)
     trainer = L.Trainer(max_epochs=20, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -375,8 +376,8 @@ def test_checker_learns_to_flag_errors_and_round_trips(demo, tmp_path, one_threa
                         reload_dataloaders_every_n_epochs=1, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     (metrics,) = trainer.test(model, datamodule=dm, verbose=False)
-    # chance: 0.5 SIMPLE accuracy; COMPLEX macro-F1 over none / typo / insertion ~0.33
-    assert metrics["test/simple_acc"] >= 0.8 and metrics["test/complex_macro_f1"] >= 0.5, metrics
+    # chance: 0.5 SIMPLE accuracy; COMPLEX macro-F1 over none / typo ~0.5
+    assert metrics["test/simple_acc"] >= 0.8 and metrics["test/complex_macro_f1"] >= 0.7, metrics
     assert model.hparams.vocab[:4] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] and "effusion" in model.hparams.vocab
 
     records = dm.records["test"]

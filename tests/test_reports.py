@@ -314,6 +314,7 @@ _ZONE_PAIRS = {("upper", "lower"), ("lower", "upper"), ("middle", "upper"), ("mi
 _INTERVAL = {"new", "unchanged", "stable", "increased", "decreased", "increasing", "decreasing", "increase",
              "decrease", "improved", "worsened", "improving", "worsening", "improvement"}
 _DEVICE = {"endotracheal tube", "nasogastric tube", "orogastric tube", "picc line", "picc", "swan-ganz catheter",
+           "central venous catheter",
            "svc", "right atrium", "superior vena cava", "stomach", "esophagus", "above the carina", "below the carina"}
 
 
