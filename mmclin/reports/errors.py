@@ -15,6 +15,12 @@ interval change and transcription errors in arXiv:2504.04336; ReXErr, Rao et al.
 Every rule edits only the findings and impression of a report (the whole text when it has no headers) and
 records the exact spans, so ``modified == original[:a] + new + original[b:]`` with ``original_span == (a, b)``.
 A report that offers no site for a type gives None: it is never changed in a way that is not the named error.
+
+What no string match may find (checked by :mod:`mmclin.reports.audit`): `inject_corpus` inserts finding
+sentences that other studies of the same corpus wrote (`finding_sentences`) and lets substitutions use only words
+the corpus has (`CORPUS_WORD_TYPES`); severity and interval words change only where a finding is asserted (never
+inside a negation), interval words only in reports with a prior study, and an omitted numbered item renumbers the
+items after it.
 """
 
 from __future__ import annotations
