@@ -273,14 +273,15 @@ def _severity_sites(text: str, regions) -> list[_Edit]:
                        keep=lambda m: _asserted_finding_at(text, mentions, m.start()))
 
 
-_NO_PRIOR = re.compile(r"^\s*(?:none|no\s+prior|not\s+available|n/a)\b", re.IGNORECASE)
+# A COMPARISON section that names no prior study (also read by rules.RuleChecker).
+NO_PRIOR = re.compile(r"^\s*(?:none|no\s+prior|not\s+available|n/a)\b", re.IGNORECASE)
 
 
 def has_comparison(text: str) -> bool:
     """The report names a prior study (a COMPARISON section that is not "None"), so an interval change can be
     stated at all."""
     comparison = parse_sections(text, headerless=None)["comparison"]
-    return bool(comparison) and not _NO_PRIOR.search(comparison)
+    return bool(comparison) and not NO_PRIOR.search(comparison)
 
 
 def _interval_sites(text: str, regions) -> list[_Edit]:
@@ -574,10 +575,10 @@ def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int 
                   "original_text": None, "new_text": None, "no_site": [], "images": list(report.images),
                   "split": report.split, "mesh": list(report.mesh)}
         if i in with_error:
+            others = None if pool is None else [(term, sentence) for other, term, sentence in pool
+                                                if other != report.id]
             for fine_type in sorted(order, key=lambda t: (used[t], order.index(t))):
-                error = inject(report.text, fine_type, rng, None if pool is None else
-                               [(term, sentence) for other, term, sentence in pool if other != report.id],
-                               vocabulary)
+                error = inject(report.text, fine_type, rng, others, vocabulary)
                 if error is None:
                     record["no_site"].append(fine_type)
                     continue

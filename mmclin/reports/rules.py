@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mmclin.reports.errors import FINE_TYPES, KNOWN_WORDS, MEASUREMENT, MEDICAL_VOCABULARY, UNIT_CM
+from mmclin.reports.errors import FINE_TYPES, KNOWN_WORDS, MEASUREMENT, MEDICAL_VOCABULARY, NO_PRIOR, UNIT_CM
 from mmclin.reports.sections import (
     ACUTE_FINDINGS,
     FINDING_FAMILY,
@@ -33,7 +33,6 @@ _NORMAL_IMPRESSION = re.compile(
 _GENERIC_DISEASE = re.compile(r"\b(?:acute|active)\s+(?:\w+\s+){0,2}?(?:process|disease|abnormality|abnormalities|"
                               r"findings?|pathology)\b", re.IGNORECASE)
 _NEGATION = re.compile(r"\b(?:no|not|without|negative)\b", re.IGNORECASE)
-_NO_COMPARISON = re.compile(r"^\s*(?:none|no\s+prior|not\s+available|n/a)\b", re.IGNORECASE)
 _INTERVAL_WORD = re.compile(r"\b(?:unchanged|stable|increased|decreased|improved|worsened|increasing|decreasing|"
                             r"improving|worsening|interval|again)\b", re.IGNORECASE)
 _INTERVAL_CONFLICTS = {frozenset(p) for p in (("same", "up"), ("same", "down"), ("same", "new"), ("up", "down"),
@@ -181,7 +180,7 @@ class RuleChecker:
     def _comparison(self, text: str) -> list[Flag]:
         """Interval change stated although the report has no prior to compare with."""
         comparison = parse_sections(text, headerless=None)["comparison"]
-        if not comparison or not _NO_COMPARISON.search(comparison):
+        if not comparison or not NO_PRIOR.search(comparison):
             return []
         for _, lo, hi in body_regions(text):
             m = _INTERVAL_WORD.search(text, lo, hi)
