@@ -147,6 +147,7 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         with_images: bool | None = None,
         error_rate: float = 0.5,
         error_types: list[str] | None = None,
+        max_errors_per_report: int = 1,
         seed: int = 0,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
@@ -170,6 +171,8 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
                 ``text`` (``qa`` needs images).
             error_rate: share of the reports of each split given one error.
             error_types: fine types to inject (default all of ``mmclin.reports.errors.FINE_TYPES``).
+            max_errors_per_report: a report given errors gets 1 to this many, of different types (ReXErr: 3); its
+                label is the first one's type.
             seed: seed of the split and of the injected errors.
             val_fraction: share of the studies in validation.
             test_fraction: share of the studies in test.
@@ -287,7 +290,8 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         h = self.hparams
         # One stream per (split, epoch): epoch 0 of training, validation and test never share errors.
         seed = int(np.random.SeedSequence([h.seed, _SPLIT_SEED_OFFSET[split], epoch]).generate_state(1)[0])
-        return inject_corpus(self.reports[split], error_rate=h.error_rate, seed=seed, types=self.error_types)
+        return inject_corpus(self.reports[split], error_rate=h.error_rate, seed=seed, types=self.error_types,
+                             max_errors_per_report=h.max_errors_per_report)
 
     def corpus(self, split: str = "train") -> list[str]:
         """The error-free report texts of `split` (what a word vocabulary is fitted on)."""

@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from mmclin.reports.audit import audit, marker_words
-from mmclin.reports.errors import INSERTION_TEMPLATES, error_sites, inject, inject_corpus
-from mmclin.reports.sections import Report, parse_sections
+from mmclin.reports.errors import (
+    COMPARISON_WORDS,
+    INSERTION_TEMPLATES,
+    english_words,
+    error_sites,
+    inject,
+    inject_corpus,
+    typo_candidates,
+)
+from mmclin.reports.sections import Report, find_mentions, parse_sections
 
 
 def _report(uid: str, text: str) -> Report:
@@ -122,3 +130,63 @@ def test_audit_without_enough_reports_says_why():
 @pytest.mark.parametrize("fine_type", ["severity_change", "interval_change", "finding_omission"])
 def test_no_site_in_a_normal_report_without_findings(fine_type):
     assert error_sites(CORPUS[0], fine_type) == []
+
+
+# ---------------------------------------------------------------------- ReXErr / GREEN categories, several errors
+
+NO_PRIOR_REPORT = ("COMPARISON: None.\nFINDINGS: Small left pleural effusion. Heart size is normal. No pneumothorax.\n"
+                   "IMPRESSION: Small left pleural effusion.")
+WITH_PRIOR_REPORT = ("COMPARISON: XXXX.\nFINDINGS: Small left pleural effusion, decreased since the prior study. "
+                     "Heart size is normal. No pneumothorax. No interval change in the mediastinum.\n"
+                     "IMPRESSION: Small left pleural effusion, improved.")
+
+
+def test_comparisons_are_added_only_without_a_prior_and_left_out_only_with_one():
+    assert error_sites(WITH_PRIOR_REPORT, "comparison_insertion") == []
+    added = {c for _, _, choices in error_sites(NO_PRIOR_REPORT, "comparison_insertion") for c in choices}
+    assert added and all(COMPARISON_WORDS.search(c) for c in added)
+    assert error_sites(NO_PRIOR_REPORT, "comparison_omission") == []
+    removed = {WITH_PRIOR_REPORT[a:b].strip() for a, b, _ in error_sites(WITH_PRIOR_REPORT, "comparison_omission")}
+    assert removed == {", decreased since the prior study", ", improved", "No interval change in the mediastinum."}
+
+
+def test_a_contradiction_says_the_opposite_of_the_report():
+    for seed in range(10):
+        e = inject(NO_PRIOR_REPORT, "contradiction", seed)
+        inserted = find_mentions(e.new.strip())
+        # the effusion is asserted, so "No pleural effusion."; pneumothorax and cardiomegaly ("heart size is
+        # normal") are negated, so one of them is asserted
+        assert any((m.term, m.polarity) in {("effusion", "negated"), ("pneumothorax", "asserted"),
+                                            ("cardiomegaly", "asserted")}
+                   for m in inserted), e.new
+
+
+def test_a_device_is_added_only_where_the_report_names_none_of_its_kind():
+    text = "FINDINGS: Right PICC with tip in the SVC. The lungs are clear.\nIMPRESSION: No acute process."
+    added = {c.strip() for _, _, choices in error_sites(text, "device_insertion") for c in choices}
+    assert added and not any("PICC" in c for c in added)
+
+
+def test_several_errors_per_report_have_distinct_types_and_exact_spans():
+    reports = _corpus()
+    records = inject_corpus(reports, error_rate=1.0, seed=0, max_errors_per_report=3)
+    counts = {len(r["errors"]) for r in records}
+    assert counts <= {1, 2, 3} and 3 in counts and 1 in counts
+    for r in records:
+        types = [e["fine_type"] for e in r["errors"]]
+        assert len(set(types)) == len(types) and r["fine_type"] == types[0]
+        spans = sorted(tuple(e["span"]) for e in r["errors"])
+        for e in r["errors"]:
+            assert r["modified"][slice(*e["span"])] == e["new_text"]
+            assert r["original"][slice(*e["original_span"])] == e["original_text"]
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # the edits do not overlap
+    single = inject_corpus(reports, error_rate=1.0, seed=0)
+    assert all(len(r["errors"]) == 1 and r["errors"][0]["fine_type"] == r["fine_type"] for r in single)
+
+
+def test_typos_are_never_real_words():
+    english = english_words()
+    for word in ("pleural", "effusion", "pneumothorax", "atelectasis", "cardiomediastinal"):
+        candidates = typo_candidates(word)
+        assert candidates and not any(c.lower() in english for c in candidates)
+    assert "plural" not in typo_candidates("pleural")

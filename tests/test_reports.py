@@ -23,7 +23,9 @@ from datamodules.reports import (
     split_studies,
 )
 from mmclin.errors import DataError
+from mmclin.reports.errors import _DEVICE as DEVICE_PATTERN
 from mmclin.reports.errors import (
+    COMPARISON_WORDS,
     FINE_TYPES,
     HOMOPHONES,
     KNOWN_WORDS,
@@ -45,7 +47,7 @@ from mmclin.reports.sections import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import report_error_check  # noqa: E402
 
-# A MIMIC-CXR-style report with a site for every error type.
+# A MIMIC-CXR-style report with a site for every error type but comparison_insertion (it has a prior).
 RICH = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PORTABLE AP)
 
@@ -59,7 +61,7 @@ RICH = """                                 FINAL REPORT
  below the diaphragm with the tip in the stomach. Right PICC line tip is in the
  lower SVC. There is a small left pleural effusion with adjacent atelectasis in
  the left lower lobe. Moderate cardiomegaly is unchanged. A 1.2 cm nodule is seen
- in the right upper lobe. There is no pneumothorax.
+ in the right upper lobe, unchanged. There is no pneumothorax.
 
  IMPRESSION:
 
@@ -361,11 +363,20 @@ def _named_kind(fine: str, e) -> None:
     elif fine == "typo_homophone":
         assert old in MEDICAL_VOCABULARY
         assert HOMOPHONES.get(old) == (new,) or (_one_edit_apart(old, new) and new not in KNOWN_WORDS)
+    elif fine == "device_insertion":
+        assert old == "" and DEVICE_PATTERN.search(new), new
+    elif fine == "contradiction":
+        inserted = find_mentions(e.new.strip())
+        said = {(m.term, m.polarity) for m in find_mentions(RICH)}
+        flipped = {"asserted": "negated", "negated": "asserted"}
+        assert any((m.term, flipped.get(m.polarity)) in said for m in inserted), new
+    elif fine == "comparison_omission":
+        assert new == "" and COMPARISON_WORDS.search(old), old
     else:
         raise AssertionError(fine)
 
 
-@pytest.mark.parametrize("fine", list(FINE_TYPES))
+@pytest.mark.parametrize("fine", [t for t in FINE_TYPES if t != "comparison_insertion"])  # RICH has a prior
 def test_each_error_type_changes_only_its_span_and_is_the_named_kind(fine):
     regions = [(lo, hi) for _, lo, hi in body_regions(RICH)]
     seen = set()
@@ -410,12 +421,13 @@ def test_no_site_gives_none_and_corpus_falls_back_and_counts():
 
 def test_corpus_is_seeded_balanced_and_keeps_clean_reports_clean():
     reports = [Report(id=str(i), text=RICH, sections=parse_sections(RICH), images=[f"{i}.jpg"]) for i in range(40)]
-    records = inject_corpus(reports, error_rate=0.5, seed=3)
-    assert records == inject_corpus(reports, error_rate=0.5, seed=3)
-    assert records != inject_corpus(reports, error_rate=0.5, seed=4)
-    assert sum(r["has_error"] for r in records) == 20
+    records = inject_corpus(reports, error_rate=0.65, seed=3)
+    assert records == inject_corpus(reports, error_rate=0.65, seed=3)
+    assert records != inject_corpus(reports, error_rate=0.65, seed=4)
+    assert sum(r["has_error"] for r in records) == 26
     counts = corpus_summary(records)["per_type"]
-    assert {t: c["injected"] for t, c in counts.items()} == {t: 2 for t in FINE_TYPES}
+    assert {t: c["injected"] for t, c in counts.items()} == {t: 0 if t == "comparison_insertion" else 2
+                                                             for t in FINE_TYPES}
     for r in records:
         if r["has_error"]:
             a, b = r["original_span"]

@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     inj.add_argument("--split", default=None, help="keep only this split (train / val / test)")
     inj.add_argument("--limit", type=int, default=None, help="use the first N reports read")
     inj.add_argument("--error-rate", type=float, default=0.5, help="share of reports given an error")
+    inj.add_argument("--max-errors-per-report", type=int, default=1, metavar="K",
+                     help="a report given errors gets 1 to K of different types (ReXErr samples up to 3); its "
+                          "fine_type is the first one's, errors lists all")
     inj.add_argument("--types", nargs="+", default=None, choices=list(FINE_TYPES), help="fine types (default all)")
     inj.add_argument("--seed", type=int, default=0)
     inj.add_argument("--out", required=True, help="output directory")
@@ -148,14 +151,14 @@ def load_checker(spec: str) -> Callable[[list[dict]], list[dict]]:
     (an ``id`` in a prediction, when given, must be its record's).
 
     Args:
-        spec: ``rule`` (RuleChecker) or ``ckpt:PATH``: a Lightning checkpoint whose module has
+        spec: ``rule`` (RuleChecker, its typo vocabulary widened by the words of the reports it checks that occur
+            in 3 or more of them: labels are never read) or ``ckpt:PATH``: a Lightning checkpoint whose module has
             ``predict_reports(records) -> list[dict]`` (the trained ``mmclin.models.report_checker.ReportChecker``),
             or a ``MultimodalLM`` trained by ``configs/cxr-error-check.yaml`` (image + report).
     """
     if spec == "rule":
-        checker = RuleChecker()
-
         def check(records: list[dict]) -> list[dict]:
+            checker = RuleChecker(corpus=[r["text"] for r in records])
             return [{"id": r["id"], **checker.check(r["text"])}
                     for r in tqdm(records, desc="rule checker", unit="report")]
         return check
@@ -186,9 +189,11 @@ def inject_main(args: argparse.Namespace) -> dict:
     if not reports:
         raise DataError(f"{args.reports}: no reports to inject errors into"
                         + (f" in split {args.split!r}" if args.split else ""))
-    records = inject_corpus(reports, error_rate=args.error_rate, seed=args.seed, types=args.types, progress=True)
+    records = inject_corpus(reports, error_rate=args.error_rate, seed=args.seed, types=args.types, progress=True,
+                            max_errors_per_report=args.max_errors_per_report)
     summary = corpus_summary(records)
     summary.update(source=str(args.reports), format=args.format, error_rate=args.error_rate, seed=args.seed,
+                   max_errors_per_report=args.max_errors_per_report,
                    n_skipped_reports=len(result.skipped),
                    skipped_reports=[{"where": w, "why": y} for w, y in result.skipped])
     out = Path(args.out)

@@ -9,8 +9,12 @@ interval change and transcription errors in arXiv:2504.04336; ReXErr, Rao et al.
 
     substitute: negation_flip, laterality_swap, anatomical_location, severity_change, measurement_change,
                 interval_change, device_change, typo_homophone
-    insert:     finding_insertion
-    remove:     finding_omission
+    insert:     finding_insertion, device_insertion, comparison_insertion, contradiction
+    remove:     finding_omission, comparison_omission
+
+The last four are ReXErr's "add medical device", "add comparison" and "add contradiction" and GREEN's "omitting
+a comparison detailing a change from a prior study" (Ostmeier et al., arXiv:2405.03595). `inject_corpus` gives a
+report one error, or with ``max_errors_per_report=K`` up to K of different types, as ReXErr samples up to 3.
 
 Every rule edits only the findings and impression of a report (the whole text when it has no headers) and
 records the exact spans, so ``modified == original[:a] + new + original[b:]`` with ``original_span == (a, b)``.
@@ -25,6 +29,7 @@ items after it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -47,11 +52,16 @@ FINE_TYPES: dict[str, str] = {
     "finding_omission": "remove",
     "device_change": "substitute",
     "typo_homophone": "substitute",
+    "device_insertion": "insert",
+    "comparison_insertion": "insert",
+    "comparison_omission": "remove",
+    "contradiction": "insert",
 }
 # Errors about what the image shows (presence, side, place, size, severity, device): a report can carry them and
 # still agree with itself, and then only the image shows them. Interval changes need the prior study, typos none.
 IMAGE_DEPENDENT_TYPES = ("negation_flip", "laterality_swap", "anatomical_location", "severity_change",
-                         "measurement_change", "finding_insertion", "finding_omission", "device_change")
+                         "measurement_change", "finding_insertion", "finding_omission", "device_change",
+                         "device_insertion")
 
 # Words of chest radiograph reports that a transcription typo may hit (checked by rules.RuleChecker too).
 MEDICAL_VOCABULARY = frozenset("""
@@ -65,7 +75,8 @@ lateral lingula lingular lumbar mediastinal mediastinum nasogastric nodular nodu
 osteopenia osteophytes pacemaker parenchymal perihilar perineal peroneal pleura pleural pneumonia
 pneumoperitoneum pneumothorax posterior pulmonary radiograph retrocardiac scoliosis silhouette sternotomy stomach
 subclavian subcutaneous subsegmental thickening thoracic tortuous tortuosity trachea tracheostomy unremarkable
-vascular vascularity vasculature vertebral ileum ilium
+vascular vascularity vasculature vertebral ileum ilium parenchyma hemothorax osteophyte vertebrae arthritis
+hilar hilum spondylosis thoracolumbar atherosclerosis cardiothoracic granulomata bronchiectatic
 """.split())
 # Other words of report prose: never taken for a typo of a MEDICAL_VOCABULARY word.
 COMMON_REPORT_WORDS = frozenset("""
@@ -87,7 +98,8 @@ mildly hyperlucent lucency lucent underlying adjacent partially partial componen
 density densities vertebral bodies height heights spurring spondylosis thoracolumbar degenerative arthritic
 healing healed remote deformity deformities""".split())
 HOMOPHONES: dict[str, tuple[str, ...]] = {  # real-word confusions of transcription (speech recognition)
-    "ileum": ("ilium",), "ilium": ("ileum",), "pleural": ("plural",), "perineal": ("peroneal",),
+    # ("pleural" -> "plural" is left to the keystroke typos: one word repeated over a corpus is a marker)
+    "ileum": ("ilium",), "ilium": ("ileum",), "perineal": ("peroneal",),
     "peroneal": ("perineal",), "discrete": ("discreet",), "callus": ("callous",),
 }
 
@@ -110,6 +122,14 @@ KNOWN_WORDS = word_forms(MEDICAL_VOCABULARY | COMMON_REPORT_WORDS | {w for v in 
 MEASUREMENT = re.compile(r"(?<![\w.])(?P<nums>\d+(?:\.\d+)?(?:\s*(?:x|×|by)\s*\d+(?:\.\d+)?)*)\s*"
                          r"(?P<unit>mm|cm|millimeters?|centimeters?)\b", re.IGNORECASE)
 UNIT_CM = {"mm": 0.1, "millimeter": 0.1, "millimeters": 0.1, "cm": 1.0, "centimeter": 1.0, "centimeters": 1.0}
+
+
+@functools.cache
+def english_words() -> frozenset[str]:
+    """pyspellchecker's English word list (word frequencies of OpenSubtitles and Wiktionary)."""
+    from spellchecker import SpellChecker
+
+    return frozenset(SpellChecker(language="en").word_frequency.keys())
 
 
 @dataclass(frozen=True)
@@ -348,7 +368,8 @@ _NEIGHBOURS = {c: "".join(row[j] for j in (i - 1, i + 1) if 0 <= j < len(row))
 
 def typo_candidates(word: str) -> tuple[str, ...]:
     """Single-keystroke typos of `word` (adjacent swap, dropped, doubled or neighbouring key), first letter kept,
-    that are not themselves known words. Sorted, so a seeded choice among them is reproducible."""
+    that are not themselves words (of KNOWN_WORDS or the English dictionary: "pleural" never becomes "plural").
+    Sorted, so a seeded choice among them is reproducible."""
     out = set()
     for i in range(1, len(word)):
         out.add(word[:i] + word[i + 1:])  # dropped
@@ -357,7 +378,8 @@ def typo_candidates(word: str) -> tuple[str, ...]:
             out.add(word[:i] + word[i + 1] + word[i] + word[i + 2:])  # swapped
         for key in _NEIGHBOURS.get(word[i].lower(), ""):
             out.add(word[:i] + (key.upper() if word[i].isupper() else key) + word[i + 1:])
-    return tuple(sorted(w for w in out if w.lower() not in KNOWN_WORDS and w != word))
+    english = english_words()
+    return tuple(sorted(w for w in out if w.lower() not in KNOWN_WORDS and w.lower() not in english and w != word))
 
 
 def _typo_sites(text: str, regions) -> list[_Edit]:
@@ -408,7 +430,7 @@ def finding_sentences(reports: Sequence[Report]) -> list[tuple[str, str, str]]:
                 if (len(inside) == 1 and inside[0].polarity == "asserted" and not inside[0].interval
                         and sentence.endswith(".") and len(sentence.split()) <= 16 and "XXXX" not in sentence
                         and not _ITEM_NUMBER.match(sentence) and not _NEGATION_CUE.search(sentence)
-                        and not _INTERVAL.search(sentence)):
+                        and not _INTERVAL.search(sentence) and not COMPARISON_WORDS.search(sentence)):
                     pool.append((report.id, inside[0].term, sentence))
     return pool
 
@@ -432,6 +454,144 @@ def _insertion_sites(text: str, regions, pool: Sequence[tuple[str, str]] | None 
 
 
 _ITEM_NUMBER = re.compile(r"(?P<n>\d{1,2})(?P<dot>[.)])\s")
+
+
+# Sentences that other corpora of the same layout write, for a corpus too small to lend its own (fewer than
+# MIN_POOL distinct sentences of a kind): used as the pools of `corpus_sentences`.
+MIN_POOL = 5
+SENTENCE_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
+    "device": (("endotracheal tube", "Endotracheal tube tip is 4 cm above the carina."),
+               ("PICC", "Right PICC with tip in the SVC."),
+               ("nasogastric tube", "Nasogastric tube tip projects over the stomach."),
+               ("pacemaker", "Left-sided pacemaker with leads in the right atrium and right ventricle.")),
+    "comparison": (("", "No significant interval change."), ("", "Unchanged from the prior examination."),
+                   ("", "Stable appearance of the chest.")),
+    "negation": tuple((term, f"No {name}.") for term, name in (
+        ("effusion", "pleural effusion"), ("pneumothorax", "pneumothorax"), ("consolidation", "focal consolidation"),
+        ("edema", "pulmonary edema"), ("cardiomegaly", "cardiomegaly"), ("nodule", "pulmonary nodule"),
+        ("atelectasis", "atelectasis"), ("opacity", "focal opacity"), ("fracture", "acute fracture"))),
+}
+# Words that compare with a prior study.
+COMPARISON_WORDS = re.compile(r"\b(?:unchanged|stable|improved|improving|worsened|worsening|interval|again|"
+                              r"redemonstrat\w*|previously|prior|compared|since|new|similar)\b", re.IGNORECASE)
+
+
+def _plain(sentence: str) -> bool:
+    """A sentence fit to be lent to another report: ends with a period, at most 16 words, no anonymisation
+    token, no list number."""
+    return (sentence.endswith(".") and len(sentence.split()) <= 16 and "XXXX" not in sentence
+            and not _ITEM_NUMBER.match(sentence))
+
+
+def corpus_sentences(reports: Sequence[Report]) -> dict[str, list[tuple[str, str, str]]]:
+    """(report id, key, sentence) of the sentences of a corpus that `inject_corpus` lends to other studies:
+
+    - ``finding``: asserts exactly one finding (key: its term) and nothing else (`finding_sentences`);
+    - ``negation``: negates exactly one finding (key: its term) and asserts none ("No pleural effusion.");
+    - ``device``: names a device (key: its name) with no change word ("Right PICC with tip in the SVC.");
+    - ``comparison``: compares with a prior study and asserts no finding ("No interval change.").
+
+    A kind with fewer than MIN_POOL distinct sentences falls back to SENTENCE_TEMPLATES (report id "").
+    """
+    pools: dict[str, list[tuple[str, str, str]]] = {"finding": finding_sentences(reports), "negation": [],
+                                                     "device": [], "comparison": []}
+    for report in reports:
+        mentions = find_mentions(report.text)
+        for _, lo, hi in body_regions(report.text):
+            for span in sentence_spans(report.text, lo, hi):
+                sentence = report.text[slice(*span)]
+                if not _plain(sentence):
+                    continue
+                inside = [m for m in mentions if m.sentence == span]
+                device = _DEVICE.search(sentence)
+                if device and not COMPARISON_WORDS.search(sentence) and not inside:
+                    pools["device"].append((report.id, _DEVICE_KEYS.get(re.sub(r"\s+", " ", device.group("w")).lower(),
+                                                                        device.group("w")), sentence))
+                elif len({m.term for m in inside}) == 1 and all(m.polarity == "negated" for m in inside) and \
+                        not COMPARISON_WORDS.search(sentence) and _NEGATION_CUE.match(sentence):
+                    pools["negation"].append((report.id, inside[0].term, sentence))
+                elif COMPARISON_WORDS.search(sentence) and has_comparison(report.text) and not device and \
+                        all(m.polarity in ("negated", "weak") for m in inside):
+                    pools["comparison"].append((report.id, "", sentence))
+    for kind, templates in SENTENCE_TEMPLATES.items():
+        if len({sentence for _, _, sentence in pools[kind]}) < MIN_POOL:
+            pools[kind] = [("", key, sentence) for key, sentence in templates]
+    return pools
+
+
+def _between_sentences(text: str, regions, sentences: Sequence[str], sections=("findings",)) -> list[_Edit]:
+    """Before any sentence of the named sections (all regions when the report has none of them), or after the
+    last: each of `sentences`."""
+    if not sentences:
+        return []
+    edits = []
+    for _, lo, hi in [r for r in regions if r[0] in sections] or regions:
+        spans = sentence_spans(text, lo, hi)
+        edits += [_Edit(s, s, tuple(f"{x} " for x in sentences)) for s, _ in spans if not _ITEM_NUMBER.match(text, s)]
+        if spans and text[spans[-1][1] - 1] in ".!?" and not _ITEM_NUMBER.match(text, spans[-1][0]):
+            edits.append(_Edit(spans[-1][1], spans[-1][1], tuple(f" {x}" for x in sentences)))
+    return edits
+
+
+def _device_insertion_sites(text: str, regions, pool: Sequence[tuple[str, str]]) -> list[_Edit]:
+    """A device sentence of another study, of a device the report does not name."""
+    named = {_DEVICE_KEYS.get(re.sub(r"\s+", " ", m.group("w")).lower(), m.group("w")) for m in _DEVICE.finditer(text)}
+    return _between_sentences(text, regions, tuple(s for key, s in pool if key not in named))
+
+
+def _comparison_insertion_sites(text: str, regions, pool: Sequence[tuple[str, str]]) -> list[_Edit]:
+    """A comparison with a prior study in a report that has none to compare with: another study's comparison
+    sentence, or a change appended to a sentence that asserts a finding ("Small left effusion, unchanged.")."""
+    if has_comparison(text):
+        return []
+    edits = _between_sentences(text, regions, tuple(s for _, s in pool), sections=("findings", "impression"))
+    mentions = find_mentions(text)
+    for m in mentions:
+        s, e = m.sentence
+        if m.polarity == "asserted" and not m.interval and text[e - 1] == "." and _inside(regions, s, e) and \
+                not COMPARISON_WORDS.search(text, s, e) and not _NEGATION_CUE.search(text, s, e):
+            edits.append(_Edit(e - 1, e - 1, _APPENDED_CHANGES))
+    return edits
+
+
+_APPENDED_CHANGES = (", unchanged", ", stable compared to prior", ", new since the prior study",
+                     ", increased from prior", ", decreased from prior")
+# A change stated at the end of a sentence: "..., unchanged." "..., increased in size since the prior study."
+_TRAILING_CHANGE = re.compile(r",\s*(?:(?:which\s+is|now)\s+)?(?:unchanged|stable|increased|decreased|improved|"
+                              r"worsened|new|slightly\s+\w+|mildly\s+\w+)\b[^.;,]*(?=\.)", re.IGNORECASE)
+
+
+def _comparison_omission_sites(text: str, regions) -> list[_Edit]:
+    """In a report with a prior study: the change a sentence states about a finding ("..., increased in size")
+    or a sentence that only compares ("No interval change."), left out."""
+    if not has_comparison(text):
+        return []
+    mentions = find_mentions(text)
+    edits = []
+    for _, lo, hi in regions:
+        spans = sentence_spans(text, lo, hi)
+        for i, (s, e) in enumerate(spans):
+            inside = [m for m in mentions if m.sentence == (s, e)]
+            if any(m.polarity == "asserted" for m in inside):
+                edits += [_Edit(*m.span(), ("",)) for m in _TRAILING_CHANGE.finditer(text, s, e)]
+            elif COMPARISON_WORDS.search(text, s, e) and len(spans) >= 2 and not _ITEM_NUMBER.match(text, s) \
+                    and not _DEVICE.search(text, s, e) and all(m.polarity in ("negated", "weak") for m in inside):
+                edits.append(_Edit(spans[i - 1][1], e, ("",)) if i + 1 == len(spans)
+                             else _Edit(s, spans[i + 1][0], ("",)))
+    return edits
+
+
+def _contradiction_sites(text: str, regions, pools: dict[str, Sequence[tuple[str, str]]]) -> list[_Edit]:
+    """A sentence that says the opposite of one the report makes: "No pleural effusion." where an effusion is
+    asserted, or another study's sentence asserting a finding the report negates without side or size."""
+    mentions = [m for m in find_mentions(text) if not m.masked]
+    asserted = {m.term for m in mentions if m.polarity == "asserted"}
+    negated = {m.term for m in mentions if m.polarity == "negated" and not m.sides and not m.severity} - asserted
+    sentences = tuple(s for term, s in pools["negation"] if term in asserted - negated)
+    sentences += tuple(s for term, s in pools["finding"] if term in negated)
+    return _between_sentences(text, regions, sentences, sections=("findings", "impression"))
+
+
 
 
 def _renumbered(text: str, start: int, end: int, first: int) -> str:
@@ -477,6 +637,7 @@ _SITES: dict[str, Callable[[str, list], list[_Edit]]] = {
     "finding_omission": _omission_sites,
     "device_change": _device_sites,
     "typo_homophone": _typo_sites,
+    "comparison_omission": _comparison_omission_sites,
 }
 
 
@@ -493,21 +654,38 @@ def report_words(text: str) -> set[str]:
 
 
 def error_sites(report_text: str, fine_type: str, insertions: Sequence[tuple[str, str]] | None = None,
-                vocabulary: frozenset[str] | None = None) -> list[tuple[int, int, tuple[str, ...]]]:
+                vocabulary: frozenset[str] | None = None,
+                pools: dict[str, Sequence[tuple[str, str]]] | None = None) -> list[tuple[int, int, tuple[str, ...]]]:
     """Every (start, end, replacements) where `fine_type` could be injected, in text order.
 
     Args:
         report_text: the report.
         fine_type: a key of FINE_TYPES.
-        insertions: (finding term, sentence) pairs a finding insertion draws from (default INSERTION_TEMPLATES).
+        insertions: (finding term, sentence) pairs a finding insertion draws from (default: ``pools["finding"]``,
+            else INSERTION_TEMPLATES).
         vocabulary: words of the corpus; given, a substitution of CORPUS_WORD_TYPES keeps only the replacements
             made of them, and a site left with none is no site.
+        pools: (key, sentence) pairs per kind of `corpus_sentences` (finding, negation, device, comparison) that
+            the insertions draw from; a kind not given uses SENTENCE_TEMPLATES.
     """
     if fine_type not in FINE_TYPES:
         raise ValueError(f"unknown error type {fine_type!r}; choose one of {list(FINE_TYPES)}")
+    pools = {kind: [(key, sentence) for key, sentence in templates] for kind, templates in
+             SENTENCE_TEMPLATES.items()} | dict(pools or {})
+    if insertions is None:
+        insertions = pools.get("finding")
+    pools["finding"] = list(INSERTION_TEMPLATES if insertions is None else insertions)
     regions = body_regions(report_text)
-    found = (_insertion_sites(report_text, regions, insertions) if fine_type == "finding_insertion"
-             else _SITES[fine_type](report_text, regions))
+    if fine_type == "finding_insertion":
+        found = _insertion_sites(report_text, regions, pools["finding"])
+    elif fine_type == "device_insertion":
+        found = _device_insertion_sites(report_text, regions, pools["device"])
+    elif fine_type == "comparison_insertion":
+        found = _comparison_insertion_sites(report_text, regions, pools["comparison"])
+    elif fine_type == "contradiction":
+        found = _contradiction_sites(report_text, regions, pools)
+    else:
+        found = _SITES[fine_type](report_text, regions)
     sites = {(e.start, e.end, e.choices) for e in found}
     if vocabulary is not None and fine_type in CORPUS_WORD_TYPES:
         sites = {(a, b, kept) for a, b, choices in sites
@@ -517,18 +695,21 @@ def error_sites(report_text: str, fine_type: str, insertions: Sequence[tuple[str
 
 def inject(report_text: str, fine_type: str, rng: np.random.Generator | int,
            insertions: Sequence[tuple[str, str]] | None = None,
-           vocabulary: frozenset[str] | None = None) -> InjectedError | None:
+           vocabulary: frozenset[str] | None = None,
+           pools: dict[str, Sequence[tuple[str, str]]] | None = None,
+           avoid: Sequence[tuple[int, int]] = ()) -> InjectedError | None:
     """Inject one error of `fine_type` at a site drawn with `rng`; None when the report offers no site.
 
     Args:
         report_text: the report (findings and impression are edited; the whole text when it has no headers).
         fine_type: a key of FINE_TYPES.
         rng: numpy Generator (or a seed) that picks the site and the replacement.
-        insertions: see :func:`error_sites`.
-        vocabulary: see :func:`error_sites`.
+        insertions, vocabulary, pools: see :func:`error_sites`.
+        avoid: spans of earlier errors in `report_text`; a site touching one is no site.
     """
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
-    sites = error_sites(report_text, fine_type, insertions, vocabulary)
+    sites = [(a, b, c) for a, b, c in error_sites(report_text, fine_type, insertions, vocabulary, pools)
+             if not any(a <= hi and lo <= b for lo, hi in avoid)]
     if not sites:
         return None
     start, end, choices = sites[int(rng.integers(len(sites)))]
@@ -538,18 +719,28 @@ def inject(report_text: str, fine_type: str, rng: np.random.Generator | int,
                          original_span=(start, end), original=report_text[start:end], new=new, modified=modified)
 
 
-def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int = 0,
-                  types: Sequence[str] | None = None, progress: bool = False) -> list[dict]:
-    """Give a seeded share of the reports one synthetic error each, balancing the fine types.
+def _error_fields(error: InjectedError, span: tuple[int, int], original_span: tuple[int, int]) -> dict:
+    return {"fine_type": error.fine_type, "coarse_type": error.coarse_type, "span": list(span),
+            "original_span": list(original_span), "original_text": error.original, "new_text": error.new}
 
-    ``round(error_rate * len(reports))`` reports are drawn for an error. Each takes the type used least so far
-    (ties in a seeded order, i.e. cycling through the types); a type with no site in that report is recorded in
-    the report's ``no_site`` list and the next type is tried. A report with no site for any type stays clean.
+
+def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int = 0,
+                  types: Sequence[str] | None = None, progress: bool = False,
+                  max_errors_per_report: int = 1) -> list[dict]:
+    """Give a seeded share of the reports synthetic errors, balancing the fine types.
+
+    ``round(error_rate * len(reports))`` reports are drawn for an error; each gets a number of errors drawn
+    uniformly from 1..`max_errors_per_report`, of different types and at sites that do not touch. Each error takes
+    the type used least so far (ties in a seeded order, i.e. cycling through the types); a type with no site in
+    that report is recorded in the report's ``no_site`` list and the next type is tried. A report with no site
+    for any type stays clean.
 
     Returns:
         One dict per report, in input order: id, original, modified, has_error, coarse_type, fine_type,
-        span (in modified), original_span, original_text, new_text, no_site, images, split. Error-free reports
-        have modified == original and None for the error fields. `corpus_summary` counts them.
+        span (in modified), original_span, original_text, new_text (of the first error), errors (every error with
+        those six fields, spans in the final modified and the original text), no_site, images, split.
+        Error-free reports have modified == original, None for the error fields and no errors. `corpus_summary`
+        counts them.
     """
     types = list(FINE_TYPES) if types is None else list(types)
     unknown = [t for t in types if t not in FINE_TYPES]
@@ -557,11 +748,14 @@ def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int 
         raise ValueError(f"unknown error type(s) {unknown or types}; choose among {list(FINE_TYPES)}")
     if not 0 <= error_rate <= 1:
         raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
+    if max_errors_per_report < 1:
+        raise ValueError(f"max_errors_per_report must be 1 or more, got {max_errors_per_report}")
     rng = np.random.default_rng(seed)
-    # insertions come from other studies' finding sentences (at least 20 distinct ones; else the templates)
-    pool = finding_sentences(reports)
-    if len({sentence for _, _, sentence in pool}) < 20:
-        pool = None
+    # insertions come from other studies' sentences (at least MIN_POOL distinct ones per kind; else templates;
+    # at least 20 for findings, else INSERTION_TEMPLATES)
+    pools = corpus_sentences(reports)
+    if len({sentence for _, _, sentence in pools["finding"]}) < 20:
+        pools["finding"] = [("", term, sentence) for term, sentence in INSERTION_TEMPLATES]
     # substitutions use words the corpus already has (in at least 3 reports), so they add no new word
     counts = Counter(w for report in reports for w in report_words(report.text))
     vocabulary = frozenset(w for w, n in counts.items() if n >= 3)
@@ -572,21 +766,32 @@ def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int 
     for i, report in enumerate(tqdm(reports, desc="inject", unit="report", disable=not progress)):
         record = {"id": report.id, "original": report.text, "modified": report.text, "has_error": False,
                   "coarse_type": None, "fine_type": None, "span": None, "original_span": None,
-                  "original_text": None, "new_text": None, "no_site": [], "images": list(report.images),
-                  "split": report.split, "mesh": list(report.mesh)}
+                  "original_text": None, "new_text": None, "errors": [], "no_site": [],
+                  "images": list(report.images), "split": report.split, "mesh": list(report.mesh)}
         if i in with_error:
-            others = None if pool is None else [(term, sentence) for other, term, sentence in pool
-                                                if other != report.id]
+            others = {kind: [(key, sentence) for other, key, sentence in pool if other != report.id]
+                      for kind, pool in pools.items()}
+            n_errors = int(rng.integers(1, max_errors_per_report + 1))
+            text, done = report.text, []  # done: (error, span in text, original span)
             for fine_type in sorted(order, key=lambda t: (used[t], order.index(t))):
-                error = inject(report.text, fine_type, rng, others, vocabulary)
+                if len(done) == n_errors:
+                    break
+                error = inject(text, fine_type, rng, vocabulary=vocabulary, pools=others,
+                               avoid=[span for _, span, _ in done])
                 if error is None:
-                    record["no_site"].append(fine_type)
+                    if not done:
+                        record["no_site"].append(fine_type)
                     continue
                 used[fine_type] += 1
-                record.update(modified=error.modified, has_error=True, coarse_type=error.coarse_type,
-                              fine_type=fine_type, span=list(error.span), original_span=list(error.original_span),
-                              original_text=error.original, new_text=error.new)
-                break
+                (a, b), shift = error.original_span, len(error.new) - (error.original_span[1] -
+                                                                        error.original_span[0])
+                before = sum(len(e.new) - (o[1] - o[0]) for e, span, o in done if span[1] <= a)
+                done = [(e, (lo + shift, hi + shift) if lo >= b else (lo, hi), o) for e, (lo, hi), o in done]
+                done.append((error, error.span, (a - before, b - before)))
+                text = error.modified
+            if done:
+                errors = [_error_fields(e, span, o) for e, span, o in done]
+                record.update(modified=text, has_error=True, errors=errors, **errors[0])
         records.append(record)
     return records
 

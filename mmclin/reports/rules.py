@@ -12,10 +12,19 @@ text-only baseline that multimodal checkers (Wu, Kim et al. 2023, arXiv:2312.131
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mmclin.reports.errors import FINE_TYPES, KNOWN_WORDS, MEASUREMENT, MEDICAL_VOCABULARY, NO_PRIOR, UNIT_CM
+from mmclin.reports.errors import (
+    FINE_TYPES,
+    KNOWN_WORDS,
+    MEASUREMENT,
+    MEDICAL_VOCABULARY,
+    NO_PRIOR,
+    UNIT_CM,
+    english_words,
+)
 from mmclin.reports.sections import (
     ACUTE_FINDINGS,
     FINDING_FAMILY,
@@ -33,8 +42,11 @@ _NORMAL_IMPRESSION = re.compile(
 _GENERIC_DISEASE = re.compile(r"\b(?:acute|active)\s+(?:\w+\s+){0,2}?(?:process|disease|abnormality|abnormalities|"
                               r"findings?|pathology)\b", re.IGNORECASE)
 _NEGATION = re.compile(r"\b(?:no|not|without|negative)\b", re.IGNORECASE)
-_INTERVAL_WORD = re.compile(r"\b(?:unchanged|stable|increased|decreased|improved|worsened|increasing|decreasing|"
-                            r"improving|worsening|interval|again)\b", re.IGNORECASE)
+# Words that compare with a prior study. "Increased"/"decreased" alone describe ("increased interstitial markings",
+# "decreased lung volumes"); they compare only with "since", "from" or "compared".
+_CHANGE_OVER_TIME = re.compile(r"\b(?:unchanged|stable|improved|improving|worsened|worsening|interval|again|"
+                               r"redemonstrat\w*|previously|prior|compared|comparison|since|(?:increased|decreased|"
+                               r"increase|decrease)\s+(?:\w+\s+){0,3}?(?:since|from|compared))\b", re.IGNORECASE)
 _INTERVAL_CONFLICTS = {frozenset(p) for p in (("same", "up"), ("same", "down"), ("same", "new"), ("up", "down"),
                                               ("new", "down"))}
 # No left middle lobe; the lingula belongs to the left upper lobe.
@@ -63,6 +75,20 @@ _HOMOPHONE_MISUSE = (  # real words in the wrong place (speech recognition): pat
     (re.compile(r"\bcallous\b", re.IGNORECASE), "callus"),
 )
 _QUALIFIED = ("sides", "severity", "zones")
+_DESCRIBED_OTHERWISE = {"emphysema", "edema"}
+_SIDED_DEVICES = {
+    "PICC": re.compile(r"\bPICC\b|peripherally\s+inserted", re.IGNORECASE),
+    "jugular line": re.compile(r"\b(?:internal\s+jugular|IJ)\b", re.IGNORECASE),
+    "subclavian line": re.compile(r"\bsubclavian\b", re.IGNORECASE),
+    "chest tube": re.compile(r"\bchest\s+tubes?\b|\bthoracostomy\b", re.IGNORECASE),
+}
+_MASKED = re.compile(r"\bX{2,}\b|_{2,}")
+# Zones that cannot describe the same finding. Synonyms agree: a lower lobe finding lies at the lung base, an apical
+# one in the upper lobe; the middle lobe and lingula project over the lower zone on a frontal film, and the
+# lingula belongs to the upper lobe.
+_ZONE_CONFLICTS = {frozenset(p) for p in (
+    ("upper", "lower"), ("upper", "basilar"), ("upper", "retrocardiac"), ("apical", "lower"), ("apical", "basilar"),
+    ("apical", "retrocardiac"), ("apical", "middle"), ("apical", "lingula"), ("middle", "upper"))}
 
 
 @dataclass(frozen=True)
@@ -93,22 +119,37 @@ def _one_edit(word: str) -> set[str]:
     return deleted | swapped | replaced | inserted
 
 
+def corpus_words(texts: Iterable[str], min_reports: int = 3) -> frozenset[str]:
+    """Lower-cased words (letters only, 2 or more) that occur in at least `min_reports` of the texts."""
+    counts = Counter(w for text in texts for w in {w.lower() for w in re.findall(r"[A-Za-z]{2,}", text)})
+    return frozenset(w for w, n in counts.items() if n >= min_reports)
+
+
 class RuleChecker:
     """Flags internal contradictions of a report; see the module docstring for the rules."""
 
     def __init__(self, vocabulary: Iterable[str] = MEDICAL_VOCABULARY, known_words: Iterable[str] = KNOWN_WORDS,
+                 corpus: Iterable[str] | None = None, min_reports: int = 3, english: bool = True,
                  max_size_cm: float = 30.0, nodule_max_cm: float = 3.0, max_tip_to_carina_cm: float = 15.0):
         """
         Args:
             vocabulary: medical words a typo is measured against (words of 6 letters or more are used).
             known_words: words never taken for a typo (the vocabulary is added to them).
+            corpus: report texts whose words (those in at least `min_reports` reports) join both the vocabulary and
+                the known words, so a corpus's own terms ("parenchyma", "hemothorax") are never typos and its
+                typos are measured against its words. Pass the reports being checked or a clean corpus like them;
+                a typo repeated in `min_reports` reports is taken for a word.
+            min_reports: reports a corpus word must occur in.
+            english: also take pyspellchecker's English dictionary for known words.
             max_size_cm: larger measurements are implausible on a chest radiograph (the thorax is ~30 cm wide).
             nodule_max_cm: a nodule is at most 3 cm; larger is a mass (Fleischner Society glossary,
                 Hansell et al., Radiology 2008).
             max_tip_to_carina_cm: a tube tip farther above the carina than this is implausible.
         """
-        self.vocabulary = frozenset(w.lower() for w in vocabulary if len(w) >= 6)
-        self.known_words = frozenset(w.lower() for w in known_words) | self.vocabulary
+        words = corpus_words(corpus, min_reports) if corpus is not None else frozenset()
+        self.vocabulary = frozenset(w.lower() for w in vocabulary if len(w) >= 6) | {w for w in words if len(w) >= 6}
+        self.known_words = frozenset(w.lower() for w in known_words) | self.vocabulary | words
+        self.english = english_words() if english else frozenset()
         self.max_size_cm, self.nodule_max_cm = max_size_cm, nodule_max_cm
         self.max_tip_to_carina_cm = max_tip_to_carina_cm
 
@@ -128,14 +169,15 @@ class RuleChecker:
         mentions = find_mentions(text)
         return (self._contradictions(text, mentions) + self._cross_section(text, mentions)
                 + self._comparison(text) + self._measurements(text, mentions) + self._devices(text)
-                + self._typos(text) + self._normal_impression(text, mentions) + self._omissions(text, mentions))
+                + self._devices_sides(text) + self._typos(text) + self._normal_impression(text, mentions)
+                + self._omissions(text, mentions))
 
     # ------------------------------------------------------------------------------------------------ rules
 
     def _contradictions(self, text: str, mentions: list[Mention]) -> list[Flag]:
         flags = []
-        for a in (m for m in mentions if m.polarity == "asserted"):
-            for n in (m for m in mentions if m.polarity == "negated" and m.term == a.term):
+        for a in (m for m in mentions if m.polarity == "asserted" and not m.masked):
+            for n in (m for m in mentions if m.polarity == "negated" and m.term == a.term and not m.masked):
                 if a.sides and n.sides and not (a.sides & n.sides) and "bilateral" not in a.sides | n.sides:
                     continue  # "no right effusion" and "small left effusion" agree
                 # A negated finding with size or side is not how reports are written: the negation was added.
@@ -149,14 +191,18 @@ class RuleChecker:
         return flags
 
     def _cross_section(self, text: str, mentions: list[Mention]) -> list[Flag]:
-        """Same finding, asserted in findings and impression, with disjoint sides / zones / sizes / changes."""
+        """Same finding (or family: opacity ~ pneumonia), asserted in findings and impression, with disjoint sides /
+        zones / sizes / changes."""
         flags = []
         asserted = [m for m in mentions if m.polarity == "asserted"]
-        for term in dict.fromkeys(m.term for m in asserted):
-            found = [m for m in asserted if m.term == term and m.section == "findings"]
-            said = [m for m in asserted if m.term == term and m.section == "impression"]
-            if not found or not said:
-                continue
+        # a finding and its impression may name it differently: "opacity at the right base" -> "right lower lobe
+        # pneumonia"
+        family = {m.term: FINDING_FAMILY.get(m.term, m.term) for m in asserted}
+        for term in dict.fromkeys(family.values()):
+            found = [m for m in asserted if family[m.term] == term and m.section == "findings"]
+            said = [m for m in asserted if family[m.term] == term and m.section == "impression"]
+            if not found or not said or any(m.masked for m in found + said):
+                continue  # "XXXX" may hide a side, a zone or a size: unknown, not a conflict
 
             def union(ms, attr):
                 return set().union(*(getattr(m, attr) for m in ms))
@@ -166,10 +212,10 @@ class RuleChecker:
             if sides_f and sides_i and not sides_f & sides_i and "bilateral" not in sides_f | sides_i:
                 flags.append(Flag("laterality_swap", f"{sorted(sides_f)} vs {sorted(sides_i)} for {where}"))
             zones_f, zones_i = union(found, "zones"), union(said, "zones")
-            if zones_f and zones_i and not zones_f & zones_i:
+            if zones_f and zones_i and all(frozenset((a, b)) in _ZONE_CONFLICTS for a in zones_f for b in zones_i):
                 flags.append(Flag("anatomical_location", f"{sorted(zones_f)} vs {sorted(zones_i)} for {where}"))
             sev_f, sev_i = union(found, "severity"), union(said, "severity")
-            if sev_f and sev_i and min(abs(a - b) for a in sev_f for b in sev_i) >= 2:
+            if sev_f and sev_i and not sev_f & sev_i:
                 flags.append(Flag("severity_change", f"size/severity rank {sorted(sev_f)} vs {sorted(sev_i)} "
                                                      f"for {where}"))
             int_f, int_i = union(found, "interval"), union(said, "interval")
@@ -183,7 +229,7 @@ class RuleChecker:
         if not comparison or not NO_PRIOR.search(comparison):
             return []
         for _, lo, hi in body_regions(text):
-            m = _INTERVAL_WORD.search(text, lo, hi)
+            m = _CHANGE_OVER_TIME.search(text, lo, hi)
             if m:
                 return [Flag("interval_change", f"{_quote(text, m.span())} but comparison is '{comparison}'")]
         return []
@@ -233,9 +279,10 @@ class RuleChecker:
         for _, lo, hi in body_regions(text):
             for m in re.finditer(r"\b[A-Za-z]{5,}\b", text[lo:hi]):
                 word = m.group()
-                if word.isupper() or word.lower() in self.known_words:
+                lower = word.lower()
+                if word.isupper() or lower in self.known_words or lower in self.english:
                     continue
-                near = sorted(_one_edit(word.lower()) & self.vocabulary)
+                near = sorted(_one_edit(lower) & self.vocabulary)
                 if near:
                     flags.append(Flag("typo_homophone", f"'{word}' is not a word; '{near[0]}' is one keystroke away"))
             for pattern, meant in _HOMOPHONE_MISUSE:
@@ -245,12 +292,12 @@ class RuleChecker:
 
     def _normal_impression(self, text: str, mentions: list[Mention]) -> list[Flag]:
         """"No acute cardiopulmonary process" over an acute finding asserted (and not called stable) in the
-        findings, or that stock phrase without its "no"."""
+        findings, or that stock phrase ("no acute osseous abnormality") without its "no" in any section."""
         for section, lo, hi in body_regions(text):
-            for s, e in sentence_spans(text, lo, hi) if section == "impression" else []:
+            for s, e in sentence_spans(text, lo, hi):
                 m = _GENERIC_DISEASE.search(text, s, e)
                 if m and not _NEGATION.search(text, s, m.start()):
-                    return [Flag("negation_flip", f"impression {_quote(text, (s, e))} states disease without "
+                    return [Flag("negation_flip", f"{section} {_quote(text, (s, e))} states disease without "
                                                   "naming it (the stock phrase is negated)")]
         impression = parse_sections(text, headerless=None)["impression"]
         if not impression or not _NORMAL_IMPRESSION.search(impression):
@@ -265,13 +312,45 @@ class RuleChecker:
         return []
 
     def _omissions(self, text: str, mentions: list[Mention]) -> list[Flag]:
-        """An acute finding asserted in the impression that the findings do not mention at all."""
-        if not parse_sections(text, headerless=None)["findings"]:
+        """A finding asserted in the impression that the findings never mention, or an acute finding asserted
+        (and not called stable) in the findings that an impression naming other findings leaves out. Emphysema
+        and edema are left to the reader: findings describe them in other words (hyperinflation, interstitial
+        markings)."""
+        sections = parse_sections(text, headerless=None)
+        if not sections["findings"] or not sections["impression"]:
             return []
-        in_findings = {FINDING_FAMILY.get(m.term, m.term) for m in mentions if m.section == "findings"}
+        family = {sec: {FINDING_FAMILY.get(m.term, m.term) for m in mentions if m.section == sec}
+                  for sec in ("findings", "impression")}
         for m in mentions:
-            if m.section == "impression" and m.polarity == "asserted" and m.term in ACUTE_FINDINGS and \
-                    FINDING_FAMILY.get(m.term, m.term) not in in_findings:
+            if m.section == "impression" and m.polarity == "asserted" and m.term not in _DESCRIBED_OTHERWISE and \
+                    FINDING_FAMILY.get(m.term, m.term) not in family["findings"]:
                 return [Flag("finding_omission", f"impression {_quote(text, m.sentence)} has {m.term}, which the "
                                                  "findings never mention")]
+        names_findings = any(m.section == "impression" and m.polarity == "asserted" for m in mentions)
+        for m in mentions:
+            if m.section == "findings" and m.polarity == "asserted" and m.term in ACUTE_FINDINGS and names_findings \
+                    and "same" not in m.interval and FINDING_FAMILY.get(m.term, m.term) not in family["impression"]:
+                return [Flag("finding_omission", f"{m.term} in {_quote(text, m.sentence)} is missing from the "
+                                                 f"impression '{sections['impression']}'")]
         return []
+
+    def _devices_sides(self, text: str) -> list[Flag]:
+        """A lateralised line or tube (PICC, jugular or subclavian line, chest tube) on one side in the findings and
+        on the other in the impression."""
+        sides: dict[tuple[str, str], set[str]] = {}
+        for section, lo, hi in body_regions(text):
+            for s, e in sentence_spans(text, lo, hi):
+                if _MASKED.search(text, s, e):
+                    continue
+                for kind, pattern in _SIDED_DEVICES.items():
+                    for m in pattern.finditer(text, s, e):
+                        near = text[max(s, m.start() - 24):min(e, m.end() + 24)]
+                        sides.setdefault((kind, section), set()).update(
+                            w.lower() for w in re.findall(r"\b(?:left|right)\b", near, re.IGNORECASE))
+        flags = []
+        for kind in _SIDED_DEVICES:
+            found, said = sides.get((kind, "findings")), sides.get((kind, "impression"))
+            if found and said and not found & said:
+                flags.append(Flag("laterality_swap", f"{kind} on the {'/'.join(sorted(found))} in the findings but "
+                                                     f"on the {'/'.join(sorted(said))} in the impression"))
+        return flags

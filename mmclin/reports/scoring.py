@@ -126,7 +126,8 @@ def score_checker(records: Sequence[dict], predictions: Sequence[dict], n_boot: 
     """SIMPLE and COMPLEX scores of `predictions` against the injected `records` (see the module docstring).
 
     Args:
-        records: dicts with id, has_error, coarse_type, fine_type (``inject_corpus`` / errors.jsonl rows).
+        records: dicts with id, has_error, coarse_type, fine_type (``inject_corpus`` / errors.jsonl rows); with
+            ``errors`` (several per report), naming any one of their types is the right type.
         predictions: dicts with id, has_error and optionally coarse_type / fine_type; one per record.
         n_boot: bootstrap resamples for the confidence intervals.
         level: coverage of the intervals.
@@ -154,9 +155,15 @@ def score_checker(records: Sequence[dict], predictions: Sequence[dict], n_boot: 
 
     truth_bin = np.array([bool(r["has_error"]) for r in records])
     pred_bin = np.array([bool(by_id[i].get("has_error")) for i in ids])
-    truth_coarse = [r["coarse_type"] if r["has_error"] else NONE for r in records]
-    truth_fine = [r["fine_type"] if r["has_error"] else NONE for r in records]
     pred_coarse, pred_fine = zip(*(_predicted_types(by_id[i], f"prediction for id {i!r}") for i in ids))
+    # A report with several errors (``errors``): a predicted type that is one of them is the right type.
+    truth_coarse, truth_fine = [], []
+    for r, pc, pf in zip(records, pred_coarse, pred_fine):
+        errors = r.get("errors") or []
+        truth_coarse.append(NONE if not r["has_error"] else pc if pc in {e["coarse_type"] for e in errors}
+                            else r["coarse_type"])
+        truth_fine.append(NONE if not r["has_error"] else pf if pf in {e["fine_type"] for e in errors}
+                          else r["fine_type"])
 
     def with_intervals(metrics, truth: np.ndarray, pred: np.ndarray) -> dict:
         out = {}

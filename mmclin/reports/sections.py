@@ -4,14 +4,17 @@ Headers are those of MIMIC-CXR free-text reports (Johnson et al., Sci Data 2019:
 ``INDICATION:``, ``COMPARISON:``, ...) and the columns of the IU-Xray / Open-i collection (Demner-Fushman et al.,
 JAMIA 2016). De-identification markers (IU ``XXXX``, MIMIC ``___``) are text like any other and are kept verbatim.
 
-`find_mentions` reads what a report asserts: each finding term with its polarity (asserted, negated, uncertain),
-decided NegEx-style (Chapman et al., J Biomed Inform 2001) from cues before and after the term inside its clause,
-and with the qualifiers in its phrase (side, zone, severity, interval change). Error injection and the rule
-checker share it, so both read a sentence the same way.
+`find_mentions` reads what a report asserts: each finding term with its polarity (asserted, negated, uncertain,
+weak), and with the qualifiers in its phrase (side, zone, severity, interval change). Negation and hedge scope are
+negspacy's NegEx (Chapman et al., J Biomed Inform 2001): the clinical termset with the radiology cues it lacks
+("clear of", "not seen", "has resolved"), and a second NegEx pass whose cues are hedges ("cannot exclude", "may
+represent", "suggestive of"), as ConText's uncertainty (Harkema et al., J Biomed Inform 2009). Error injection and
+the rule checker share it, so both read a sentence the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -151,7 +154,8 @@ FINDING_PATTERNS: dict[str, str] = {
     "consolidation": r"consolidations?|consolidative\s+opacit(?:y|ies)|airspace\s+(?:disease|consolidation)",
     "pneumonia": r"pneumonias?",
     "edema": r"(?:(?:pulmonary|interstitial|alveolar)\s+)?edema",
-    "cardiomegaly": r"cardiomegaly|(?:enlarged|enlargement\s+of\s+the)\s+(?:heart|cardiac\s+silhouette)",
+    "cardiomegaly": r"cardiomegaly|(?:enlarged|enlargement\s+of\s+the)\s+(?:heart|cardiac\s+silhouette)|"
+                    r"(?:heart|cardiac\s+silhouette)\s+is\s+(?:(?!not\b)\w+\s+)?enlarged",
     "atelectasis": r"atelectas[ie]s|atelectatic",
     "mass": r"mass(?:es)?",
     "opacity": r"opacit(?:y|ies)|opacification|infiltrates?",
@@ -186,19 +190,39 @@ _FINDING = re.compile(r"\b(?:" + "|".join(f"(?P<{k}>{v})" for k, v in FINDING_PA
 _CLAUSE_END = re.compile(r";|\b(?:but|however|although|though|whereas|except|which|otherwise)\b|"
                          r"\bthere\s+(?:is|are)\b(?!\s+no\b)", re.IGNORECASE)
 _CHUNK_END = re.compile(r",|\band\b|\bwith\b", re.IGNORECASE)
-_PRE_NEGATION = re.compile(r"\b(?:no|not|without|negative\s+for|free\s+of|absence\s+of|resolution\s+of|nor)\b",
-                           re.IGNORECASE)
 # "no new effusion", "no large effusion" do not say there is no effusion.
 _WEAK_NEGATION = re.compile(r"\b(?:new|large|significant|substantial|sizable|sizeable|moderate|overt|frank|acute|"
                             r"displaced|additional|further|other|residual|change|increase|increased|interval|"
                             r"worsening|enlarging)\b", re.IGNORECASE)
-_POST_NEGATION = re.compile(r"\b(?:not\s+(?:seen|identified|present|visualized|visible|appreciated|demonstrated|"
-                            r"evident|detected|noted)|no\s+longer|(?:has|have)\s+(?:resolved|cleared)|resolved|"
-                            r"absent)\b", re.IGNORECASE)
-_UNCERTAIN = re.compile(r"\b(?:possible|possibly|probable|probably|questionable|suspected|suspicious|may|might|"
-                        r"could|cannot\s+be\s+(?:excluded|ruled\s+out)|not\s+(?:be\s+)?excluded|versus|vs|"
-                        r"evaluate|eval|assess|rule\s+out|r/o|concern|concerning|differential|likely|suggest|"
-                        r"suggests|suggestive|question)\b", re.IGNORECASE)
+# Hedges of NegEx's clinical termset, moved to the hedge pass: "rule out pneumonia" does not say there is none.
+_HEDGES_IN_CLINICAL_TERMSET = {"versus", "evaluate for", "rule out", "r/o", "ro", "cannot", "can't", "cant", "doubt"}
+_RADIOLOGY_NEGATIONS = {
+    "preceding_negations": ["clear of", "without evidence of", "no evidence for", "no radiographic evidence of",
+                            "negative for", "resolution of", "resolved", "nor", "no definite", "no definitive"],
+    "following_negations": ["not seen", "not identified", "not present", "not visualized", "not visible",
+                            "not appreciated", "not demonstrated", "not evident", "not detected", "not noted",
+                            "no longer", "has resolved", "have resolved", "has cleared", "have cleared", "resolved",
+                            "absent"],
+    "termination": [";", "there is", "there are", "otherwise", "whereas"],
+}
+_HEDGE_TERMSET = {
+    "pseudo_negations": ["no doubt", "without doubt"],
+    "preceding_negations": ["possible", "possibly", "probable", "probably", "questionable", "suspected",
+                            "suspicious for", "suspicious of", "may", "might", "could", "cannot exclude",
+                            "can not exclude", "cannot rule out", "cannot be excluded", "versus", "vs", "vs.",
+                            "evaluate for", "assess for", "rule out", "r/o", "concern for", "concerning for",
+                            "differential", "differential includes", "likely", "suggest", "suggests", "suggesting",
+                            "suggestive of", "question of", "equivocal", "presumed", "presumably",
+                            "worrisome for", "doubt", "not excluded", "may represent", "could represent"],
+    "following_negations": ["not excluded", "cannot be excluded", "can not be excluded", "not be excluded",
+                            "cannot be ruled out", "not ruled out", "is suspected", "are suspected", "is possible",
+                            "is likely", "versus", "vs", "likely", "possibly", "is questioned",
+                            "not entirely excluded"],
+    "termination": [";", "there is", "there are", "but", "however", "although", "though", "whereas", "except",
+                    "otherwise", "which"],
+}
+# De-identification markers: IU-Xray "XXXX", MIMIC-CXR "___".
+_MASK = re.compile(r"\bX{2,}\b|_{2,}")
 _HEART = re.compile(r"\b(?:heart|cardiac|cardiomediastinal)\b", re.IGNORECASE)
 _HEART_NORMAL = re.compile(r"\bnormal\b|within\s+normal\s+limits|not\s+enlarged|unremarkable", re.IGNORECASE)
 _HEART_ABNORMAL = re.compile(r"cardiomegaly|(?<!not )enlarged|enlargement|top[- ]normal|upper\s+limits?\s+of\s+"
@@ -224,6 +248,7 @@ class Mention:
     zones: frozenset = frozenset()  # values of ZONE_WORDS
     severity: frozenset = frozenset()  # SEVERITY_RANK ranks
     interval: frozenset = frozenset()  # values of INTERVAL_WORDS
+    masked: bool = False  # an anonymisation token (IU "XXXX", MIMIC "___") in its clause: a qualifier may be hidden
 
 
 def _bounds(text: str, pos: int, lo: int, hi: int, pattern: re.Pattern) -> tuple[int, int]:
@@ -238,29 +263,66 @@ def _bounds(text: str, pos: int, lo: int, hi: int, pattern: re.Pattern) -> tuple
     return start, end
 
 
+@functools.cache
+def _negex():
+    """A blank spaCy tokenizer (no model to download) and negspacy's NegEx twice: negations, then hedges."""
+    import spacy
+    from negspacy.negation import Negex  # noqa: F401  (registers the "negex" factory)
+    from negspacy.termsets import termset
+
+    negations = termset("en_clinical")
+    clinical = negations.get_patterns()["preceding_negations"]
+    negations.remove_patterns({"preceding_negations": [c for c in clinical if c in _HEDGES_IN_CLINICAL_TERMSET]})
+    negations.add_patterns(_RADIOLOGY_NEGATIONS)
+    nlp = spacy.blank("en")
+    negation = nlp.add_pipe("negex", name="negation", config={
+        "neg_termset": negations.get_patterns(), "span_keys": ["findings"], "extension_name": "negated"})
+    hedge = nlp.add_pipe("negex", name="hedge", config={
+        "neg_termset": _HEDGE_TERMSET, "span_keys": ["findings"], "extension_name": "hedged"})
+    return nlp, negation, hedge
+
+
+def _polarities(sentence: str, spans: list[tuple[int, int]]) -> list[str]:
+    """NegEx polarity of each character span of one sentence: asserted, negated, uncertain (a hedge's scope
+    wins over a negation's) or weak (negated through a qualifier: "no large effusion")."""
+    nlp, negation, hedge = _negex()
+    doc = nlp.make_doc(sentence)
+    for i, token in enumerate(doc):
+        token.is_sent_start = i == 0
+    doc.spans["findings"] = [doc.char_span(a, b, alignment_mode="expand") for a, b in spans]
+    hedge(negation(doc))
+    preceding, _, terminating = negation.process_negations(doc)
+    boundaries = negation.termination_boundaries(doc, terminating)
+    out = []
+    for span in doc.spans["findings"]:
+        if span._.hedged:
+            out.append("uncertain")
+        elif span._.negated:
+            lo = max(b for b, _ in boundaries if b <= span.start)
+            cues = [start for _, start, _ in preceding if lo <= start < span.start]
+            weak = cues and _WEAK_NEGATION.search(doc[max(cues):span.start].text)
+            out.append("weak" if weak else "negated")
+        else:
+            out.append("asserted")
+    return out
+
+
 def _mention(text: str, term: str, start: int, end: int, section: str, sentence: tuple[int, int],
-             polarity: str | None = None) -> Mention:
+             polarity: str) -> Mention:
     c_lo, c_hi = _bounds(text, start, *sentence, _CLAUSE_END)
     c_lo, c_hi = min(c_lo, start), max(c_hi, end)
     k_lo, k_hi = _bounds(text, start, c_lo, c_hi, _CHUNK_END)
     k_lo, k_hi = min(k_lo, start), max(k_hi, end)
-    before, after = text[c_lo:start], text[end:c_hi]
-    if polarity is None:
-        cues = list(_PRE_NEGATION.finditer(before))
-        if _UNCERTAIN.search(text[c_lo:c_hi]):
-            polarity = "uncertain"
-        elif cues:
-            polarity = "weak" if _WEAK_NEGATION.search(before[cues[-1].start():]) else "negated"
-        elif _POST_NEGATION.search(after):
-            polarity = "negated"
-        else:
-            polarity = "asserted"
-    phrase = text[k_lo:k_hi]
+    phrase, clause, after = text[k_lo:k_hi], text[c_lo:c_hi], text[end:c_hi]
     # the interval is often appended to the clause: "1.5 cm nodule in the right upper lobe, unchanged"
     interval = _word_set(phrase, INTERVAL_WORDS) or _word_set(after, INTERVAL_WORDS)
+    # the side is often stated once for the clause: "consolidation in the right lower lobe ..., consistent with
+    # pneumonia"
+    sides = _word_set(phrase, SIDE_WORDS) or _word_set(clause, SIDE_WORDS)
     return Mention(term=term, span=(start, end), polarity=polarity, section=section, sentence=sentence,
-                   sides=frozenset(_word_set(phrase, SIDE_WORDS)), zones=frozenset(_word_set(phrase, ZONE_WORDS)),
-                   severity=frozenset(_word_set(phrase, SEVERITY_RANK)), interval=frozenset(interval))
+                   sides=frozenset(sides), zones=frozenset(_word_set(phrase, ZONE_WORDS)),
+                   severity=frozenset(_word_set(phrase, SEVERITY_RANK)), interval=frozenset(interval),
+                   masked=bool(_MASK.search(clause)))
 
 
 def find_mentions(text: str) -> list[Mention]:
@@ -270,12 +332,19 @@ def find_mentions(text: str) -> list[Mention]:
     is normal") negates cardiomegaly, and clear lungs ("the lungs are clear", not "otherwise clear") negate
     consolidation, pneumonia and edema.
     """
+    return list(_mentions(text))
+
+
+@functools.lru_cache(maxsize=8192)
+def _mentions(text: str) -> tuple[Mention, ...]:
     mentions = []
     for section, lo, hi in body_regions(text):
         for sentence in sentence_spans(text, lo, hi):
             s_text = text[slice(*sentence)]
-            for m in _FINDING.finditer(text, *sentence):
-                mentions.append(_mention(text, m.lastgroup, m.start(), m.end(), section, sentence))
+            found = list(_FINDING.finditer(text, *sentence))
+            polarities = _polarities(s_text, [(m.start() - sentence[0], m.end() - sentence[0]) for m in found])
+            for m, polarity in zip(found, polarities):
+                mentions.append(_mention(text, m.lastgroup, m.start(), m.end(), section, sentence, polarity))
             heart = _HEART.search(s_text)
             if heart and _HEART_NORMAL.search(s_text) and not _HEART_ABNORMAL.search(s_text):
                 at = sentence[0] + heart.start()
@@ -287,4 +356,4 @@ def find_mentions(text: str) -> list[Mention]:
                 for term in ("consolidation", "pneumonia", "edema"):
                     mentions.append(_mention(text, term, at, sentence[0] + lungs.end(), section, sentence,
                                              polarity="negated"))
-    return mentions
+    return tuple(mentions)
