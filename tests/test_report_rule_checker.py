@@ -56,7 +56,7 @@ def test_clinical_language_that_is_not_an_error(text):
     ("FINDINGS: Patchy opacity in the right upper lobe.\nIMPRESSION: Right basilar pneumonia.",
      "anatomical_location"),
     ("COMPARISON: None.\nFINDINGS: Small left effusion, unchanged.\nIMPRESSION: Small left effusion.",
-     "interval_change"),
+     "comparison_insertion"),
     ("FINDINGS: Right PICC with tip in the SVC. Lungs are clear.\nIMPRESSION: Left PICC in the SVC.",
      "laterality_swap"),
     ("FINDINGS: Mild cardiomegaly. No effusion.\nIMPRESSION: Moderate cardiomegaly.", "severity_change"),

@@ -465,7 +465,7 @@ def test_rule_checker_passes_clean_reports_and_catches_contradictions():
     tube = "FINDINGS: Nasogastric tube tip terminates 4 cm above the carina. Lungs are clear."
     assert checker.check(tube)["fine_type"] == "device_change"
     assert checker.check(RICH.replace("Chest radiograph ___.", "None.").replace("unchanged", "stable"))[
-        "fine_type"] == "interval_change"
+        "fine_type"] == "comparison_insertion"
     omitted = "FINDINGS: The heart size is normal. The lungs are clear.\nIMPRESSION: Right pneumothorax."
     assert checker.check(omitted)["coarse_type"] == "remove"
 

@@ -464,8 +464,7 @@ SENTENCE_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
                ("PICC", "Right PICC with tip in the SVC."),
                ("nasogastric tube", "Nasogastric tube tip projects over the stomach."),
                ("pacemaker", "Left-sided pacemaker with leads in the right atrium and right ventricle.")),
-    "comparison": (("", "No significant interval change."), ("", "Unchanged from the prior examination."),
-                   ("", "Stable appearance of the chest.")),
+    "comparison": (),  # none: a stock comparison sentence is a marker; the appended changes stay
     "negation": tuple((term, f"No {name}.") for term, name in (
         ("effusion", "pleural effusion"), ("pneumothorax", "pneumothorax"), ("consolidation", "focal consolidation"),
         ("edema", "pulmonary edema"), ("cardiomegaly", "cardiomegaly"), ("nodule", "pulmonary nodule"),
@@ -491,7 +490,8 @@ def corpus_sentences(reports: Sequence[Report]) -> dict[str, list[tuple[str, str
     - ``device``: names a device (key: its name) with no change word ("Right PICC with tip in the SVC.");
     - ``comparison``: compares with a prior study and asserts no finding ("No interval change.").
 
-    A kind with fewer than MIN_POOL distinct sentences falls back to SENTENCE_TEMPLATES (report id "").
+    A kind with fewer than MIN_POOL distinct sentences falls back to SENTENCE_TEMPLATES (report id ""); for
+    comparisons there is none, and a comparison is then only appended to a finding sentence.
     """
     pools: dict[str, list[tuple[str, str, str]]] = {"finding": finding_sentences(reports), "negation": [],
                                                      "device": [], "comparison": []}
@@ -540,9 +540,11 @@ def _device_insertion_sites(text: str, regions, pool: Sequence[tuple[str, str]])
 
 
 def _comparison_insertion_sites(text: str, regions, pool: Sequence[tuple[str, str]]) -> list[_Edit]:
-    """A comparison with a prior study in a report that has none to compare with: another study's comparison
-    sentence, or a change appended to a sentence that asserts a finding ("Small left effusion, unchanged.")."""
-    if has_comparison(text):
+    """A comparison with a prior study in a report whose COMPARISON says there is none ("None."; a report without
+    the section may have had one): another study's comparison sentence, or a change appended to a sentence that
+    asserts a finding ("Small left effusion, unchanged.")."""
+    comparison = parse_sections(text, headerless=None)["comparison"]
+    if not comparison or not NO_PRIOR.search(comparison):
         return []
     edits = _between_sentences(text, regions, tuple(s for _, s in pool), sections=("findings", "impression"))
     mentions = find_mentions(text)

@@ -45,7 +45,7 @@ _NEGATION = re.compile(r"\b(?:no|not|without|negative)\b", re.IGNORECASE)
 # Words that compare with a prior study. "Increased"/"decreased" alone describe ("increased interstitial markings",
 # "decreased lung volumes"); they compare only with "since", "from" or "compared".
 _CHANGE_OVER_TIME = re.compile(r"\b(?:unchanged|stable|improved|improving|worsened|worsening|interval|again|"
-                               r"redemonstrat\w*|previously|prior|compared|comparison|since|(?:increased|decreased|"
+                               r"redemonstrat\w*|previously|prior|compared|comparison|since|no\s+new|(?:increased|decreased|"
                                r"increase|decrease)\s+(?:\w+\s+){0,3}?(?:since|from|compared))\b", re.IGNORECASE)
 _INTERVAL_CONFLICTS = {frozenset(p) for p in (("same", "up"), ("same", "down"), ("same", "new"), ("up", "down"),
                                               ("new", "down"))}
@@ -224,14 +224,14 @@ class RuleChecker:
         return flags
 
     def _comparison(self, text: str) -> list[Flag]:
-        """Interval change stated although the report has no prior to compare with."""
+        """A comparison with a prior study in a report that has none to compare with."""
         comparison = parse_sections(text, headerless=None)["comparison"]
         if not comparison or not NO_PRIOR.search(comparison):
             return []
         for _, lo, hi in body_regions(text):
             m = _CHANGE_OVER_TIME.search(text, lo, hi)
             if m:
-                return [Flag("interval_change", f"{_quote(text, m.span())} but comparison is '{comparison}'")]
+                return [Flag("comparison_insertion", f"{_quote(text, m.span())} but comparison is '{comparison}'")]
         return []
 
     def _measurements(self, text: str, mentions: list[Mention]) -> list[Flag]:

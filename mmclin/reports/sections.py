@@ -214,10 +214,11 @@ _HEDGE_TERMSET = {
                             "differential", "differential includes", "likely", "suggest", "suggests", "suggesting",
                             "suggestive of", "question of", "equivocal", "presumed", "presumably",
                             "worrisome for", "doubt", "not excluded", "may represent", "could represent"],
+    # after the finding only phrases that end on it: in "effusion with basilar opacity, likely atelectasis" the
+    # "likely" is about the atelectasis
     "following_negations": ["not excluded", "cannot be excluded", "can not be excluded", "not be excluded",
                             "cannot be ruled out", "not ruled out", "is suspected", "are suspected", "is possible",
-                            "is likely", "versus", "vs", "likely", "possibly", "is questioned",
-                            "not entirely excluded"],
+                            "is questioned", "not entirely excluded", "is not excluded", "are not excluded"],
     "termination": [";", "there is", "there are", "but", "however", "although", "though", "whereas", "except",
                     "otherwise", "which"],
 }
