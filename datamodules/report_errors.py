@@ -26,28 +26,20 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2.functional import resize
 
 from datamodules.loaders import SplitLoaders
 from datamodules.reports import content_key, duplicate_groups, split_studies
 from datamodules.synthetic.cxr import REPORTS_CSV, generate_cxr_demo
 from mmclin.errors import DataError
+from mmclin.reports.qa import NO_ERROR_ANSWER, QUESTION, error_answer, load_radiograph
 from mmclin.reports.sections import parse_sections
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-QUESTION = "Is there an error in this report? If so, which type?"
-NO_ERROR_ANSWER = "error: no"
 _SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}  # each split draws its errors from its own stream
 _RECORD_KEYS = ("id", "original", "modified", "has_error", "fine_type")
-
-
-def error_answer(fine_type: str | None) -> str:
-    """The QA answer of a report: ``error: no`` or ``error: yes; type: <fine_type>``."""
-    return NO_ERROR_ANSWER if fine_type is None else f"error: yes; type: {fine_type}"
 
 
 def read_error_records(path: Path) -> list[dict]:
@@ -69,22 +61,6 @@ def read_error_records(path: Path) -> list[dict]:
     if not records:
         raise DataError(f"{path}: no records")
     return records
-
-
-def load_radiograph(record: dict, image_size: int | None = None) -> torch.Tensor:
-    """A record's first image as (1, H, W) float32 in [0, 1], resized to `image_size` square if given."""
-    if not record.get("images"):
-        raise DataError(f"report {record['id']}: no image, but images were asked for (with_images / mode='qa')")
-    path = Path(record["images"][0])
-    try:
-        with Image.open(path) as img:
-            pixels = np.asarray(img.convert("L"), dtype=np.float32) / 255
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path} (report {record['id']}): unreadable image: {err}") from err
-    tensor = torch.from_numpy(pixels)[None]
-    if image_size is not None:
-        tensor = resize(tensor, [image_size, image_size], antialias=True)
-    return tensor
 
 
 class ReportErrorDataset(Dataset):

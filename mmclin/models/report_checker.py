@@ -40,6 +40,7 @@ from transformers import (
 from mmclin.errors import DataError
 from mmclin.llm import byte_tokenizer
 from mmclin.models.optim import adamw_cosine
+from mmclin.reports.errors import IMAGE_DEPENDENT_TYPES
 
 NO_ERROR = "none"
 
@@ -204,6 +205,8 @@ class ReportChecker(L.LightningModule):
             "simple_acc": BinaryAccuracy(), "simple_f1": BinaryF1Score(),
             "complex_acc": MulticlassAccuracy(len(self.classes), average="micro"),
             "complex_macro_f1": MulticlassF1Score(len(self.classes), average="macro"),
+            # clean vs image-dependent errors, as the audit's bag-of-words baseline is scored
+            "image_dependent_bacc": MulticlassAccuracy(2, average="macro"),
         }
         self.val_metrics = MetricCollection(metrics, prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
@@ -313,6 +316,10 @@ class ReportChecker(L.LightningModule):
         metrics["simple_f1"].update(p_error >= self.hparams.threshold, batch["has_error"].long())
         metrics["complex_acc"].update(decided, batch["fine_label"])
         metrics["complex_macro_f1"].update(decided, batch["fine_label"])
+        image_dependent = torch.tensor([c == NO_ERROR or c in IMAGE_DEPENDENT_TYPES for c in self.classes],
+                                       device=decided.device)[batch["fine_label"]]
+        metrics["image_dependent_bacc"].update((p_error >= self.hparams.threshold).long()[image_dependent],
+                                               batch["has_error"].long()[image_dependent])
         self.log(f"{prefix}/loss", loss, batch_size=n, sync_dist=True)
         self.log_dict(metrics, batch_size=n)
 

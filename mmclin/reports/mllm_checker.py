@@ -12,17 +12,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from datamodules.report_errors import NO_ERROR_ANSWER, QUESTION, error_answer, load_radiograph
 from mmclin.reports.errors import FINE_TYPES
-
-
-def parse_error_answer(answer: str | None) -> dict:
-    """``error: no`` / ``error: yes; type: X`` -> has_error, fine_type and coarse_type (None where not stated)."""
-    text = (answer or "").strip().lower()
-    if not text.startswith("error: yes"):
-        return {"has_error": False, "fine_type": None, "coarse_type": None}
-    fine = text.partition("type:")[2].strip() or None
-    return {"has_error": True, "fine_type": fine, "coarse_type": FINE_TYPES.get(fine)}
+from mmclin.reports.qa import NO_ERROR_ANSWER, QUESTION, error_answer, load_radiograph, parse_error_answer
 
 
 class MultimodalReportChecker:

@@ -260,3 +260,41 @@ def write_confusion_matrices(scores: dict, out_dir: str | os.PathLike, prefix: s
                               title=f"COMPLEX {level}, macro-F1 {block['macro_f1']:.3f}")
         paths.append(path)
     return paths
+
+
+class CheckerEvaluator:
+    """Checker scores of a MultimodalLM trained to answer ``error: no`` / ``error: yes; type: X`` (the
+    ``evaluator`` of ``configs/cxr-error-check.yaml``), from its prediction rows: for the likelihood-ranked and the
+    generated answer, SIMPLE accuracy, image-dependent balanced accuracy (clean reports against those with an
+    error only the image shows, `IMAGE_DEPENDENT_TYPES`) and fine macro-F1, with bootstrap intervals, as
+    ``{prefix}/simple_acc_likelihood``, ``{prefix}/image_dependent_bacc_likelihood`` (``_ci_low`` / ``_ci_high``)..."""
+
+    def __init__(self, n_boot: int = 1000, level: float = 0.95, seed: int = 0):
+        """
+        Args:
+            n_boot: bootstrap resamples per interval.
+            level: coverage of the intervals.
+            seed: seed of the resampling.
+        """
+        self.n_boot, self.level, self.seed = n_boot, level, seed
+
+    def __call__(self, rows: Sequence[dict], prefix: str) -> dict[str, float]:
+        from mmclin.reports.qa import parse_error_answer
+
+        records = [{"id": str(i), "has_error": bool(r["meta"]["has_error"]), "fine_type": r["meta"]["fine_type"],
+                    "coarse_type": r["meta"].get("coarse_type")} for i, r in enumerate(rows)]
+        if not records:
+            return {}
+        out = {}
+        for path, key in (("likelihood", "ranked"), ("generation", "parsed")):
+            predictions = [{"id": str(i), **parse_error_answer(r[key])} for i, r in enumerate(rows)]
+            scores = score_checker(records, predictions, n_boot=self.n_boot, level=self.level, seed=self.seed)
+            figures = {"simple_acc": (scores["simple"], "accuracy"),
+                       "complex_fine_macro_f1": (scores["complex_fine"], "macro_f1")}
+            if "image_dependent" in scores["simple"]:
+                figures["image_dependent_bacc"] = (scores["simple"]["image_dependent"], "balanced_accuracy")
+            for name, (block, metric) in figures.items():
+                out[f"{prefix}/{name}_{path}"] = float(block[metric])
+                low, high = block[f"{metric}_ci"]
+                out[f"{prefix}/{name}_{path}_ci_low"], out[f"{prefix}/{name}_{path}_ci_high"] = float(low), float(high)
+        return out
