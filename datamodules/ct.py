@@ -56,6 +56,7 @@ from monai.transforms import (
 from pydicom.errors import InvalidDicomError
 
 from mmclin.errors import DataError
+from mmclin.tasks.ct_questions import check_hu
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +234,8 @@ class CheckCTd(MapTransform):
             if not torch.isfinite(image).all():
                 raise DataError(f"{name}: {int((~torch.isfinite(image)).sum())} voxel(s) are NaN or infinite")
             lo, hi = float(image.min()), float(image.max())
-            if self.hu_window is not None and lo >= 0:
-                raise DataError(
-                    f"{name}: looks like it is not in Hounsfield units (values {lo:g}..{hi:g}, none negative; a CT "
-                    f"in HU has air near -1000 and fat near -100). Convert it to HU, or set check_hu=False if the "
-                    f"values are HU after all (or hu_window=None to use them unwindowed)")
+            if self.hu_window is not None:
+                check_hu(name, lo, hi, override="check_hu=False (or hu_window=None to use them unwindowed)")
             if self.foreground_hu is not None and hi <= self.foreground_hu:
                 raise DataError(f"{name}: no voxel above foreground_hu={self.foreground_hu:g} (values {lo:g}..{hi:g});"
                                 " nothing to crop to. Set foreground_hu=None to skip the crop")

@@ -127,6 +127,25 @@ def test_grid_mismatch_names_both_files(example, tmp_path):
                                 str(tmp_path / "q.jsonl")])
 
 
+def test_an_8_bit_ct_is_refused_with_the_datamodule_message(example, tmp_path):
+    """The real CT rescaled to 0-255 (as a PNG-style export): mean attenuations would be wrong, so it is refused,
+    in the words of datamodules/ct.py, unless --no-check-hu says the values are HU."""
+    ct = nib.load(example[0])
+    hu = ct.get_fdata()
+    eight_bit = np.round((hu - hu.min()) / (hu.max() - hu.min()) * 255).astype(np.uint8)
+    nib.save(nib.Nifti1Image(eight_bit, ct.affine), tmp_path / "ct_8bit.nii.gz")
+    args = ["--ct", str(tmp_path / "ct_8bit.nii.gz"), "--mask", str(example[1]), "--organs", "liver",
+            "--out", str(tmp_path / "q.jsonl")]
+    with pytest.raises(DataError, match=r"ct_8bit\.nii\.gz: looks like it is not in Hounsfield units \(values 0\.\."):
+        ct_vqa_from_masks.main(args)
+    assert ct_vqa_from_masks.main([*args, "--no-check-hu"])  # the user's word: questions are written
+    nan = hu.astype(np.float32)
+    nan[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(nan, ct.affine), tmp_path / "ct_nan.nii.gz")
+    with pytest.raises(DataError, match=r"ct_nan\.nii\.gz: 1 voxel\(s\) are NaN"):
+        questions_from_files(tmp_path / "ct_nan.nii.gz", example[1])
+
+
 # ---------------------------------------------------------------- measurements on a hand-made volume
 
 

@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-voxels", type=int, default=10, help="fewer voxels and an organ is not measured")
     p.add_argument("--on-missing", choices=["error", "skip"], default="error",
                    help="a CT in --ct-dir without a mask: stop, or skip it and count it")
+    p.add_argument("--no-check-hu", dest="check_hu", action="store_false",
+                   help="accept a CT without negative values (by default refused as not in Hounsfield units: "
+                        "an 8-bit export would give wrong attenuation answers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output JSONL file")
     args = p.parse_args(argv)
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for ct, mask in pairs:
         found, notes = questions_from_files(ct, mask, relative_to=out.parent, organs=args.organs,
                                             lesion_labels=dict(args.lesion_label), min_voxels=args.min_voxels,
-                                            seed=rng)
+                                            seed=rng, check_hu=args.check_hu)
         records += found
         for note in notes:
             print(f"{ct.name}: {note}")

@@ -123,16 +123,28 @@ def organ_phrase(name: str) -> str:
     return " ".join(words)
 
 
-def load_ct_and_mask(ct_path: str | os.PathLike, mask_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray,
-                                                                                          np.ndarray]:
-    """Read a CT (HU, scaling applied) and its label mask; check they share one grid.
+def check_hu(name: str, lo: float, hi: float, override: str = "check_hu=False") -> None:
+    """Refuse a volume whose values (`lo`..`hi`) cannot be Hounsfield units: none negative, where a CT in HU has
+    air near -1000 and fat near -100 (an 8-bit or 0-based export). Every CT entry point (datamodules, tools)
+    gives this one message; `override` names the switch that accepts the values anyway."""
+    if lo >= 0:
+        raise DataError(
+            f"{name}: looks like it is not in Hounsfield units (values {lo:g}..{hi:g}, none negative; a CT "
+            f"in HU has air near -1000 and fat near -100). Convert it to HU, or set {override} if the "
+            f"values are HU after all")
+
+
+def load_ct_and_mask(ct_path: str | os.PathLike, mask_path: str | os.PathLike, hu: bool = True,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a CT (HU, scaling applied) and its label mask; check they share one grid and, with `hu`, that the CT
+    is in HU (`check_hu`).
 
     Returns:
         ``(hu, labels, affine)``: (X, Y, Z) float32 HU, (X, Y, Z) int32 label ids, (4, 4) voxel-to-world (mm).
 
     Raises:
-        DataError: a file is unreadable or not 3-D, the mask holds non-integer or negative labels, or the two
-            differ in shape or affine (naming both files).
+        DataError: a file is unreadable or not 3-D, the CT holds NaN or (with `hu`) no negative value, the mask
+            holds non-integer or negative labels, or the two differ in shape or affine (naming both files).
     """
     images = []
     for path in (ct_path, mask_path):
@@ -155,7 +167,12 @@ def load_ct_and_mask(ct_path: str | os.PathLike, mask_path: str | os.PathLike) -
             raise DataError(f"{mask_path}: label mask holds non-integer values")
     if labels.min() < 0:
         raise DataError(f"{mask_path}: label mask holds negative values")
-    return ct.get_fdata(dtype=np.float32), labels.astype(np.int32), ct.affine
+    values = ct.get_fdata(dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise DataError(f"{ct_path}: {int((~np.isfinite(values)).sum())} voxel(s) are NaN or infinite")
+    if hu:
+        check_hu(str(ct_path), float(values.min()), float(values.max()), override="--no-check-hu (hu=False)")
+    return values, labels.astype(np.int32), ct.affine
 
 
 def _feret_diameter_mm(component: np.ndarray, affine: np.ndarray) -> float:
@@ -427,9 +444,10 @@ def questions_from_files(ct_path: str | os.PathLike, mask_path: str | os.PathLik
     """`generate_questions` for a CT and mask file; the image id is the CT's file name without ``.nii[.gz]``.
 
     Paths in the records are relative to `relative_to` for files below it, absolute otherwise (and as given
-    without `relative_to`). Keyword arguments are those of `generate_questions` after ``mask_path``.
+    without `relative_to`). Keyword arguments are ``check_hu`` (default True: refuse a CT not in HU) and those of
+    `generate_questions` after ``mask_path``.
     """
-    hu, labels, affine = load_ct_and_mask(ct_path, mask_path)
+    hu, labels, affine = load_ct_and_mask(ct_path, mask_path, hu=kwargs.pop("check_hu", True))
     image_id = Path(ct_path).name.removesuffix(".gz").removesuffix(".nii")
 
     def shown(path) -> str:
