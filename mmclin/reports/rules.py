@@ -28,6 +28,7 @@ from mmclin.reports.errors import (
 from mmclin.reports.sections import (
     ACUTE_FINDINGS,
     FINDING_FAMILY,
+    MASK,
     Mention,
     body_regions,
     find_mentions,
@@ -82,7 +83,6 @@ _SIDED_DEVICES = {
     "subclavian line": re.compile(r"\bsubclavian\b", re.IGNORECASE),
     "chest tube": re.compile(r"\bchest\s+tubes?\b|\bthoracostomy\b", re.IGNORECASE),
 }
-_MASKED = re.compile(r"\bX{2,}\b|_{2,}")
 # Zones that cannot describe the same finding. Synonyms agree: a lower lobe finding lies at the lung base, an apical
 # one in the upper lobe; the middle lobe and lingula project over the lower zone on a frontal film, and the
 # lingula belongs to the upper lobe.
@@ -340,7 +340,7 @@ class RuleChecker:
         sides: dict[tuple[str, str], set[str]] = {}
         for section, lo, hi in body_regions(text):
             for s, e in sentence_spans(text, lo, hi):
-                if _MASKED.search(text, s, e):
+                if MASK.search(text, s, e):
                     continue
                 for kind, pattern in _SIDED_DEVICES.items():
                     for m in pattern.finditer(text, s, e):

@@ -223,7 +223,7 @@ _HEDGE_TERMSET = {
                     "otherwise", "which"],
 }
 # De-identification markers: IU-Xray "XXXX", MIMIC-CXR "___".
-_MASK = re.compile(r"\bX{2,}\b|_{2,}")
+MASK = re.compile(r"\bX{2,}\b|_{2,}")
 _HEART = re.compile(r"\b(?:heart|cardiac|cardiomediastinal)\b", re.IGNORECASE)
 _HEART_NORMAL = re.compile(r"\bnormal\b|within\s+normal\s+limits|not\s+enlarged|unremarkable", re.IGNORECASE)
 _HEART_ABNORMAL = re.compile(r"cardiomegaly|(?<!not )enlarged|enlargement|top[- ]normal|upper\s+limits?\s+of\s+"
@@ -323,7 +323,7 @@ def _mention(text: str, term: str, start: int, end: int, section: str, sentence:
     return Mention(term=term, span=(start, end), polarity=polarity, section=section, sentence=sentence,
                    sides=frozenset(sides), zones=frozenset(_word_set(phrase, ZONE_WORDS)),
                    severity=frozenset(_word_set(phrase, SEVERITY_RANK)), interval=frozenset(interval),
-                   masked=bool(_MASK.search(clause)))
+                   masked=bool(MASK.search(clause)))
 
 
 def find_mentions(text: str) -> list[Mention]:
