@@ -10,7 +10,7 @@ from typing import Any, Literal
 import lightning as L
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.ct import LETTERS, NIFTI_SUFFIXES, CTPreprocessing, CTVolumeDataset, read_deeptumorvqa, read_m3d_vqa
 from datamodules.loaders import SplitLoaders
@@ -322,9 +322,8 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets[split]
-        sampler = None
+        weights = None
         if train and self.hparams.balance_types and len(dataset):
             types = dataset.table["question_type"].fillna("none")
             weights = 1.0 / types.map(types.value_counts()).to_numpy(dtype=float)
-            sampler = WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(dataset), replacement=True)
-        return self.model_batches(dataset, split, train, self.root, "questions", sampler)
+        return self.model_batches(dataset, split, train, self.root, "questions", weights)

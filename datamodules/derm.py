@@ -15,11 +15,10 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.loaders import SplitLoaders
+from datamodules.loaders import SplitLoaders, split_loader
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.derm import CLASS_NAMES as DEMO_CLASS_NAMES
 from datamodules.synthetic.derm import DEMO_CSV, generate_derm_demo
@@ -426,13 +425,4 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
         dataset = self.datasets[split]
         if len(dataset) == 0:
             raise DataError(f"{self.csv_path}: the '{split}' split is empty")
-        h = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
-            shuffle=train,
-            drop_last=train and len(dataset) > h.batch_size,
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return split_loader(dataset, train, self.trainer, self.hparams)

@@ -18,14 +18,13 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.loaders import SplitLoaders
 from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_scored_psg
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.sleep import generate_sleep_demo
 from mmclin.errors import DataError
-from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -290,22 +289,8 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
         dataset = self.datasets.get(split)
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        if len(dataset) == 0:
-            raise DataError(f"{self.root}: the '{split}' split has no scored epochs")
-        h = self.hparams
-        sampler = None
-        if train and h.balance_train:
+        weights = None
+        if train and self.hparams.balance_train:
             labels = dataset.labels()
             weights = 1.0 / np.bincount(labels, minlength=len(AASM_STAGES))[labels]
-            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(dataset),
-                                            generator=torch.Generator().manual_seed(h.seed))
-        return DataLoader(
-            dataset,
-            batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train and len(dataset) > h.batch_size,
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
-            collate_fn=model_collator(self.trainer, type(self).__name__),
-        )
+        return self.model_batches(dataset, split, train, self.root, "scored epochs", weights)

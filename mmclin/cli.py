@@ -29,13 +29,13 @@ class MMClinCLI(LightningCLI):
     def after_fit(self) -> None:
         """Print the final validation figures, the data's baselines and where the checkpoint went; test if asked."""
         self._print_metrics("val", "Validation metrics (last epoch)")
-        ckpt = self.trainer.checkpoint_callback
-        if ckpt is not None and ckpt.best_model_path:
-            rank_zero_info(f"Best checkpoint: {ckpt.best_model_path}")
-        if ckpt is not None and ckpt.last_model_path:
-            rank_zero_info(f"Last checkpoint: {ckpt.last_model_path}")
+        best = next((c.best_model_path for c in self.trainer.checkpoint_callbacks if c.best_model_path), None)
+        last = next((c.last_model_path for c in self.trainer.checkpoint_callbacks if c.last_model_path), None)
+        if best:
+            rank_zero_info(f"Best checkpoint: {best}")
+        if last:
+            rank_zero_info(f"Last checkpoint: {last} (resume with --ckpt_path)")
         if self.config[self.subcommand].get("test_after_fit"):
-            best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
             rank_zero_info(f"Testing {best or 'the final weights'} on the test split")
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False)
             self._print_metrics("test", "Test metrics")

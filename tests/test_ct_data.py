@@ -487,7 +487,11 @@ def test_balance_types_draws_every_question_type_equally(tmp_path):
     dm.trainer = type("Trainer", (), {"lightning_module": type("Model", (), {"collator": staticmethod(list)})()})()
     types = dm.datasets["train"].table["question_type"]
     sampler = dm.train_dataloader().sampler
-    drawn = types.iloc[[i for _ in range(50) for i in sampler]].value_counts(normalize=True)
+    drawn = []
+    for epoch in range(50):  # a new draw every epoch
+        sampler.set_epoch(epoch)
+        drawn += [i for i, _ in sampler]
+    drawn = types.iloc[drawn].value_counts(normalize=True)
     assert len(sampler) == len(types) and types.value_counts(normalize=True).max() > 0.3  # skewed as generated
     assert drawn.max() - drawn.min() < 0.08, drawn  # about 1/4 each when drawn
 

@@ -16,6 +16,7 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import get_cosine_schedule_with_warmup
 
+from mmclin.distributed import gather_in_order
 from mmclin.models.open_clip_build import build_open_clip
 from mmclin.tasks.zero_shot import classification_metrics, retrieval_metrics, zero_shot_classifier
 
@@ -170,13 +171,11 @@ class CLIPModule(L.LightningModule):
         self._log_split_metrics("test")
 
     def _log_split_metrics(self, prefix: str) -> None:
-        """Gather the split's embeddings from every process, score them, log ``{prefix}/...``."""
+        """Gather the split's embeddings from every process in the split's order, score them, log ``{prefix}/...``."""
         if not self._val_outputs:
             return
         local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in ("image", "text", "label")}
-        gathered = self.all_gather(local)
-        if gathered["label"].dim() > 1:  # distributed strategies return (world, N, ...): -> (world * N, ...)
-            gathered = {k: v.flatten(0, 1) for k, v in gathered.items()}
+        gathered = gather_in_order(self, local)
         metrics = evaluate_embeddings(self, gathered["image"], gathered["text"], gathered["label"])
         # Every process holds the gathered split, so all compute (and log) the same figures; callbacks such
         # as ModelCheckpoint then find the monitored metric on every rank.

@@ -17,6 +17,7 @@ from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
+from mmclin.distributed import interleave
 from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_positions
 from mmclin.fusion.projector import MLPProjector
 from mmclin.fusion.soft_prompt import IGNORE_INDEX, splice_media
@@ -404,7 +405,7 @@ class MultimodalLM(L.LightningModule):
         if self.trainer.world_size > 1:
             self.trainer.strategy.barrier()
         parts = [directory / f"rank{r}.jsonl" for r in range(self.trainer.world_size)]
-        rows = [json.loads(line) for p in parts for line in p.read_text(encoding="utf-8").splitlines()]
+        rows = interleave([[json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()] for p in parts])
         if not rows:
             return
         metrics = {}
