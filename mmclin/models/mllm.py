@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
@@ -124,6 +125,8 @@ class MultimodalLM(L.LightningModule):
         if aux_tokens and not aux_classes:
             raise ValueError("aux_tokens needs aux_classes: one finding token per auxiliary class")
         self.aux_embeddings = None
+        # The split's loss: a token-weighted mean that two processes sum exactly as one (not a mean of batch means)
+        self.eval_loss = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
         if aux_classes:
             gridless = [k for k, e in encoders.items() if not hasattr(e, "grid")] if aux_level == "token" else []
             if gridless:
@@ -366,9 +369,10 @@ class MultimodalLM(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         media, aux_loss = self.batch_media(batch, aux_loss=True)
-        out, _ = self.lm_forward(batch["input_ids"], batch["attention_mask"], media, batch["labels"])
+        out, labels = self.lm_forward(batch["input_ids"], batch["attention_mask"], media, batch["labels"])
         split = "test" if self.trainer.testing else "val"
-        self.log(f"{split}/loss", out.loss, batch_size=len(batch["input_ids"]), sync_dist=True)
+        self.eval_loss[split].update(out.loss, weight=(labels[:, 1:] != IGNORE_INDEX).sum())
+        self.log(f"{split}/loss", self.eval_loss[split], batch_size=len(batch["input_ids"]))
         if aux_loss is not None:
             self.log(f"{split}/aux_loss", aux_loss, batch_size=len(batch["input_ids"]), sync_dist=True)
         generated = self.generate_answers(batch, media)

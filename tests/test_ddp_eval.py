@@ -1,0 +1,72 @@
+"""Evaluation under several CPU processes (gloo DDP) gives exactly the 1-process figures and prediction file.
+
+The test splits do not divide by the number of processes (59 ECG questions on 2, 16 photographs on 3), so a
+padding sampler would score some of them twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS, TINY_CLIP
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {  # model and data arguments, processes
+    "derm-clip": ({"model_config": TINY_CLIP}, {"batch_size": 8, "demo_lesions_per_class": 8, "demo_image_size": 32},
+                  3),
+    "ecg-qa-softprompt": ({}, {"batch_size": 8, "demo_records": 100}, 2),
+}
+
+
+def _run(tmp_path: Path, config: str, name: str, cache: Path, command: str, devices: int, ckpt: Path | None = None):
+    model, data, _ = CASES[config]
+    run = tmp_path / name
+    overlay = {
+        "trainer": {"accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto",
+                    "max_epochs": 1, "default_root_dir": str(run), "enable_progress_bar": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(run), "name": "", "version": ""}}},
+        "model": {"init_args": model},
+        "data": {"init_args": {**data, "num_workers": 0}},
+    }
+    (tmp_path / f"{name}.yaml").write_text(json.dumps(overlay))
+    args = [sys.executable, "-m", "mmclin", command, "-c", str(CONFIGS / f"{config}.yaml"), "-c",
+            str(tmp_path / f"{name}.yaml")] + (["--ckpt_path", str(ckpt)] if ckpt else [])
+    done = subprocess.run(args, cwd=ROOT, env={**os.environ, "MMCLIN_CACHE": str(cache)}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def _test_metrics(run: Path) -> dict[str, float]:
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    return {k: float(v) for row in rows for k, v in row.items() if k.startswith("test/") and v}
+
+
+@pytest.mark.parametrize("config", sorted(CASES))
+def test_multi_process_evaluation_equals_one_process(demo_cache, tmp_path, config):
+    fitted = _run(tmp_path, config, "fit", demo_cache, "fit", 1)
+    ckpt = fitted / "checkpoints" / "last.ckpt"
+    one = _run(tmp_path, config, "one", demo_cache, "test", 1, ckpt)
+    two = _run(tmp_path, config, "two", demo_cache, "test", CASES[config][2], ckpt)
+    metrics_one, metrics_two = _test_metrics(one), _test_metrics(two)
+    assert metrics_one and metrics_one.keys() == metrics_two.keys()
+    for name, value in metrics_one.items():
+        if name.endswith("/loss"):  # a mean over differently composed batches: equal up to rounding
+            assert metrics_two[name] == pytest.approx(value, rel=1e-5), name
+        else:
+            assert metrics_two[name] == value, name
+    predictions = sorted(one.rglob("predictions.jsonl"))
+    if config != "derm-clip":  # the QA models write one row per question, in the split's order
+        assert predictions
+        for path in predictions:
+            mirror = two / path.relative_to(one)
+            assert mirror.read_text() == path.read_text()
+            rows = path.read_text().splitlines()
+            assert len(rows) == 59 and len(set(rows)) == len(rows)
