@@ -55,7 +55,7 @@ from monai.transforms import (
 )
 from pydicom.errors import InvalidDicomError
 
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 from mmclin.tasks.ct_questions import check_hu
 
 log = logging.getLogger(__name__)
@@ -90,16 +90,16 @@ class CTPreprocessing:
                 object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "orientation", str(self.orientation).upper())
         if not _axcodes_ok(self.orientation):
-            raise ValueError(f"orientation {self.orientation!r}: expected one letter of L/R, P/A, I/S for x, y, z "
+            raise ConfigError(f"orientation {self.orientation!r}: expected one letter of L/R, P/A, I/S for x, y, z "
                              "in that order, e.g. 'RAS' or 'LPS'")
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
-            raise ValueError(f"spacing {self.spacing}: expected three positive (z, y, x) values in mm, or None")
+            raise ConfigError(f"spacing {self.spacing}: expected three positive (z, y, x) values in mm, or None")
         if self.hu_window is not None and (len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]):
-            raise ValueError(f"hu_window {self.hu_window}: expected (low, high) HU with low < high, or None")
+            raise ConfigError(f"hu_window {self.hu_window}: expected (low, high) HU with low < high, or None")
         if len(self.grid) != 3 or min(self.grid) < 1:
-            raise ValueError(f"grid {self.grid}: expected three positive (D, H, W) sizes")
+            raise ConfigError(f"grid {self.grid}: expected three positive (D, H, W) sizes")
         if self.resize_mode not in ("resize", "pad_crop"):
-            raise ValueError(f"resize_mode {self.resize_mode!r}: expected 'resize' or 'pad_crop'")
+            raise ConfigError(f"resize_mode {self.resize_mode!r}: expected 'resize' or 'pad_crop'")
 
     def settings(self) -> dict:
         """JSON-able settings (lists for tuples), as stored in configs, checkpoints and cache keys."""
@@ -395,7 +395,7 @@ class CTVolumeDataset(PersistentDataset):
             masks: one label mask per volume, on its grid.
         """
         if masks is not None and len(masks) != len(volumes):
-            raise ValueError(f"{len(masks)} masks for {len(volumes)} volumes")
+            raise ConfigError(f"{len(masks)} masks for {len(volumes)} volumes")
         items = []
         for i, volume in enumerate(volumes):
             item = {"image": str(volume), "path": str(volume), "stamp": source_stamp(volume)}

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.ct import LETTERS, NIFTI_SUFFIXES, CTPreprocessing, CTVolumeDataset, read_deeptumorvqa, read_m3d_vqa
 from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.cache import demo_cache_dir
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 from mmclin.tasks.qa import normalise_answer
 
 log = logging.getLogger(__name__)
@@ -155,9 +155,9 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if on_missing not in ("raise", "skip"):
-            raise ValueError(f"on_missing must be 'raise' or 'skip', got {on_missing!r}")
+            raise ConfigError(f"on_missing must be 'raise' or 'skip', got {on_missing!r}")
         if questions_format not in QUESTION_FILES:
-            raise ValueError(f"questions_format must be one of {list(QUESTION_FILES)}, got {questions_format!r}")
+            raise ConfigError(f"questions_format must be one of {list(QUESTION_FILES)}, got {questions_format!r}")
         self.preprocessing = CTPreprocessing(orientation=orientation, spacing=spacing, hu_window=hu_window, grid=grid,
                                              resize_mode=resize_mode, foreground_hu=foreground_hu, check_hu=check_hu)
         self.demo = root is None
@@ -192,7 +192,7 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
         files = h.questions or QUESTION_FILES[h.questions_format]
         unknown = sorted(set(files) - set(SPLITS))
         if unknown:
-            raise ValueError(f"questions: unknown split(s) {unknown}; expected keys among {list(SPLITS)}")
+            raise ConfigError(f"questions: unknown split(s) {unknown}; expected keys among {list(SPLITS)}")
         read = read_deeptumorvqa if h.questions_format == "deeptumorvqa" else read_m3d_vqa
         tables = []
         for split, name in files.items():
@@ -317,7 +317,7 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("ct_preprocessing")
         if saved is not None and saved != self.preprocessing.settings():
-            raise ValueError(f"the checkpoint was made with CT preprocessing {saved}, this datamodule has "
+            raise ConfigError(f"the checkpoint was made with CT preprocessing {saved}, this datamodule has "
                              f"{self.preprocessing.settings()}; set the same data arguments to resume or evaluate")
 
     def _loader(self, split: str, train: bool) -> DataLoader:

@@ -22,7 +22,7 @@ from datamodules.loaders import SplitLoaders, split_loader
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.derm import CLASS_NAMES as DEMO_CLASS_NAMES
 from datamodules.synthetic.derm import DEMO_CSV, generate_derm_demo
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 from mmclin.tasks.zero_shot import DERM_TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -334,9 +334,9 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
         """
         super().__init__()
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise ValueError(f"val_fraction + test_fraction must be in [0, 1); got {val_fraction} + {test_fraction}")
+            raise ConfigError(f"val_fraction + test_fraction must be in [0, 1); got {val_fraction} + {test_fraction}")
         if format == "csv" and (root is None or csv is None or caption_key is None):
-            raise ValueError("format 'csv' needs root, csv and caption_key")
+            raise ConfigError("format 'csv' needs root, csv and caption_key")
         self.save_hyperparameters()
         self.demo = root is None
         self._table: pd.DataFrame | None = None

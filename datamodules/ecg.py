@@ -21,7 +21,7 @@ import pandas as pd
 import wfdb
 from scipy.signal import resample_poly
 
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 
 STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 # Official PTB-XL folds (Wagner et al. 2020): 1-8 train, 9 validation, 10 test (9 and 10 are human-validated).
@@ -64,7 +64,7 @@ def resample_to(signal: np.ndarray, fs: float, target_fs: float) -> np.ndarray:
         baseline offset does not ring at the ends as zero padding would.
     """
     if fs <= 0 or target_fs <= 0:
-        raise ValueError(f"sampling rates must be > 0, got fs={fs} and target_fs={target_fs}")
+        raise ConfigError(f"sampling rates must be > 0, got fs={fs} and target_fs={target_fs}")
     ratio = Fraction(target_fs).limit_denominator(1000) / Fraction(fs).limit_denominator(1000)
     if ratio == 1:
         return np.asarray(signal, dtype=np.float64)
@@ -96,9 +96,9 @@ def read_wfdb_record(
             requested leads missing, unknown units, NaN or flat leads (unless allowed).
     """
     if on_nan not in ("error", "zero") or on_flat not in ("error", "allow"):
-        raise ValueError(f"on_nan must be 'error'|'zero' and on_flat 'error'|'allow', got {on_nan!r}, {on_flat!r}")
+        raise ConfigError(f"on_nan must be 'error'|'zero' and on_flat 'error'|'allow', got {on_nan!r}, {on_flat!r}")
     if target_fs is not None and target_fs <= 0:
-        raise ValueError(f"target_fs must be > 0, got {target_fs}")
+        raise ConfigError(f"target_fs must be > 0, got {target_fs}")
     base = Path(path)
     base = base.with_suffix("") if base.suffix in (".hea", ".dat", ".mat") else base
     name = str(base)
@@ -150,11 +150,11 @@ def _select(names: list[str], leads: Sequence[str] | None, record: str) -> list[
     if leads is None:
         return list(range(len(names)))
     if isinstance(leads, str):
-        raise ValueError(f"leads must be a sequence of names, got the string {leads!r}")
+        raise ConfigError(f"leads must be a sequence of names, got the string {leads!r}")
     index = {n.lower(): i for i, n in enumerate(names)}
     wanted = [canonical_lead_name(lead).lower() for lead in leads]
     if len(set(wanted)) != len(wanted):
-        raise ValueError(f"leads {list(leads)} name a lead twice")
+        raise ConfigError(f"leads {list(leads)} name a lead twice")
     missing = [lead for lead, w in zip(leads, wanted) if w not in index]
     if missing:
         raise DataError(f"{record}: has {len(names)} leads {names}; missing requested lead(s) {missing}")
@@ -227,7 +227,7 @@ def ptbxl_record_path(root: str | os.PathLike, ecg_id: int, row: pd.Series, fs: 
     CinC 2021 name ``HR<ecg_id:05d>``. Raises DataError listing both when neither header exists.
     """
     if fs not in (100, 500):
-        raise ValueError(f"PTB-XL ships 100 and 500 Hz records, got fs={fs}")
+        raise ConfigError(f"PTB-XL ships 100 and 500 Hz records, got fs={fs}")
     root = Path(root)
     tried = [root / row["filename_hr" if fs == 500 else "filename_lr"]]
     if fs == 500:

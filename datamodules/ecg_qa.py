@@ -23,7 +23,7 @@ from typing import Literal
 
 import pandas as pd
 
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 
 QUESTION_TYPES = (
     "single-verify", "single-choose", "single-query",
@@ -99,7 +99,7 @@ def read_ecg_qa(
             template absent from the answer sets. Messages name the file, sample_id, question_id and template_id.
     """
     if on_missing not in ("error", "skip") or version not in ("paraphrased", "template"):
-        raise ValueError(f"on_missing must be 'error'|'skip' and version 'paraphrased'|'template', got "
+        raise ConfigError(f"on_missing must be 'error'|'skip' and version 'paraphrased'|'template', got "
                          f"{on_missing!r}, {version!r}")
     files = _json_files(source, version)
     if isinstance(answer_sets, (str, os.PathLike)):
@@ -154,7 +154,7 @@ def _json_files(source: str | os.PathLike | Sequence[str | os.PathLike], version
     else:
         paths = [Path(p) for p in source]
         if not paths:
-            raise ValueError("source is an empty list of JSON files")
+            raise ConfigError("source is an empty list of JSON files")
     out = []
     for path in paths:
         split = next((ECGQA_SPLITS[n] for n in (path.parent.name, path.stem) if n in ECGQA_SPLITS), None)

@@ -38,7 +38,7 @@ from torchvision.ops import box_convert
 from datamodules.derm import SPLIT_ALIASES, check_images, split_table
 from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.fundus import ICDR_GRADES, REFERRALS, REPORTS_CSV, fundus_demo_dir, generate_fundus_demo
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -461,11 +461,11 @@ class FundusReportDataModule(SplitLoaders, L.LightningDataModule):
         """
         super().__init__()
         if root is None and format != "pairs-csv":
-            raise ValueError(f"format '{format}' needs a root; the demo (root unset) is in pairs-csv format")
+            raise ConfigError(f"format '{format}' needs a root; the demo (root unset) is in pairs-csv format")
         if format == "idrid" and (pairs is None or image_dir is None):
-            raise ValueError("format 'idrid' needs pairs (the grading CSV) and image_dir")
+            raise ConfigError("format 'idrid' needs pairs (the grading CSV) and image_dir")
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise ValueError(f"val_fraction + test_fraction must be in [0, 1); got {val_fraction} + {test_fraction}")
+            raise ConfigError(f"val_fraction + test_fraction must be in [0, 1); got {val_fraction} + {test_fraction}")
         self.save_hyperparameters()
         self.demo = root is None
         self.datasets: dict[str, FundusReportDataset] = {}

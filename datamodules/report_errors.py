@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.loaders import SplitLoaders
 from datamodules.reports import content_key, duplicate_groups, split_studies
 from datamodules.synthetic.cxr import REPORTS_CSV, generate_cxr_demo
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 from mmclin.reports.qa import NO_ERROR_ANSWER, QUESTION, error_answer, load_radiograph
 from mmclin.reports.sections import parse_sections
 
@@ -168,20 +168,20 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         """
         super().__init__()
         if mode not in ("text", "qa"):
-            raise ValueError(f"mode must be 'text' or 'qa', got {mode!r}")
+            raise ConfigError(f"mode must be 'text' or 'qa', got {mode!r}")
         if mode == "qa" and with_images is False:
-            raise ValueError("mode='qa' samples carry the study image for the multimodal LM; with_images cannot be "
+            raise ConfigError("mode='qa' samples carry the study image for the multimodal LM; with_images cannot be "
                              "False")
         if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-            raise ValueError(f"need val_fraction, test_fraction >= 0 with a sum < 1; got {val_fraction}, "
+            raise ConfigError(f"need val_fraction, test_fraction >= 0 with a sum < 1; got {val_fraction}, "
                              f"{test_fraction}")
         self.save_hyperparameters()
         if mesh_classes and mode != "qa":
-            raise ValueError("mesh_classes are image targets of the qa mode; the text checker has no image encoder")
+            raise ConfigError("mesh_classes are image targets of the qa mode; the text checker has no image encoder")
         try:
             self.mesh_classes = {str(k): re.compile(v, re.IGNORECASE) for k, v in (mesh_classes or {}).items()}
         except re.error as err:
-            raise ValueError(f"mesh_classes: {err.pattern!r} is not a regular expression: {err}") from err
+            raise ConfigError(f"mesh_classes: {err.pattern!r} is not a regular expression: {err}") from err
         self.with_images = (mode == "qa") if with_images is None else with_images
         self.reports: dict[str, list] = {}  # split -> Report (empty when root is an errors.jsonl)
         self.records: dict[str, list[dict]] = {}  # split -> injected records (val/test fixed; train of epoch 0)

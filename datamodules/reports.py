@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 from mmclin.reports.sections import Report, compose_report, parse_sections
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class _Collector:
 
     def __init__(self, source: Path, on_error: str):
         if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.source, self.on_error, self.result = source, on_error, ReadResult()
 
     def fault(self, where: str, why: str) -> None:
@@ -326,7 +326,7 @@ def split_studies(ids: list[str], val_fraction: float = 0.15, test_fraction: flo
     """
     groups = list(ids) if groups is None else list(groups)
     if len(groups) != len(ids):
-        raise ValueError(f"split_studies: {len(ids)} ids but {len(groups)} group keys")
+        raise ConfigError(f"split_studies: {len(ids)} ids but {len(groups)} group keys")
     members: dict[str, set[str]] = {}
     for sid, key in zip(ids, groups):
         members.setdefault(key, set()).add(sid)
@@ -373,7 +373,7 @@ def read_reports(path: str | os.PathLike, format: Literal["iu-csv", "r2gen", "mi
     elif format == "mimic":
         result = read_mimic_reports(path, image_root=image_root, on_error=on_error)
     else:
-        raise ValueError(f"unknown report format {format!r}; choose one of {list(FORMATS)}")
+        raise ConfigError(f"unknown report format {format!r}; choose one of {list(FORMATS)}")
     if split is not None:
         if all(r.split is None for r in result.reports):
             split_of = split_studies([r.id for r in result.reports],

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from datamodules.ecg import resample_to
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 
 AASM_STAGES = ("W", "N1", "N2", "N3", "R")
 _UNSCORED, _MOVEMENT, _GAP = -2, -3, -4  # internal codes; all become -1 in the epoch array
@@ -182,7 +182,7 @@ def hypnogram_to_epochs(
             PSG start or past ``n_epochs`` (hypnogram longer than the PSG).
     """
     if epoch_s <= 0:
-        raise ValueError(f"epoch_s must be > 0, got {epoch_s}")
+        raise ConfigError(f"epoch_s must be > 0, got {epoch_s}")
     spans, ignored = [], Counter()
     for ann in map(Annotation._make, annotations):
         label = ann.label.split("@@")[0].strip()  # HMC: "Sleep stage N2@@EEG F4-A1"
@@ -234,7 +234,7 @@ def read_psg(path: str | os.PathLike, channels: Sequence[str], target_fs: float 
             channels at different rates without `target_fs`, a bad header.
     """
     if isinstance(channels, str) or not channels:
-        raise ValueError(f"channels must be a non-empty sequence of labels, got {channels!r}")
+        raise ConfigError(f"channels must be a non-empty sequence of labels, got {channels!r}")
     header = _read_edf_header(path)
     labels = header.signals["label"]
     index = {label.lower(): i for i, label in enumerate(labels)}

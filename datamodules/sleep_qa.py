@@ -24,7 +24,7 @@ from datamodules.loaders import SplitLoaders
 from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_scored_psg
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.sleep import generate_sleep_demo
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def split_subjects(subjects: Sequence[str], val: float | Sequence[str], test: fl
     for split, chosen in (("test", test), ("val", val)):
         if isinstance(chosen, float | int):
             if not 0 <= chosen < 1:
-                raise ValueError(f"{split}_subjects as a fraction must be in [0, 1); got {chosen}")
+                raise ConfigError(f"{split}_subjects as a fraction must be in [0, 1); got {chosen}")
             free = [s for s in order if assign[s] == "train"]
             chosen = free[:max(1, round(chosen * len(subjects))) if chosen > 0 else 0]
         unknown = sorted(set(chosen) - set(subjects))
@@ -70,7 +70,7 @@ def split_subjects(subjects: Sequence[str], val: float | Sequence[str], test: fl
             raise DataError(f"{split}_subjects {unknown} not among the subjects found: {subjects}")
         taken = [s for s in chosen if assign[s] != "train"]
         if taken:
-            raise ValueError(f"subject(s) {taken} asked for both val and test")
+            raise ConfigError(f"subject(s) {taken} asked for both val and test")
         assign.update(dict.fromkeys(chosen, split))
     return assign
 
@@ -180,12 +180,14 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
         """
         super().__init__()
         if isinstance(channels, str) or not channels:
-            raise ValueError(f"channels must be a non-empty list of EDF labels, got {channels!r}")
-        if target_fs <= 0 or epoch_s <= 0 or context_epochs < 0:
-            raise ValueError(f"need target_fs > 0, epoch_s > 0, context_epochs >= 0; got {target_fs}, {epoch_s}, "
-                             f"{context_epochs}")
+            raise ConfigError(f"channels must be a non-empty list of EDF labels, got {channels!r}")
+        if not isinstance(target_fs, (int, float)) or target_fs <= 0:  # samples of one epoch = epoch_s * target_fs
+            raise ConfigError(f"target_fs={target_fs!r}: the datamodule resamples every channel to one rate, so it "
+                              "needs a rate in Hz > 0 (e.g. 100, Sleep-EDF's EEG rate)")
+        if epoch_s <= 0 or context_epochs < 0:
+            raise ConfigError(f"need epoch_s > 0, context_epochs >= 0; got {epoch_s}, {context_epochs}")
         if on_unscored not in ("skip", "error"):
-            raise ValueError(f"on_unscored must be 'skip' or 'error', got {on_unscored!r}")
+            raise ConfigError(f"on_unscored must be 'skip' or 'error', got {on_unscored!r}")
         self.save_hyperparameters()
         self.demo = root is None
         self.nights: list[SleepNight] = []

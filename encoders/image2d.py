@@ -21,7 +21,7 @@ from timm.models import load_state_dict
 from torch import nn
 
 from encoders.timeseries import EncoderOutput
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class TimmImageEncoder(ImageBackboneEncoder):
         kwargs = dict(model_kwargs or {})
         for reserved in ("pretrained", "num_classes", "img_size", "pretrained_cfg_overlay"):
             if reserved in kwargs:
-                raise ValueError(f"model_kwargs must not set '{reserved}': the encoder sets it")
+                raise ConfigError(f"model_kwargs must not set '{reserved}': the encoder sets it")
         state_dict = None
         if pretrained_path is not None:
             # timm's loader unwraps 'state_dict'/'model'/EMA entries and strips DDP 'module.' prefixes.
@@ -198,17 +198,17 @@ class OpenCLIPVisualEncoder(ImageBackboneEncoder):
         from mmclin.models.open_clip_build import build_open_clip
 
         if sum(x is not None for x in (checkpoint, model_name, model_config)) != 1:
-            raise ValueError("give exactly one of checkpoint, model_name and model_config")
+            raise ConfigError("give exactly one of checkpoint, model_name and model_config")
         if checkpoint is not None:
             if pretrained is not None:
-                raise ValueError("pretrained applies to model_name/model_config; a checkpoint carries its weights")
+                raise ConfigError("pretrained applies to model_name/model_config; a checkpoint carries its weights")
             module = load_clip(checkpoint)
             visual, self.preprocess_cfg = module.model.visual, module.preprocess_cfg
         else:
             parts = build_open_clip(model_name, model_config, pretrained)
             visual, self.preprocess_cfg = parts.model.visual, parts.preprocess_cfg
         if not isinstance(visual, VisionTransformer):
-            raise ValueError(f"OpenCLIPVisualEncoder needs an open_clip VisionTransformer tower, got "
+            raise ConfigError(f"OpenCLIPVisualEncoder needs an open_clip VisionTransformer tower, got "
                              f"{type(visual).__name__}; for timm towers use TimmImageEncoder")
         visual.output_tokens = True
         self.backbone = visual

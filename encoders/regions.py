@@ -26,6 +26,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from encoders.timeseries import EncoderOutput
+from mmclin.errors import ConfigError
 
 
 def erode_masks(masks: torch.Tensor, steps: int = 1) -> torch.Tensor:
@@ -127,11 +128,11 @@ class RegionEncoder(nn.Module):
         """
         super().__init__()
         if not regions:
-            raise ValueError("regions must name at least one region, e.g. [liver, spleen]")
+            raise ConfigError("regions must name at least one region, e.g. [liver, spleen]")
         if len(set(regions)) != len(regions):
-            raise ValueError(f"regions must be distinct, got {list(regions)}")
+            raise ConfigError(f"regions must be distinct, got {list(regions)}")
         if stride < 1 or erode < 0 or not dilations:
-            raise ValueError(f"stride >= 1, erode >= 0 and at least one dilation expected, got stride {stride}, "
+            raise ConfigError(f"stride >= 1, erode >= 0 and at least one dilation expected, got stride {stride}, "
                              f"erode {erode}, dilations {list(dilations)}")
         self.backbone = backbone
         self.regions = list(regions)

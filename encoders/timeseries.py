@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from timm.layers import AttentionRope, Mlp, freq_bands
 from torch import nn
 
+from mmclin.errors import ConfigError
+
 
 @dataclass
 class EncoderOutput:
@@ -133,19 +135,19 @@ class PatchTransformerEncoder(nn.Module):
         super().__init__()
         stride = patch_size if stride is None else stride
         if n_channels < 1:
-            raise ValueError(f"n_channels must be >= 1, got {n_channels}")
+            raise ConfigError(f"n_channels must be >= 1, got {n_channels}")
         if patch_size < 1 or not 1 <= stride <= patch_size:
-            raise ValueError(f"need patch_size >= 1 and 1 <= stride <= patch_size, got {patch_size=} {stride=}")
+            raise ConfigError(f"need patch_size >= 1 and 1 <= stride <= patch_size, got {patch_size=} {stride=}")
         if positions not in ("sinusoidal", "rotary"):
-            raise ValueError(f"positions must be 'sinusoidal' or 'rotary', got {positions!r}")
+            raise ConfigError(f"positions must be 'sinusoidal' or 'rotary', got {positions!r}")
         if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) should be divisible by n_heads ({n_heads})")
+            raise ConfigError(f"d_model ({d_model}) should be divisible by n_heads ({n_heads})")
         if positions == "sinusoidal" and d_model % 2:
-            raise ValueError(f"sinusoidal positions need an even d_model, got {d_model}")
+            raise ConfigError(f"sinusoidal positions need an even d_model, got {d_model}")
         if positions == "rotary" and (d_model // n_heads) % 2:
-            raise ValueError(f"rotary positions need an even head width d_model / n_heads, got {d_model // n_heads}")
+            raise ConfigError(f"rotary positions need an even head width d_model / n_heads, got {d_model // n_heads}")
         if max_channels is not None and max_channels < n_channels:
-            raise ValueError(f"max_channels ({max_channels}) must be >= n_channels ({n_channels})")
+            raise ConfigError(f"max_channels ({max_channels}) must be >= n_channels ({n_channels})")
         self.n_channels, self.patch_size, self.stride = n_channels, patch_size, stride
         self.positions, self.normalize, self.eps = positions, normalize, eps
         self.max_channels = max_channels
@@ -272,15 +274,15 @@ class ResNet1dEncoder(nn.Module):
         """
         super().__init__()
         if n_channels < 1:
-            raise ValueError(f"n_channels must be >= 1, got {n_channels}")
+            raise ConfigError(f"n_channels must be >= 1, got {n_channels}")
         if not widths or len(widths) != len(blocks_per_stage):
-            raise ValueError(f"widths and blocks_per_stage need the same non-zero length: {widths} {blocks_per_stage}")
+            raise ConfigError(f"widths and blocks_per_stage need the same non-zero length: {widths} {blocks_per_stage}")
         if min(widths) < 1 or min(blocks_per_stage) < 1:
-            raise ValueError(f"widths and blocks_per_stage must be positive: {widths} {blocks_per_stage}")
+            raise ConfigError(f"widths and blocks_per_stage must be positive: {widths} {blocks_per_stage}")
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+            raise ConfigError(f"kernel_size must be odd and positive, got {kernel_size}")
         if stem_stride < 1:
-            raise ValueError(f"stem_stride must be >= 1, got {stem_stride}")
+            raise ConfigError(f"stem_stride must be >= 1, got {stem_stride}")
         self.n_channels = n_channels
         self.stem = nn.Sequential(
             nn.Conv1d(n_channels, widths[0], kernel_size, stem_stride, kernel_size // 2, bias=False),

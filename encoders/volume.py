@@ -27,7 +27,7 @@ from torch import nn
 
 from encoders.image2d import ImageBackboneEncoder, check_weights_file, image_output, report_key_match
 from encoders.timeseries import EncoderOutput
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +122,15 @@ class ViT3DEncoder(ImageBackboneEncoder):
         """
         super().__init__()
         if len(img_size) != 3 or len(patch_size) != 3:
-            raise ValueError(f"img_size and patch_size need 3 entries (D, H, W), got {img_size} and {patch_size}")
+            raise ConfigError(f"img_size and patch_size need 3 entries (D, H, W), got {img_size} and {patch_size}")
         if any(i % p for i, p in zip(img_size, patch_size)):
-            raise ValueError(f"patch_size {tuple(patch_size)} must divide img_size {tuple(img_size)}")
+            raise ConfigError(f"patch_size {tuple(patch_size)} must divide img_size {tuple(img_size)}")
         stride = 2 ** len(stem_channels)
         if stem_channels and pretrained_path is not None:
-            raise ValueError("stem_channels with pretrained_path: a pretrained MONAI ViT has no convolution stem, "
+            raise ConfigError("stem_channels with pretrained_path: a pretrained MONAI ViT has no convolution stem, "
                              "which would start random in front of it; use one or the other")
         if any(p % stride for p in patch_size):
-            raise ValueError(f"patch_size {tuple(patch_size)} must be divisible by {stride}, the downsampling of "
+            raise ConfigError(f"patch_size {tuple(patch_size)} must be divisible by {stride}, the downsampling of "
                              f"stem_channels {list(stem_channels)}")
         self.img_size, self.patch_size = tuple(img_size), tuple(patch_size)
         self.in_channels, self.dropout = in_channels, dropout
@@ -217,7 +217,7 @@ class ResNet3DEncoder(ImageBackboneEncoder):
             self.backbone = ResNetFeatures(arch, pretrained=False, spatial_dims=3, in_channels=in_channels)
             self.out_dim = self.backbone.in_planes  # width of the last stage
         else:
-            raise ValueError(f"arch must be one of resnet10/18/34/50 or {sorted(_DENSENETS)}, got {arch!r}")
+            raise ConfigError(f"arch must be one of resnet10/18/34/50 or {sorted(_DENSENETS)}, got {arch!r}")
         if pretrained_path is not None:
             load_local_weights(self.backbone, pretrained_path, state_dict_prefix)
         if freeze:

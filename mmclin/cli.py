@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import datamodules  # noqa: F401  (registers datamodules so configs can name them by class)
 import encoders  # noqa: F401
 import mmclin.models  # noqa: F401
-from mmclin.errors import DataError
+from mmclin.errors import run_entry_point
 
 
 class MMClinCLI(LightningCLI):
@@ -105,28 +105,17 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MMClinCLI:
     )
 
 
-def data_error_line(err: DataError) -> str:
-    """The one line of a DataError, also when a DataLoader worker raised it: the worker's re-raise wraps the
-    message in "Caught DataError in DataLoader worker process 0. Original Traceback ..."; its last line is ours."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].partition("DataError: ")[2] or text.splitlines()[-1]
-    return text
-
-
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``mmclin``, ``lightning`` and ``python -m mmclin``.
 
-    Bad input data ends the run with one line naming the file, record and problem, and exit code 2;
-    ``MMCLIN_DEBUG=1`` shows the full traceback instead.
+    Bad input data, settings or checkpoints end the run with one line naming the file, record or setting and the
+    problem, and exit code 2 (also when a DataLoader worker raised it); ``--debug`` (or ``MMCLIN_DEBUG=1``) shows
+    the full traceback instead.
     """
-    try:
-        build_cli(args)
-    except DataError as err:
-        if os.environ.get("MMCLIN_DEBUG"):
-            raise
-        print(f"error: {data_error_line(err)}", file=sys.stderr)
-        sys.exit(2)
+    if args is None and "--debug" in sys.argv:  # LightningCLI parses sys.argv itself, as do DDP's child processes
+        sys.argv = [a for a in sys.argv if a != "--debug"]
+        os.environ["MMCLIN_DEBUG"] = "1"
+    run_entry_point(lambda argv: build_cli(argv if args is not None else None), args or [])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from datamodules.reports import (
     read_reports,
     split_studies,
 )
-from mmclin.errors import DataError
+from mmclin.errors import CheckpointError, ConfigError, DataError
 from mmclin.reports.errors import _DEVICE as DEVICE_PATTERN
 from mmclin.reports.errors import (
     COMPARISON_WORDS,
@@ -630,10 +630,10 @@ def test_checkpoint_checker_dispatches_on_class(tmp_path, monkeypatch):
                                        "20", "--out", str(tmp_path / "eval")])
     assert metrics["simple"]["accuracy"] == 1.0 and metrics["complex_fine"]["per_type"]["typo_homophone"]["f1"] == 0
     other = _save_checkpoint(NotAChecker(), tmp_path / "other.ckpt", "mmclin.models.report_checker.NotAChecker")
-    with pytest.raises(TypeError, match="NotAChecker has no predict_reports"):
+    with pytest.raises(CheckpointError, match="NotAChecker has no predict_reports"):
         report_error_check.load_checker(f"ckpt:{other}")
     evil = _save_checkpoint(ReportChecker(), tmp_path / "evil.ckpt", "os.system")
-    with pytest.raises(DataError, match="only classes of"):
+    with pytest.raises(CheckpointError, match="only classes of"):
         report_error_check.load_checker(f"ckpt:{evil}")
-    with pytest.raises(ValueError, match="unknown checker"):
+    with pytest.raises(ConfigError, match="unknown"):
         report_error_check.load_checker("gpt")

@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmclin.errors import run_entry_point
 from mmclin.models.clip import CLIPModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -625,4 +626,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -28,6 +28,7 @@ from torch import nn
 
 from datamodules.ct import CTPreprocessing, CTVolumeDataset
 from encoders.volume import ViT3DEncoder
+from mmclin.errors import run_entry_point
 
 COLUMNS = (("measure", "measure"), ("n", "volumes"), ("seconds", "seconds"), ("per_s", "volumes/s"),
            ("peak_mib", "peak MiB"), ("step_mib", "+step MiB"))
@@ -183,4 +184,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

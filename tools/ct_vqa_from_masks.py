@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from mmclin.errors import DataError
+from mmclin.errors import DataError, run_entry_point
 from mmclin.tasks.ct_questions import DEFAULT_ORGANS, QUESTION_TYPES, TOTALSEGMENTATOR_LABELS, questions_from_files
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as err:
-        sys.exit(f"error: {err}")
+    run_entry_point(main)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import open_clip
 import torch
 from safetensors.torch import save_file
 
+from mmclin.errors import CheckpointError, run_entry_point
 from mmclin.models.clip import CLIPModule, load_clip
 
 CONFIG_NAME = "open_clip_config.json"
@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"wrote {out}/{CONFIG_NAME} and {WEIGHTS_NAME}")
     print(f"reloaded with open_clip: max |embedding difference| = {diff:.3g}")
     if diff > 1e-5:
-        sys.exit(f"error: the export does not reproduce the checkpoint's embeddings (max difference {diff:.3g})")
+        raise CheckpointError(f"{out}: the export does not reproduce the checkpoint's embeddings (max difference "
+                              f"{diff:.3g})")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

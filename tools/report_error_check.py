@@ -21,20 +21,17 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import math
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from datamodules.reports import FORMATS, read_reports
-from mmclin.errors import DataError
+from mmclin.errors import CheckpointError, ConfigError, DataError, run_entry_point
 from mmclin.reports.audit import audit, audit_lines
 from mmclin.reports.errors import FINE_TYPES, corpus_summary, inject_corpus
 from mmclin.reports.rules import RuleChecker
@@ -42,8 +39,6 @@ from mmclin.reports.scoring import image_dependent_difference, score_checker, wr
 
 # The trained checker a checkpoint without a recorded class (no LightningCLI "_class_path") is taken to be.
 DEFAULT_CHECKER_CLASS = "mmclin.models.report_checker.ReportChecker"
-# Checkpoints may only name classes of these packages: importing a module runs its code.
-TRUSTED_PACKAGES = ("mmclin.", "encoders.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,30 +116,6 @@ def read_jsonl(path: str | Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ checkers
 
 
-def _load_module(path: Path):
-    """The LightningModule of a checkpoint, of the class recorded in it (LightningCLI's ``_class_path``), and the
-    checkpoint's ``datamodule_hyper_parameters`` (empty if none)."""
-    import lightning as L  # only here: `evaluate --checker rule` starts without it
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError / RuntimeError for files it will not load safely
-        raise DataError(f"{path}: not a Lightning checkpoint loadable with weights_only=True ({err})") from err
-    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path") or DEFAULT_CHECKER_CLASS
-    module_name, _, class_name = class_path.rpartition(".")
-    if not module_name.startswith(TRUSTED_PACKAGES):
-        raise DataError(f"{path}: names class {class_path!r}; only classes of {list(TRUSTED_PACKAGES)} are loaded")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise DataError(f"{path}: its class {class_path!r} cannot be imported ({err})") from err
-    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
-        raise DataError(f"{path}: {class_path!r} is not a LightningModule")
-    module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
-    return module, checkpoint.get("datamodule_hyper_parameters") or {}
-
-
 def load_checker(spec: str) -> Callable[[list[dict]], list[dict]]:
     """A checker: maps ``[{"id", "modified", "text", "images"}]`` (the report to check under both ``modified``
     and ``text``, never its label) to ``[{"has_error", "coarse_type", "fine_type", ...}]`` in the same order
@@ -164,7 +135,9 @@ def load_checker(spec: str) -> Callable[[list[dict]], list[dict]]:
         return check
     if spec.startswith("ckpt:"):
         path = Path(spec[len("ckpt:"):])
-        module, data = _load_module(path)
+        from mmclin.checkpoints import load_module  # only here: `evaluate --checker rule` starts without Lightning
+
+        module, data = load_module(path, default_class=DEFAULT_CHECKER_CLASS)
         predict = getattr(module, "predict_reports", None)
         if predict is None and hasattr(module, "rank_choices"):  # a MultimodalLM trained on image + report QA
             from mmclin.reports.mllm_checker import MultimodalReportChecker
@@ -172,11 +145,11 @@ def load_checker(spec: str) -> Callable[[list[dict]], list[dict]]:
             return MultimodalReportChecker(module, image_size=data.get("image_size"),
                                            error_types=data.get("error_types"))
         if not callable(predict):
-            raise TypeError(f"{path}: {type(module).__module__}.{type(module).__qualname__} has no "
+            raise CheckpointError(f"{path}: {type(module).__module__}.{type(module).__qualname__} has no "
                             "predict_reports(records) method, so it cannot check reports; expected a report checker "
                             f"such as {DEFAULT_CHECKER_CLASS}")
         return predict
-    raise ValueError(f"unknown checker {spec!r}; use 'rule' or 'ckpt:PATH'")
+    raise ConfigError(f"--checker {spec!r}: unknown; use 'rule' or 'ckpt:PATH'")
 
 
 # -------------------------------------------------------------------------------------------------- commands
@@ -348,7 +321,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, FileNotFoundError, ValueError, TypeError) as e:
-        sys.exit(f"error: {e}")
+    run_entry_point(main)

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datamodules.derm import DermDataModule, ImageTextDataset
-from mmclin.errors import DataError
+from mmclin.errors import DataError, run_entry_point
 from mmclin.models.clip import load_clip
 from mmclin.plots import plot_confusion_matrix
 from mmclin.tasks.zero_shot import classification_metrics, resolve_templates, zero_shot_classifier
@@ -137,7 +136,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_entry_point(main)

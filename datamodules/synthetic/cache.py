@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from mmclin.errors import ConfigError
+
 DONE_MARKER = ".complete"  # written last: a directory without it is not a finished demo
 
 
@@ -32,7 +34,7 @@ def build_once(out_dir: str | os.PathLike, settings: dict, write: Callable[[Path
         except json.JSONDecodeError:
             found = marker.read_text().strip()
         if found != settings:
-            raise ValueError(f"{out} holds a demo made with {found}; asked for {settings}. Use another directory.")
+            raise ConfigError(f"{out} holds a demo made with {found}; asked for {settings}. Use another directory.")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))

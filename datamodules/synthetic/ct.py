@@ -35,6 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from datamodules.synthetic.cache import build_once, demo_cache_dir
+from mmclin.errors import ConfigError
 from mmclin.tasks.ct_questions import DEFAULT_ORGANS, TOTALSEGMENTATOR_LABELS, generate_questions
 
 # Lesion label ids of the demo masks, above TotalSegmentator's 1-117 so they never clash: {label id: host organ}.
@@ -193,9 +194,9 @@ def generate_ct_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0, 
     """
     shape, spacing = [int(s) for s in shape], [float(s) for s in spacing]
     if n_volumes < len(SPLITS):
-        raise ValueError(f"n_volumes={n_volumes}: need at least {len(SPLITS)}, one volume per split")
+        raise ConfigError(f"n_volumes={n_volumes}: need at least {len(SPLITS)}, one volume per split")
     if len(shape) != 3 or len(spacing) != 3 or any(n * sp < fov for n, sp, fov in zip(shape, spacing, (340, 250, 260))):
-        raise ValueError(f"shape {shape} x spacing {spacing} mm must cover at least 340 x 250 x 260 mm (X, Y, Z)")
+        raise ConfigError(f"shape {shape} x spacing {spacing} mm must cover at least 340 x 250 x 260 mm (X, Y, Z)")
     settings = {"version": 1, "seed": seed, "n_volumes": n_volumes, "shape": shape, "spacing": spacing}
     name = f"ct-vqa-demo-v3-n{n_volumes}-{'x'.join(map(str, shape))}-{'x'.join(f'{s:g}' for s in spacing)}mm-s{seed}"
     return build_once(demo_cache_dir(cache_dir) / name, settings,

@@ -47,6 +47,7 @@ from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
 from datamodules.synthetic.cache import build_once, demo_cache_dir
+from mmclin.errors import ConfigError
 
 DEMO_NAME = "cxr-report-demo-v2"
 REPORTS_CSV = "indiana_reports.csv"
@@ -529,7 +530,7 @@ def generate_cxr_demo(
         ValueError: the target directory holds a demo made with other settings.
     """
     if n_studies < 1 or size < 32:
-        raise ValueError(f"need n_studies >= 1 and size >= 32 pixels; got n_studies={n_studies}, size={size}")
+        raise ConfigError(f"need n_studies >= 1 and size >= 32 pixels; got n_studies={n_studies}, size={size}")
     settings = {"seed": seed, "n_studies": n_studies, "size": size, "version": 2}
     return build_once(demo_dir(cache_dir, seed, n_studies, size), settings,
                       lambda tmp: _write_demo(tmp, seed, n_studies, size))

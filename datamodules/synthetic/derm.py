@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from datamodules.synthetic.cache import build_once
+from mmclin.errors import ConfigError
 
 DEMO_CSV = "Derm1M_v2_pretrain.csv"
 
@@ -192,7 +193,7 @@ def _render_lesion(cls: LesionClass, h: int, rng: np.random.Generator, skin: np.
         img = _paint(img, _blobs(h, rng, 14, (0.0, radius * 0.85), 0.045, mask), colour)
         concepts += ["red-purple lacunae", "well-demarcated border"]
     else:
-        raise ValueError(f"unknown class {cls}")
+        raise ConfigError(f"unknown class {cls}")
     return img, concepts
 
 

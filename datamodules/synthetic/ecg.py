@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from datamodules.ecg import PTBXL_FOLD_SPLIT, STANDARD_LEADS, resample_to
 from datamodules.synthetic.cache import build_once
+from mmclin.errors import ConfigError
 
 FS_HR, FS_LR, DURATION_S = 500, 100, 10.0
 N_FOLDS = 10
@@ -264,7 +265,7 @@ def synthesize_ecg(kind: str, patient: Patient, rate_bpm: float, rng: np.random.
         (12, 5000) float64, mV, leads in STANDARD_LEADS order.
     """
     if kind not in {c.name for c in DEMO_CLASSES}:
-        raise ValueError(f"unknown demo class {kind!r}; expected one of {[c.name for c in DEMO_CLASSES]}")
+        raise ConfigError(f"unknown demo class {kind!r}; expected one of {[c.name for c in DEMO_CLASSES]}")
     t = np.arange(int(DURATION_S * FS_HR)) / FS_HR
     d = _dipole(kind, patient, rate_bpm, t, rng)
     lead_i, lead_ii = _LEAD_I @ d, _LEAD_II @ d
@@ -447,7 +448,7 @@ def generate_ecg_demo(out_dir: str | os.PathLike, n_records: int = 600, seed: in
     """
     minimum = N_FOLDS * len(DEMO_CLASSES)
     if n_records < minimum:
-        raise ValueError(f"n_records={n_records}: need at least {minimum} ({len(DEMO_CLASSES)} classes x "
+        raise ConfigError(f"n_records={n_records}: need at least {minimum} ({len(DEMO_CLASSES)} classes x "
                          f"{N_FOLDS} folds) so that every strat_fold holds every class")
     settings = {"seed": seed, "n_records": n_records}
     return build_once(out_dir, settings, lambda tmp: _generate(tmp, n_records, np.random.default_rng(seed)))

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from datamodules.synthetic.cache import build_once, demo_cache_dir
+from mmclin.errors import ConfigError
 
 # ICDR severity phrases, index = grade (Wilkinson et al. 2003). Reports use them verbatim.
 ICDR_GRADES: tuple[str, ...] = (
@@ -126,9 +127,9 @@ def generate_fundus_demo(cache_dir: str | os.PathLike | None = None, seed: int =
         ValueError: `n_images` or `size` too small, or the directory holds a demo made with another seed.
     """
     if n_images < len(ICDR_GRADES):
-        raise ValueError(f"n_images={n_images}: need at least {len(ICDR_GRADES)} (one per ICDR grade)")
+        raise ConfigError(f"n_images={n_images}: need at least {len(ICDR_GRADES)} (one per ICDR grade)")
     if size < 64:
-        raise ValueError(f"size={size}: lesions are not drawable below 64 px")
+        raise ConfigError(f"size={size}: lesions are not drawable below 64 px")
     settings = {"seed": seed, "n_images": n_images, "size": size}
     return build_once(fundus_demo_dir(cache_dir, n_images, size), settings,
                       lambda tmp: _write_demo(tmp, n_images, size, seed))
@@ -172,7 +173,7 @@ def _assign_grades_and_splits(n: int, rng: np.random.Generator) -> tuple[np.ndar
 def sample_fundus_scene(grade: int, rng: np.random.Generator) -> FundusScene:
     """Draw the anatomy and the lesions of one ICDR `grade` (0-4) photograph."""
     if grade not in range(len(ICDR_GRADES)):
-        raise ValueError(f"grade must be an ICDR grade 0-4; got {grade}")
+        raise ConfigError(f"grade must be an ICDR grade 0-4; got {grade}")
     centre = 0.5 + rng.normal(0, 0.008, 2)
     radius = rng.uniform(0.44, 0.475)
     side = 1.0 if rng.random() < 0.5 else -1.0  # +1: right eye, optic disc on the right of the image

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datamodules.synthetic.cache import build_once
+from mmclin.errors import ConfigError
 
 EPOCH_S = 30
 EEG_FS = 100
@@ -65,25 +66,25 @@ def write_edf(
     """
     path = Path(path)
     if not signals and annotations is None:
-        raise ValueError("write_edf needs signals or annotations")
+        raise ConfigError("write_edf needs signals or annotations")
     n_records = 1
     specs = []  # (label, unit, pmin, pmax, dmin, dmax, samples per record, (n_records, spr) int16)
     for label, unit, fs, pmin, pmax, values in signals:
         spr = fs * record_s
         if record_s <= 0 or spr != int(spr) or len(values) % int(spr):
-            raise ValueError(f"{path}: signal {label!r} of {len(values)} samples at {fs} Hz does not fill whole "
+            raise ConfigError(f"{path}: signal {label!r} of {len(values)} samples at {fs} Hz does not fill whole "
                              f"{record_s}-s data records")
         n_records = len(values) // int(spr)
         scaled = (np.asarray(values, np.float64) - pmin) / (pmax - pmin) * 65535 - 32768
         digital = np.clip(np.round(scaled), -32768, 32767).astype("<i2").reshape(n_records, int(spr))
         specs.append((label, unit, pmin, pmax, -32768, 32767, int(spr), digital))
     if len({s[7].shape[0] for s in specs}) > 1:
-        raise ValueError(f"{path}: signals span different numbers of data records")
+        raise ConfigError(f"{path}: signals span different numbers of data records")
     if annotations is not None:
         tal = b"+0\x14\x14\x00" + b"".join(f"+{on:g}\x15{dur:g}\x14{text}\x14\x00".encode() for on, dur, text in
                                            annotations)
         if n_records != 1:  # keep it simple: every TAL in the first record, the rest hold time-keeping TALs only
-            raise ValueError(f"{path}: annotations with multi-record signals are not supported")
+            raise ConfigError(f"{path}: annotations with multi-record signals are not supported")
         spr = len(tal) // 2 + 1
         specs.append(("EDF Annotations", "", -1, 1, -32768, 32767, spr,
                       np.frombuffer(tal.ljust(2 * spr, b"\0"), "<i2").reshape(1, spr)))
@@ -221,7 +222,7 @@ def _epoch_signals(stage: str, rng: np.random.Generator) -> tuple[np.ndarray, np
             step = rng.choice([-1, 1]) * rng.uniform(80, 250)
             eog[at:at + 150] += step * np.minimum(np.arange(150) / 10, 1) * np.exp(-np.arange(150) / 80)
     else:
-        raise ValueError(f"unknown R&K stage {stage!r}")
+        raise ConfigError(f"unknown R&K stage {stage!r}")
     eog += 0.3 * front  # frontal EEG (delta, K-complexes) reaches the EOG derivation
     return front, back, eog
 
@@ -259,10 +260,10 @@ def generate_sleep_demo(
         ValueError: `out_dir` already holds a demo made with other settings.
     """
     if not 1 <= n_subjects <= 100 or not 1 <= nights_per_subject <= 9:
-        raise ValueError(f"need 1-100 subjects and 1-9 nights; got {n_subjects} and {nights_per_subject}")
+        raise ConfigError(f"need 1-100 subjects and 1-9 nights; got {n_subjects} and {nights_per_subject}")
     n_epochs = int(hours * 3600 // EPOCH_S)
     if n_epochs < 60:
-        raise ValueError(f"hours={hours} gives {n_epochs} epochs; need at least 30 min (60 epochs)")
+        raise ConfigError(f"hours={hours} gives {n_epochs} epochs; need at least 30 min (60 epochs)")
     settings = {"seed": seed, "n_subjects": n_subjects, "nights_per_subject": nights_per_subject, "hours": hours}
     return build_once(out_dir, settings, lambda tmp: _write_demo(tmp, n_subjects, nights_per_subject, n_epochs, seed))
 

@@ -23,6 +23,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from mmclin.errors import ConfigError
 from mmclin.fusion.soft_prompt import check_placeholder_counts
 from mmclin.llm import lm_layers
 
@@ -61,9 +62,9 @@ class GatedCrossAttentionBlock(nn.Module):
         """
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) should be divisible by n_heads ({n_heads})")
+            raise ConfigError(f"d_model ({d_model}) should be divisible by n_heads ({n_heads})")
         if min(d_model, d_media, n_heads, ff_mult, max_media) < 1 or n_channels < 0:
-            raise ValueError("d_model, d_media, n_heads, ff_mult and max_media should be >= 1, n_channels >= 0")
+            raise ConfigError("d_model, d_media, n_heads, ff_mult and max_media should be >= 1, n_channels >= 0")
         self.n_heads = n_heads
         self.norm = nn.LayerNorm(d_model)
         self.media_norm = nn.LayerNorm(d_media)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmclin.errors import ConfigError
 from mmclin.fusion.projector import MLPProjector, _check_tokens
 
 _POOLS = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
@@ -62,9 +63,9 @@ class SpatialPoolProjector(nn.Module):
         grid = tuple(int(g) for g in grid)
         kernel = (int(kernel),) * len(grid) if isinstance(kernel, int) else tuple(int(k) for k in kernel)
         if not 1 <= len(grid) <= 3 or min(grid) < 1:
-            raise ValueError(f"SpatialPoolProjector: grid must have 1 to 3 positive sizes, got {grid}")
+            raise ConfigError(f"SpatialPoolProjector: grid must have 1 to 3 positive sizes, got {grid}")
         if len(kernel) != len(grid) or min(kernel) < 1 or any(g % k for g, k in zip(grid, kernel)):
-            raise ValueError(f"SpatialPoolProjector: kernel {kernel} must have one positive size per grid axis and "
+            raise ConfigError(f"SpatialPoolProjector: kernel {kernel} must have one positive size per grid axis and "
                              f"divide the grid {grid}")
         self.in_dim, self.out_dim, self.grid, self.kernel = in_dim, out_dim, grid, kernel
         self.out_grid = tuple(g // k for g, k in zip(grid, kernel))

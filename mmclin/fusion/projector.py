@@ -9,6 +9,8 @@ from torchvision.ops import MLP
 from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
 
+from mmclin.errors import ConfigError
+
 
 def _check_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, in_dim: int, owner: str) -> None:
     if tokens.ndim != 3 or tokens.shape[-1] != in_dim:
@@ -38,7 +40,7 @@ class MLPProjector(nn.Module):
         """
         super().__init__()
         if n_layers < 1:
-            raise ValueError(f"MLPProjector: n_layers must be >= 1, got {n_layers}")
+            raise ConfigError(f"MLPProjector: n_layers must be >= 1, got {n_layers}")
         self.in_dim, self.out_dim = in_dim, out_dim
         hidden_dim = hidden_dim or out_dim
         self.mlp = MLP(in_dim, [hidden_dim] * (n_layers - 1) + [out_dim], activation_layer=get_act_layer(activation))
@@ -97,10 +99,10 @@ class PerceiverResampler(nn.Module):
         hidden_dim = hidden_dim or in_dim
         if head_dim is None:
             if hidden_dim % n_heads:
-                raise ValueError(f"PerceiverResampler: hidden_dim={hidden_dim} must be divisible by n_heads={n_heads}")
+                raise ConfigError(f"PerceiverResampler: hidden_dim={hidden_dim} must be divisible by n_heads={n_heads}")
             head_dim = hidden_dim // n_heads
         if min(n_latents, depth, n_heads, head_dim) < 1:
-            raise ValueError("PerceiverResampler: n_latents, depth, n_heads and head_dim must be >= 1")
+            raise ConfigError("PerceiverResampler: n_latents, depth, n_heads and head_dim must be >= 1")
         self.in_dim, self.out_dim, self.n_latents = in_dim, out_dim, n_latents
         self.proj_in = nn.Linear(in_dim, hidden_dim) if hidden_dim != in_dim else nn.Identity()
         config = Idefics2PerceiverConfig(

@@ -16,7 +16,9 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import get_cosine_schedule_with_warmup
 
+from mmclin.checkpoints import load_module
 from mmclin.distributed import gather_in_order
+from mmclin.errors import CheckpointError, ConfigError
 from mmclin.models.open_clip_build import build_open_clip
 from mmclin.tasks.zero_shot import classification_metrics, retrieval_metrics, zero_shot_classifier
 
@@ -78,7 +80,7 @@ class CLIPModule(L.LightningModule):
         self.train_transform, self.eval_transform = parts.train_transform, parts.eval_transform
         self.model_cfg, self.preprocess_cfg = parts.model_cfg, parts.preprocess_cfg
         if loss == "siglip" and "init_logit_bias" not in self.model_cfg:
-            raise ValueError("loss 'siglip' needs a model with a logit bias: set model_config.init_logit_bias (-10)")
+            raise ConfigError("loss 'siglip' needs a model with a logit bias: set model_config.init_logit_bias (-10)")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.model.train()  # HF towers come out of from_pretrained in eval mode (dropout off)
@@ -197,8 +199,8 @@ def evaluate_embeddings(module: CLIPModule, image: torch.Tensor, text: torch.Ten
     return metrics
 
 
-def load_clip(source: str, map_location: str = "cpu") -> CLIPModule:
-    """A CLIPModule from one of our Lightning checkpoints (``.ckpt``) or an open_clip local directory.
+def load_clip(source: str) -> CLIPModule:
+    """A CLIPModule (on the CPU) from one of our Lightning checkpoints (``.ckpt``) or an open_clip local directory.
 
     A directory written by ``tools/export.py`` also carries the class names and templates it was trained with.
     """
@@ -213,10 +215,9 @@ def load_clip(source: str, map_location: str = "cpu") -> CLIPModule:
         # open_clip's "initialized randomly" warning while the architecture is built would be misleading here.
         logging.disable(logging.WARNING)
         try:
-            module = CLIPModule.load_from_checkpoint(path, map_location=map_location, weights_only=True,
-                                                     pretrained=None)
+            module, _ = load_module(path, expected=CLIPModule, pretrained=None)
         finally:
             logging.disable(logging.NOTSET)
     else:
-        raise FileNotFoundError(f"{source}: neither a checkpoint file nor an open_clip directory")
+        raise CheckpointError(f"{source}: not found (neither a checkpoint file nor an open_clip directory)")
     return module.eval()

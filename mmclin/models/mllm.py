@@ -19,6 +19,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
 from mmclin.distributed import interleave
+from mmclin.errors import ConfigError
 from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_positions
 from mmclin.fusion.projector import MLPProjector
 from mmclin.fusion.soft_prompt import IGNORE_INDEX, splice_media
@@ -106,10 +107,10 @@ class MultimodalLM(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if tokenizer_vocab is not None and lm.get("tiny") is None:
-            raise ValueError("tokenizer_vocab fits a tokenizer for a random-init LM (lm.tiny); a pretrained LM keeps "
+            raise ConfigError("tokenizer_vocab fits a tokenizer for a random-init LM (lm.tiny); a pretrained LM keeps "
                              "the tokenizer its embeddings were trained with")
         if not encoders:
-            raise ValueError("encoders must name at least one modality, e.g. {'series': ...}")
+            raise ConfigError("encoders must name at least one modality, e.g. {'series': ...}")
         self.encoders = nn.ModuleDict(encoders)
         self.lm, self.tokenizer = load_causal_lm(**lm)
         self.media_token_id = self.tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
@@ -121,16 +122,16 @@ class MultimodalLM(L.LightningModule):
             else None
         self.collator = QACollator(self.tokenizer, media_keys=tuple(encoders))
         if aux_level not in ("token", "medium"):
-            raise ValueError(f"aux_level must be 'token' or 'medium', got {aux_level!r}")
+            raise ConfigError(f"aux_level must be 'token' or 'medium', got {aux_level!r}")
         if aux_tokens and not aux_classes:
-            raise ValueError("aux_tokens needs aux_classes: one finding token per auxiliary class")
+            raise ConfigError("aux_tokens needs aux_classes: one finding token per auxiliary class")
         self.aux_embeddings = None
         # The split's loss: a token-weighted mean that two processes sum exactly as one (not a mean of batch means)
         self.eval_loss = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
         if aux_classes:
             gridless = [k for k, e in encoders.items() if not hasattr(e, "grid")] if aux_level == "token" else []
             if gridless:
-                raise ValueError(f"aux_level 'token': encoder(s) {gridless} have no token grid to pool targets to; "
+                raise ConfigError(f"aux_level 'token': encoder(s) {gridless} have no token grid to pool targets to; "
                                  "use aux_level 'medium' for one target vector per medium")
             self.aux_heads = nn.ModuleDict({k: nn.Linear(e.out_dim, len(aux_classes)) for k, e in encoders.items()})
             # per medium ("val"), and per token ("val_token") for token targets
@@ -148,7 +149,7 @@ class MultimodalLM(L.LightningModule):
                 continue
             missing = [r for r in regions if r not in (aux_classes or [])]
             if missing:
-                raise ValueError(f"encoder {key!r} segments regions {missing}, which must be aux_classes too: their "
+                raise ConfigError(f"encoder {key!r} segments regions {missing}, which must be aux_classes too: their "
                                  f"dense targets train its region head (aux_classes: {list(aux_classes or [])})")
             self._region_channels[key] = [aux_classes.index(r) for r in regions]
         self.region_loss = DiceCELoss(sigmoid=True, batch=True) if self._region_channels else None

@@ -37,7 +37,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 from mmclin.llm import byte_tokenizer
 from mmclin.models.optim import adamw_cosine
 from mmclin.reports.errors import IMAGE_DEPENDENT_TYPES
@@ -190,12 +190,12 @@ class ReportChecker(L.LightningModule):
 
             fine_types = self.hparams["fine_types"] = dict(FINE_TYPES)
         if not fine_types or NO_ERROR in fine_types:
-            raise ValueError(f"fine_types must name at least one error type and not {NO_ERROR!r}; got {fine_types}")
+            raise ConfigError(f"fine_types must name at least one error type and not {NO_ERROR!r}; got {fine_types}")
         self.coarse_of = dict(fine_types)
         if pooling not in ("mean", "max", "cls"):
-            raise ValueError(f"pooling must be 'mean', 'max' or 'cls', got {pooling!r}")
+            raise ConfigError(f"pooling must be 'mean', 'max' or 'cls', got {pooling!r}")
         if tokenizer not in ("word", "byte"):
-            raise ValueError(f"tokenizer must be 'word' or 'byte', got {tokenizer!r}")
+            raise ConfigError(f"tokenizer must be 'word' or 'byte', got {tokenizer!r}")
         self.classes = [NO_ERROR, *self.coarse_of]
         self.encoder: nn.Module | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 from mmclin.fusion.soft_prompt import IGNORE_INDEX
 from mmclin.llm import MEDIA_TOKEN
 
@@ -57,7 +57,7 @@ class QACollator:
                 whose media list is under that key of the samples and names the batch's media fields.
         """
         if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer needs a pad token (mmclin.llm.add_media_token sets one)")
+            raise ConfigError("the tokenizer needs a pad token (mmclin.llm.add_media_token sets one)")
         self.tokenizer = tokenizer
         self.prompt_template = prompt_template
         self.media_token = media_token

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 from mmclin.metrics.bootstrap import bootstrap_ci
 from mmclin.tasks.qa import normalise_answer, parse_choice
 
@@ -226,7 +226,7 @@ class VQAEvaluator:
             seed: seed of the resampling.
         """
         if any(t < 0 for t in tolerances):
-            raise ValueError(f"tolerances must be >= 0, got {list(tolerances)}")
+            raise ConfigError(f"tolerances must be >= 0, got {list(tolerances)}")
         self.tolerances = tuple(tolerances)
         self.n_boot, self.level, self.seed = n_boot, level, seed
 
