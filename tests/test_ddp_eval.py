@@ -70,3 +70,12 @@ def test_multi_process_evaluation_equals_one_process(demo_cache, tmp_path, confi
             assert mirror.read_text() == path.read_text()
             rows = path.read_text().splitlines()
             assert len(rows) == 59 and len(set(rows)) == len(rows)
+    # lightning predict: one row per study, in the split's order, whatever the number of processes
+    files = [_run(tmp_path, config, f"predict{n}", demo_cache, "predict", n, ckpt) / "predictions.jsonl"
+             for n in (1, CASES[config][2])]
+    rows, rows_n = ([json.loads(line) for line in f.read_text().splitlines()] for f in files)
+    assert [r["index"] for r in rows] == list(range(len(rows))) and len(rows) == (16 if config == "derm-clip" else 59)
+    scores = "probabilities" if config == "derm-clip" else "choice_loglik"
+    for row, row_n in zip(rows, rows_n, strict=True):  # scores of differently padded batches: equal up to rounding
+        assert row[scores] and row_n.pop(scores) == pytest.approx(row.pop(scores), rel=1e-5, abs=1e-6)
+        assert row_n == row

@@ -172,6 +172,26 @@ class CLIPModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_split_metrics("test")
 
+    # -- prediction: zero-shot class probabilities per image ------------------------------------------
+    def on_predict_epoch_start(self) -> None:
+        names = self.hparams.classnames
+        self._classifier = zero_shot_classifier(self.model, self.tokenizer, names, self.hparams.templates,
+                                                self.device).float() if names else None
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict]:
+        """Per image: zero-shot class probabilities (softmax of the scaled similarities, as open_clip's zero-shot
+        classification), the predicted class and the labelled one where the data has it."""
+        if self._classifier is None:
+            raise ConfigError("predict needs class names for zero-shot classification (from the datamodule or "
+                              "--model.init_args.classnames)")
+        image, _ = self.encode(batch["image"])
+        probs = (self.model.logit_scale.exp() * image.float() @ self._classifier).softmax(-1)
+        names = self.hparams.classnames
+        labels = batch.get("label", torch.full((len(probs),), -1)).tolist()
+        return [{"predicted": names[int(p.argmax())], "probabilities": dict(zip(names, p.tolist())),
+                 "label": names[y] if y >= 0 else None} for p, y in zip(probs, labels)]
+
     def _log_split_metrics(self, prefix: str) -> None:
         """Gather the split's embeddings from every process in the split's order, score them, log ``{prefix}/...``."""
         if not self._val_outputs:

@@ -322,14 +322,14 @@ class MultimodalLM(L.LightningModule):
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rank_choices(self, batch: dict, media) -> list[str | None]:
-        """For each sample, the allowed choice with the highest total log-likelihood given the prompt."""
-        picks: list[str | None] = [None] * len(batch["choices"])
+    def choice_scores(self, batch: dict, media) -> list[dict[str, float]]:
+        """For each sample, every allowed choice's total log-likelihood given the prompt (empty for open ones)."""
+        scores: list[dict[str, float]] = [{} for _ in batch["choices"]]
         k = max((len(c) for c in batch["choices"]), default=0)
         if k == 0:
-            return picks
+            return scores
         tok = self.tokenizer
-        rows, labels, owners = [], [], []
+        rows, labels = [], []
         for i, choices in enumerate(batch["choices"]):
             prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
             for j in range(k):  # pad to k choices per sample so media can be repeated uniformly
@@ -337,7 +337,6 @@ class MultimodalLM(L.LightningModule):
                 ids = tok(" " + choice, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 rows.append(prompt + ids)
                 labels.append([IGNORE_INDEX] * len(prompt) + ids)
-                owners.append(i)
         width = max(map(len, rows))
         input_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=self.device)
         attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
@@ -345,11 +344,14 @@ class MultimodalLM(L.LightningModule):
         out, shifted = self.lm_forward(input_ids, attention, media, target, repeat=k)
         logits, shifted = out.logits[:, :-1].float(), shifted[:, 1:]
         nll = F.cross_entropy(logits.transpose(1, 2), shifted.clamp(min=0), reduction="none")
-        score = -(nll * (shifted != IGNORE_INDEX)).sum(-1).view(-1, k)
+        total = (-(nll * (shifted != IGNORE_INDEX)).sum(-1)).view(-1, k).tolist()
         for i, choices in enumerate(batch["choices"]):
-            if choices:
-                picks[i] = choices[int(score[i, : len(choices)].argmax())]
-        return picks
+            scores[i] = {choice: total[i][j] for j, choice in enumerate(choices)}
+        return scores
+
+    def rank_choices(self, batch: dict, media) -> list[str | None]:
+        """For each sample, the allowed choice with the highest total log-likelihood given the prompt."""
+        return [max(s, key=s.get) if s else None for s in self.choice_scores(batch, media)]
 
     @torch.no_grad()
     def generate_answers(self, batch: dict, media) -> list[str]:
@@ -385,6 +387,23 @@ class MultimodalLM(L.LightningModule):
                                       "choices": batch["choices"][i], "meta": batch["meta"][i]})
 
     test_step = validation_step
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One row per question: the generated answer, the choice it parses to, every choice's log-likelihood and
+        the most likely one (closed questions), with the question, the reference answer where the data has one,
+        and the sample's metadata; rows for :class:`mmclin.predict.JSONLPredictionWriter`."""
+        media = self.batch_media(batch)
+        generated = self.generate_answers(batch, media)
+        scores = self.choice_scores(batch, media)
+        rows = []
+        for i, text in enumerate(generated):
+            choices = batch["choices"][i]
+            rows.append({"question": batch["question"][i], "generated": text,
+                         "parsed": parse_choice(text, choices) if choices else text.strip(),
+                         "ranked": max(scores[i], key=scores[i].get) if scores[i] else None,
+                         "choice_loglik": scores[i], "answer": batch["answer"][i], "meta": batch["meta"][i]})
+        return rows
 
     def on_validation_epoch_start(self) -> None:
         self._predictions = []
