@@ -411,6 +411,19 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
         size = self.hparams.image_size
         return image_transform(size, is_train=True), image_transform(size, is_train=False), None
 
+    def study_item(self, path: str | os.PathLike, eval_transform: Callable) -> dict:
+        """One photograph (JPEG/PNG) of a user's, as the evaluation split gives it: ``{"image", "label": -1}``.
+
+        Raises:
+            DataError: the file does not decode as an image.
+        """
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception as e:
+            raise DataError(f"{path}: cannot read image: {e}") from None
+        return {"image": eval_transform(image), "label": -1}
+
     def setup(self, stage: str | None = None) -> None:
         table = self.read_table()
         train_tf, eval_tf, tokenizer = self._preprocess()

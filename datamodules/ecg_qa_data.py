@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -127,6 +128,23 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
             self.datasets[split] = ECGQADataset(table[table["split"] == split], signals)
         log.info("ECG-QA %s: %s questions, %d ECGs, %d skipped (ECG not in the database)", self.root,
                  {k: len(v) for k, v in self.datasets.items()}, len(signals), self.n_skipped)
+
+    def study_item(self, path: str | os.PathLike, question: str, choices: list[str] | None = None) -> dict:
+        """One WFDB record of a user's (``path`` without extension, or its ``.hea``) and a question, as the model
+        was trained to take it: the model's leads in its order, resampled to its `sampling_rate`.
+
+        Raises:
+            DataError: the record is unreadable, lacks one of the model's leads, or holds NaN.
+        """
+        record = str(path)[:-4] if str(path).endswith((".hea", ".dat")) else str(path)
+        leads = self.hparams.leads or list(STANDARD_LEADS)
+        try:
+            signal = read_wfdb_record(record, leads=leads, target_fs=self.hparams.sampling_rate).signal
+        except DataError as err:
+            raise DataError(f"{err}; the model takes the leads {leads}, resampled to {self.hparams.sampling_rate} "
+                            "Hz") from None
+        return {"series": [torch.from_numpy(signal)], "question": question, "answer": "",
+                "choices": list(choices or []), "meta": {"record": record}}
 
     def baselines(self, split: str) -> dict[str, float]:
         """Accuracy on `split` of always giving each template's most frequent training answer."""

@@ -112,6 +112,12 @@ def main(args: list[str] | None = None) -> None:
     problem, and exit code 2 (also when a DataLoader worker raised it); ``--debug`` (or ``MMCLIN_DEBUG=1``) shows
     the full traceback instead.
     """
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["predict"] and "--model" in argv:  # one study: `mmclin predict --model MODEL --input FILE`
+        from mmclin.study import main as predict_main
+
+        run_entry_point(predict_main, argv[1:])
+        return
     if args is None and "--debug" in sys.argv:  # LightningCLI parses sys.argv itself, as do DDP's child processes
         sys.argv = [a for a in sys.argv if a != "--debug"]
         os.environ["MMCLIN_DEBUG"] = "1"

@@ -1,0 +1,83 @@
+"""``mmclin predict --model MODEL --input FILE``: a trained model applied to one study of the user's own.
+
+The preprocessing comes from the model: the checkpoint carries its datamodule's settings (LightningCLI saves
+them), and the datamodule's ``study_item`` reads the file as its evaluation split would (sampling rate, lead
+order, image transform, ...). A file the model cannot take is a named error that says what it expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import default_collate
+
+from mmclin.checkpoints import load_module
+from mmclin.errors import CheckpointError, ConfigError
+
+
+def _datamodule(hparams: dict, path: Path):
+    """The checkpoint's datamodule, built from its saved settings (nothing is read or generated)."""
+    class_path = hparams.get("_class_path")
+    if not class_path or not class_path.startswith("datamodules."):
+        raise CheckpointError(f"{path}: the checkpoint records no datamodule of this project (written by "
+                              "`lightning fit`, it would); its preprocessing is unknown")
+    module_name, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    return cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+
+
+def predict_study(model: str, inputs: list[str], question: str | None = None,
+                  choices: list[str] | None = None) -> list[dict]:
+    """One prediction row per input file (see each model's ``predict_step``), with the file under ``input``."""
+    path = Path(model)
+    logging.disable(logging.WARNING)  # open_clip's "initialized randomly" while the architecture is built: the
+    try:                              # checkpoint's weights follow
+        module, data_hparams = load_module(path)
+    finally:
+        logging.disable(logging.NOTSET)
+    data = _datamodule(data_hparams, path)
+    if not hasattr(data, "study_item"):
+        raise ConfigError(f"{path}: one-study prediction is not available for {type(data).__name__} yet; use "
+                          "`lightning predict -c CONFIG --ckpt_path MODEL` on a data folder")
+    rows = []
+    for name in inputs:
+        if hasattr(module, "collator"):  # a question-answering model
+            if not question:
+                raise ConfigError(f"{type(module).__name__} answers questions: give --question")
+            batch = module.collator([data.study_item(name, question, choices)])
+        else:  # CLIP: zero-shot classification of the image
+            module.on_predict_epoch_start()
+            batch = default_collate([data.study_item(name, module.eval_transform)])
+        with torch.no_grad():
+            rows += [{"input": name, **row} for row in module.predict_step(batch, 0)]
+    return rows
+
+
+def main(argv: list[str]) -> list[dict]:
+    p = argparse.ArgumentParser(prog="mmclin predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a checkpoint written by `lightning fit`")
+    p.add_argument("--input", nargs="+", required=True, help="the study's file(s): a JPEG/PNG photograph, a WFDB "
+                   "record (path without extension or its .hea)")
+    p.add_argument("--question", help="for question-answering models")
+    p.add_argument("--choices", help="comma-separated allowed answers of a closed question (scored by likelihood)")
+    p.add_argument("--out", help="also write the rows to this JSONL file")
+    args = p.parse_args(argv)
+    choices = [c.strip() for c in args.choices.split(",")] if args.choices else None
+    rows = predict_study(args.model, args.input, args.question, choices)
+    for row in rows:
+        if "probabilities" in row:
+            top = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+            print(f"{row['input']}: {row['predicted']}  (" + ", ".join(f"{k} {v:.3f}" for k, v in top) + ")")
+        else:
+            ranked = f"  [most likely choice: {row['ranked']}]" if row.get("ranked") else ""
+            print(f"{row['input']}: {row['question']} -> {row['parsed']}{ranked}")
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        print(f"wrote {args.out}")
+    return rows

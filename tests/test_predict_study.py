@@ -1,0 +1,56 @@
+"""`mmclin predict --model MODEL --input FILE`: one study of the user's, preprocessed as the model was trained."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import wfdb
+from conftest import CONFIGS, TINY_CLIP, shared_data
+
+from datamodules.ecg_qa_data import ECGQADataModule
+from mmclin.cli import main
+from mmclin.errors import DataError
+from mmclin.study import predict_study
+
+
+def test_an_ecg_record_is_read_with_the_models_leads_and_rate(tmp_path):
+    """A 250 Hz, 10 s record with the leads in another order becomes (12, 1000) at the model's 100 Hz."""
+    data = ECGQADataModule(sampling_rate=100)
+    leads = ["V6", "V5", "V4", "V3", "V2", "V1", "aVF", "aVL", "aVR", "III", "II", "I"]
+    t = np.arange(2500) / 250
+    signal = np.stack([np.sin(2 * np.pi * (k + 1) * t) * 0.1 * (k + 1) for k in range(12)], axis=1)
+    wfdb.wrsamp("rec250", fs=250, units=["mV"] * 12, sig_name=leads, p_signal=signal, fmt=["16"] * 12,
+                write_dir=str(tmp_path))
+    item = data.study_item(tmp_path / "rec250.hea", "Is this ECG normal?", ["yes", "no"])
+    series = item["series"][0]
+    assert tuple(series.shape) == (12, 1000)
+    assert float(series[0].abs().max()) == pytest.approx(1.2, rel=0.05)  # lead I: the 12th column, 1.2 mV
+    assert item["choices"] == ["yes", "no"] and item["question"] == "Is this ECG normal?"
+
+
+def test_an_ecg_without_the_models_leads_says_what_the_model_takes():
+    record = shared_data("wfdb_physionet_samples") / "100"  # MIT-BIH: MLII and V5 at 360 Hz
+    with pytest.raises(DataError, match=r"missing requested lead.*the model takes the leads \['I', 'II'"):
+        ECGQADataModule(sampling_rate=100).study_item(record, "Is this ECG normal?")
+
+
+def test_derm_clip_predicts_a_real_isic_photograph(demo_cache, tmp_path):
+    photo = next((shared_data("derm_isic_sample") / "full_res").glob("*.jpg"))
+    overlay = tmp_path / "tiny.yaml"
+    overlay.write_text(json.dumps({
+        "trainer": {"max_epochs": 1, "default_root_dir": str(tmp_path), "enable_progress_bar": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path), "name": "", "version": ""}}},
+        "model": {"init_args": {"model_config": TINY_CLIP}},
+        "data": {"init_args": {"batch_size": 8, "demo_lesions_per_class": 8, "demo_image_size": 32}}}))
+    main(["fit", "-c", str(CONFIGS / "derm-clip.yaml"), "-c", str(overlay)])
+    model = tmp_path / "checkpoints" / "last.ckpt"
+    [row] = predict_study(str(model), [str(photo)])
+    assert row["input"] == str(photo) and row["predicted"] in row["probabilities"]
+    assert len(row["probabilities"]) == 7 and sum(row["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    main(["predict", "--model", str(model), "--input", str(photo), "--out", str(tmp_path / "one.jsonl")])
+    assert json.loads((tmp_path / "one.jsonl").read_text())["predicted"] == row["predicted"]
+    with pytest.raises(DataError, match="cannot read image"):
+        predict_study(str(model), [str(shared_data("wfdb_physionet_samples") / "100.hea")])
