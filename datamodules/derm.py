@@ -303,6 +303,7 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
         demo_lesions_per_class: int = 90,
         demo_image_size: int = 128,
         cache_dir: str | None = None,
+        predict: str | None = None,
     ):
         """
         Args:
@@ -331,6 +332,8 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
             demo_lesions_per_class: demo size (two images per lesion).
             demo_image_size: demo JPEG side in pixels.
             cache_dir: where the demo is generated (default ``$MMCLIN_CACHE`` or ``~/.cache/mmclin``).
+            predict: studies for ``lightning predict`` instead of the test split: a JSONL of ``{"input", "question",
+                "choices"}`` rows (question and choices for QA models), a text file of paths, or one path.
         """
         super().__init__()
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
@@ -424,7 +427,12 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
             raise DataError(f"{path}: cannot read image: {e}") from None
         return {"image": eval_transform(image), "label": -1}
 
+    def read_study(self, study: dict) -> dict:
+        return {**self.study_item(study["input"], self._preprocess()[1]), "input": study["input"]}
+
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.hparams.predict:  # the listed files only
+            return
         table = self.read_table()
         train_tf, eval_tf, tokenizer = self._preprocess()
         for split in ("train", "val", "test"):

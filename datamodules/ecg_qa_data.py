@@ -19,6 +19,7 @@ from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.ecg import generate_ecg_demo
 from mmclin.errors import DataError
+from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
         num_workers: int = 0,
         demo_records: int = 600,
         cache_dir: str | None = None,
+        predict: str | None = None,
     ):
         """
         Args:
@@ -86,6 +88,8 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
             num_workers: DataLoader workers.
             demo_records: demo size (ECGs).
             cache_dir: demo location (default ``$MMCLIN_CACHE`` or ``~/.cache/mmclin``).
+            predict: studies for ``lightning predict`` instead of the test split: a JSONL of ``{"input", "question",
+                "choices"}`` rows (question and choices for QA models), a text file of paths, or one path.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -108,7 +112,7 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
             generate_ecg_demo(self.root, n_records=self.hparams.demo_records, seed=0)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        if self.datasets or (stage == "predict" and self.hparams.predict):  # (the listed records only)
             return
         h = self.hparams
         self.prepare_data()
@@ -145,6 +149,15 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
                             "Hz") from None
         return {"series": [torch.from_numpy(signal)], "question": question, "answer": "",
                 "choices": list(choices or []), "meta": {"record": record}}
+
+    def read_study(self, study: dict) -> dict:
+        if not study.get("question"):
+            raise DataError(f"{study['input']}: a study to predict needs a 'question'")
+        item = self.study_item(study["input"], study["question"], study.get("choices"))
+        return item | {"meta": {**item["meta"], "input": study["input"]}}
+
+    def study_collate(self):
+        return model_collator(self.trainer, type(self).__name__)
 
     def baselines(self, split: str) -> dict[str, float]:
         """Accuracy on `split` of always giving each template's most frequent training answer."""

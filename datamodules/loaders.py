@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -32,7 +34,20 @@ class SplitLoaders:
         return self._loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        """The studies of the ``predict`` argument when the datamodule has one (see :func:`read_studies`), read
+        by its ``read_study``; else the test split."""
+        spec = getattr(self.hparams, "predict", None)
+        if not spec:
+            return self._loader("test", train=False)
+        studies = StudyDataset(read_studies(spec), self.read_study)
+        return split_loader(studies, False, self.trainer, self.hparams, collate_fn=self.study_collate())
+
+    def read_study(self, study: dict) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} does not predict from a list of files yet")
+
+    def study_collate(self) -> Callable | None:
+        """How a batch of `read_study` items is put together (default: torch's default collate)."""
+        return None
 
     def model_batches(self, dataset: Dataset, split: str, train: bool, source: object, unit: str,
                       weights: Any = None) -> DataLoader:
@@ -46,6 +61,53 @@ class SplitLoaders:
             raise DataError(f"{source}: the '{split}' split has no {unit}")
         return split_loader(dataset, train, self.trainer, self.hparams, weights,
                             model_collator(self.trainer, type(self).__name__))
+
+
+def read_studies(spec: str | os.PathLike) -> list[dict]:
+    """Studies to predict: ``{"input": path, ...}`` rows of a ``.jsonl`` file (with ``question`` and ``choices``
+    for QA models), the paths of a ``.txt`` file (one per line; ``#`` comments), or the one path given. Relative
+    inputs are taken from the list file's folder.
+
+    Raises:
+        DataError: the list file is missing or empty, a line is not JSON or has no ``input``.
+    """
+    path = Path(spec)
+    if path.suffix not in (".jsonl", ".txt"):
+        return [{"input": str(path)}]
+    if not path.is_file():
+        raise DataError(f"{path}: list of studies not found")
+    studies = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if path.suffix == ".txt":
+            study = {"input": line.strip()}
+        else:
+            try:
+                study = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number}: not JSON ({err})") from None
+            if not isinstance(study, dict) or not study.get("input"):
+                raise DataError(f"{path} line {number}: a study needs an 'input' path")
+        study["input"] = str(path.parent / study["input"]) if not Path(study["input"]).is_absolute() else \
+            study["input"]
+        studies.append(study)
+    if not studies:
+        raise DataError(f"{path}: no studies listed")
+    return studies
+
+
+class StudyDataset(Dataset):
+    """The studies of a prediction list, each read by the datamodule's `read` (its ``read_study``)."""
+
+    def __init__(self, studies: list[dict], read: Callable[[dict], dict]) -> None:
+        self.studies, self.read = studies, read
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.read(self.studies[i])
 
 
 def split_loader(dataset: Dataset, train: bool, trainer: L.Trainer | None, hparams: Any, weights: Any = None,

@@ -52,5 +52,26 @@ def test_derm_clip_predicts_a_real_isic_photograph(demo_cache, tmp_path):
     assert len(row["probabilities"]) == 7 and sum(row["probabilities"].values()) == pytest.approx(1, abs=1e-4)
     main(["predict", "--model", str(model), "--input", str(photo), "--out", str(tmp_path / "one.jsonl")])
     assert json.loads((tmp_path / "one.jsonl").read_text())["predicted"] == row["predicted"]
+    # the same file through lightning predict, listed as a study: the same answer (in fp32, as mmclin predict;
+    # the config's bf16 autocast moves probabilities by ~1e-3)
+    main(["predict", "-c", str(CONFIGS / "derm-clip.yaml"), "-c", str(overlay), "--ckpt_path", str(model),
+          "--data.init_args.predict", str(photo), "--trainer.precision", "32-true"])
+    [listed] = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert listed["input"] == str(photo) and listed["predicted"] == row["predicted"]
+    assert listed["probabilities"] == pytest.approx(row["probabilities"], abs=1e-6)
     with pytest.raises(DataError, match="cannot read image"):
         predict_study(str(model), [str(shared_data("wfdb_physionet_samples") / "100.hea")])
+
+
+def test_a_study_list_names_its_bad_lines(tmp_path):
+    from datamodules.loaders import read_studies
+
+    listed = tmp_path / "studies.jsonl"
+    listed.write_text('{"input": "a/rec1", "question": "Is this ECG normal?", "choices": ["yes", "no"]}\n\n'
+                      '{"question": "no input"}\n')
+    with pytest.raises(DataError, match=r"studies.jsonl line 3: a study needs an 'input' path"):
+        read_studies(listed)
+    listed.write_text('{"input": "a/rec1", "question": "Is this ECG normal?"}\n')
+    assert read_studies(listed) == [{"input": str(tmp_path / "a/rec1"), "question": "Is this ECG normal?"}]
+    (tmp_path / "paths.txt").write_text("# photographs\n/data/x.jpg\ny.jpg\n")
+    assert [s["input"] for s in read_studies(tmp_path / "paths.txt")] == ["/data/x.jpg", str(tmp_path / "y.jpg")]

@@ -189,8 +189,10 @@ class CLIPModule(L.LightningModule):
         probs = (self.model.logit_scale.exp() * image.float() @ self._classifier).softmax(-1)
         names = self.hparams.classnames
         labels = batch.get("label", torch.full((len(probs),), -1)).tolist()
-        return [{"predicted": names[int(p.argmax())], "probabilities": dict(zip(names, p.tolist())),
+        inputs = batch.get("input", [None] * len(probs))  # the file, for studies listed for prediction
+        rows = [{"predicted": names[int(p.argmax())], "probabilities": dict(zip(names, p.tolist())),
                  "label": names[y] if y >= 0 else None} for p, y in zip(probs, labels)]
+        return [row | ({"input": name} if name else {}) for row, name in zip(rows, inputs)]
 
     def _log_split_metrics(self, prefix: str) -> None:
         """Gather the split's embeddings from every process in the split's order, score them, log ``{prefix}/...``."""
