@@ -18,7 +18,7 @@ from datamodules.ecg_qa import read_ecg_qa
 from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.ecg import generate_ecg_demo
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
@@ -133,13 +133,15 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
         log.info("ECG-QA %s: %s questions, %d ECGs, %d skipped (ECG not in the database)", self.root,
                  {k: len(v) for k, v in self.datasets.items()}, len(signals), self.n_skipped)
 
-    def study_item(self, path: str | os.PathLike, question: str, choices: list[str] | None = None) -> dict:
+    def study_item(self, path: str | os.PathLike, question: str | None, choices: list[str] | None = None) -> dict:
         """One WFDB record of a user's (``path`` without extension, or its ``.hea``) and a question, as the model
         was trained to take it: the model's leads in its order, resampled to its `sampling_rate`.
 
         Raises:
             DataError: the record is unreadable, lacks one of the model's leads, or holds NaN.
         """
+        if not question:
+            raise ConfigError("an ECG-QA model answers a question about the record: give one (--question)")
         record = str(path)[:-4] if str(path).endswith((".hea", ".dat")) else str(path)
         leads = self.hparams.leads or list(STANDARD_LEADS)
         try:

@@ -39,6 +39,7 @@ from datamodules.derm import SPLIT_ALIASES, check_images, split_table
 from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.fundus import ICDR_GRADES, REFERRALS, REPORTS_CSV, fundus_demo_dir, generate_fundus_demo
 from mmclin.errors import ConfigError, DataError
+from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +432,7 @@ class FundusReportDataModule(SplitLoaders, L.LightningDataModule):
         demo_images: int = 600,
         demo_image_size: int = 160,
         cache_dir: str | None = None,
+        predict: str | None = None,
     ):
         """
         Args:
@@ -458,6 +460,8 @@ class FundusReportDataModule(SplitLoaders, L.LightningDataModule):
             demo_images: demo size (photographs).
             demo_image_size: demo JPEG side in pixels.
             cache_dir: demo location (default ``$MMCLIN_CACHE`` or ``~/.cache/mmclin``).
+            predict: photographs for ``lightning predict`` instead of the test split: one path, a ``.txt`` of
+                paths or a ``.jsonl`` of ``{"input"}`` rows.
         """
         super().__init__()
         if root is None and format != "pairs-csv":
@@ -503,8 +507,26 @@ class FundusReportDataModule(SplitLoaders, L.LightningDataModule):
             raise DataError(f"{self.source}: no usable rows")
         return split_table(table, h.val_fraction, h.test_fraction, h.seed)
 
+    def study_item(self, path: str | os.PathLike, question: str | None = None, choices=None) -> dict:
+        """One fundus photograph of a user's, preprocessed as the training split (border crop, size,
+        normalisation), with the datamodule's report prompt unless `question` is given.
+
+        Raises:
+            DataError: the file does not decode as an image.
+        """
+        h = self.hparams
+        image = load_fundus(path, h.image_size, h.crop_border, h.border_threshold)
+        return {"image": [normalise_fundus(image, h.mean, h.std)], "question": question or h.question,
+                "answer": "", "choices": list(choices or []), "meta": {"input": str(path)}}
+
+    def read_study(self, study: dict) -> dict:
+        return self.study_item(study["input"], study.get("question"), study.get("choices"))
+
+    def study_collate(self):
+        return model_collator(self.trainer, type(self).__name__)
+
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        if self.datasets or (stage == "predict" and self.hparams.predict):  # (the listed photographs only)
             return
         h = self.hparams
         self.prepare_data()

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import default_collate
 
 from mmclin.checkpoints import load_module
-from mmclin.errors import CheckpointError, ConfigError
+from mmclin.errors import CheckpointError, ConfigError, DataError
 
 
 def _datamodule(hparams: dict, path: Path):
@@ -40,6 +40,17 @@ def predict_study(model: str, inputs: list[str], question: str | None = None,
         module, data_hparams = load_module(path)
     finally:
         logging.disable(logging.NOTSET)
+    if hasattr(module, "predict_reports"):  # a report checker: the input files are report texts
+        texts = []
+        for name in inputs:
+            try:
+                texts.append(Path(name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as err:
+                raise DataError(f"{name}: cannot read the report text ({err})") from None
+            if not texts[-1].strip():
+                raise DataError(f"{name}: the report is empty")
+        rows = module.predict_reports([{"modified": t} for t in texts], progress=False)
+        return [{"input": name, **row} for name, row in zip(inputs, rows)]
     data = _datamodule(data_hparams, path)
     if not hasattr(data, "study_item"):
         raise ConfigError(f"{path}: one-study prediction is not available for {type(data).__name__} yet; use "
@@ -47,8 +58,6 @@ def predict_study(model: str, inputs: list[str], question: str | None = None,
     rows = []
     for name in inputs:
         if hasattr(module, "collator"):  # a question-answering model
-            if not question:
-                raise ConfigError(f"{type(module).__name__} answers questions: give --question")
             batch = module.collator([data.study_item(name, question, choices)])
         else:  # CLIP: zero-shot classification of the image
             module.on_predict_epoch_start()
@@ -63,7 +72,7 @@ def main(argv: list[str]) -> list[dict]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a checkpoint written by `lightning fit`")
     p.add_argument("--input", nargs="+", required=True, help="the study's file(s): a JPEG/PNG photograph, a WFDB "
-                   "record (path without extension or its .hea)")
+                   "record (path without extension or its .hea), a fundus photograph, a report .txt")
     p.add_argument("--question", help="for question-answering models")
     p.add_argument("--choices", help="comma-separated allowed answers of a closed question (scored by likelihood)")
     p.add_argument("--out", help="also write the rows to this JSONL file")
@@ -71,7 +80,10 @@ def main(argv: list[str]) -> list[dict]:
     choices = [c.strip() for c in args.choices.split(",")] if args.choices else None
     rows = predict_study(args.model, args.input, args.question, choices)
     for row in rows:
-        if "probabilities" in row:
+        if "has_error" in row:
+            found = f"error: {row['fine_type'] or 'unspecified'}" if row["has_error"] else "no error"
+            print(f"{row['input']}: {found}  (p_error {row['p_error']:.3f})")
+        elif "probabilities" in row:
             top = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[:3]
             print(f"{row['input']}: {row['predicted']}  (" + ", ".join(f"{k} {v:.3f}" for k, v in top) + ")")
         else:

@@ -75,3 +75,16 @@ def test_a_study_list_names_its_bad_lines(tmp_path):
     assert read_studies(listed) == [{"input": str(tmp_path / "a/rec1"), "question": "Is this ECG normal?"}]
     (tmp_path / "paths.txt").write_text("# photographs\n/data/x.jpg\ny.jpg\n")
     assert [s["input"] for s in read_studies(tmp_path / "paths.txt")] == ["/data/x.jpg", str(tmp_path / "y.jpg")]
+
+
+def test_a_fundus_photograph_is_preprocessed_as_the_training_split():
+    from datamodules.fundus import FundusReportDataModule
+
+    photo = next((shared_data("fundus_idrid_codras") / "images").glob("*.jpg"))
+    data = FundusReportDataModule(image_size=64)
+    item = data.study_item(photo)
+    [image] = item["image"]
+    assert tuple(image.shape) == (3, 64, 64) and item["question"] == data.hparams.question
+    assert abs(float(image.mean())) < 3  # normalised with the datamodule's mean and std, not raw 0-255
+    with pytest.raises(DataError):
+        data.study_item(shared_data("wfdb_physionet_samples") / "100.hea")
