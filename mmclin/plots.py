@@ -12,9 +12,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classnames: Sequence[str], path: str | os.PathLike,
-                          title: str = "") -> None:
-    """Save a confusion matrix (rows = truth, columns = prediction) with counts and row-normalised colour."""
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classnames: Sequence[str],
+                          path: str | os.PathLike | None, title: str = ""):
+    """A confusion matrix (rows = truth, columns = prediction) with counts and row-normalised colour, saved to
+    `path`; with `path` None the figure is returned (for :func:`log_figure`)."""
     counts = np.asarray(matrix)
     rows = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, rows, out=np.zeros_like(counts, dtype=float), where=rows > 0)
@@ -33,5 +34,60 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classnames: Sequence[
         ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return None
+
+
+def plot_roc_curves(scores: np.ndarray, labels: np.ndarray, classnames: Sequence[str], title: str = ""):
+    """One-vs-rest ROC curves (scikit-learn's ``roc_curve``) of (N, K) class scores against (N,) labels, with each
+    class's AUROC in the legend; classes absent (or alone) in `labels` are left out. Returns the figure."""
+    from sklearn.metrics import auc, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for k, name in enumerate(classnames):
+        truth = labels == k
+        if 0 < truth.sum() < len(truth):
+            fpr, tpr, _ = roc_curve(truth, scores[:, k])
+            ax.plot(fpr, tpr, lw=1.2, label=f"{name} ({auc(fpr, tpr):.2f})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title or "ROC, one vs rest (AUROC)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def log_figure(module, tag: str, fig) -> None:
+    """Put a figure where the run's logger shows images (TensorBoard ``add_figure``, MLflow ``log_figure``) and
+    always as ``plots/<tag>-epoch<E>.png`` in the run directory; then close it. Called on every rank; rank 0
+    writes."""
+    trainer = module.trainer
+    run_dir = trainer.log_dir or trainer.default_root_dir  # on every rank: log_dir is a broadcast under DDP
+    if trainer.global_rank == 0:
+        for logger in trainer.loggers:
+            experiment = logger.experiment
+            if hasattr(experiment, "add_figure"):
+                experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
+            elif hasattr(experiment, "log_figure") and hasattr(logger, "run_id"):
+                experiment.log_figure(logger.run_id, fig, f"{tag}-epoch{trainer.current_epoch:03d}.png")
+        directory = os.path.join(run_dir, "plots")
+        os.makedirs(directory, exist_ok=True)
+        fig.savefig(os.path.join(directory, f"{tag.replace('/', '-')}-epoch{trainer.current_epoch:03d}.png"), dpi=110)
+    plt.close(fig)
+
+
+def log_text(module, tag: str, text: str) -> None:
+    """Text (e.g. sample generations, as Markdown) to TensorBoard ``add_text`` / MLflow ``log_text``; rank 0."""
+    trainer = module.trainer
+    if trainer.global_rank != 0:
+        return
+    for logger in trainer.loggers:
+        experiment = logger.experiment
+        if hasattr(experiment, "add_text"):
+            experiment.add_text(tag, text, global_step=trainer.global_step)
+        elif hasattr(experiment, "log_text") and hasattr(logger, "run_id"):
+            experiment.log_text(logger.run_id, text, f"{tag}-epoch{trainer.current_epoch:03d}.md")

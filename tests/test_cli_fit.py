@@ -68,3 +68,19 @@ def test_fit_on_a_bad_report_folder_ends_in_one_named_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "row 1 (uid 7): no findings and no impression" in err[-1]
     assert not any(line.startswith("Traceback") for line in err)
+
+
+def test_the_tensorboard_overlay_logs_curves_and_figures(demo_cache, tmp_path):
+    from conftest import TINY_CLIP
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    main(["fit", "-c", str(CONFIGS / "derm-clip.yaml"), "-c", str(CONFIGS / "overlays" / "tensorboard.yaml"),
+          "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--data.batch_size", "8",
+          "--data.demo_lesions_per_class", "8", "--data.demo_image_size", "32", "--trainer.default_root_dir",
+          str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+          "--model.init_args.model_config", str(TINY_CLIP).replace("'", '"')])
+    run = next(tmp_path.glob("lightning_logs/version_*"))
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    assert {"val/zero_shot_confusion", "val/zero_shot_roc"} <= set(events.Tags()["images"])
+    assert "val/zs_bacc" in events.Tags()["scalars"]
+    assert list((run / "plots").glob("val-zero_shot_confusion-epoch000.png"))

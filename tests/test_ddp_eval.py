@@ -62,6 +62,8 @@ def test_multi_process_evaluation_equals_one_process(demo_cache, tmp_path, confi
             assert metrics_two[name] == pytest.approx(value, rel=1e-5), name
         else:
             assert metrics_two[name] == value, name
+    figure = "test-zero_shot_roc" if config == "derm-clip" else "test-answer_confusion"
+    assert list((one / "plots").glob(f"{figure}-epoch*.png")), sorted(one.rglob("*.png"))  # the run keeps its plots
     predictions = sorted(one.rglob("predictions.jsonl"))
     if config != "derm-clip":  # the QA models write one row per question, in the split's order
         assert predictions

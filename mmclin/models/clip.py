@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
+from sklearn.metrics import confusion_matrix
 from timm.optim import param_groups_weight_decay
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import get_cosine_schedule_with_warmup
@@ -20,6 +21,7 @@ from mmclin.checkpoints import load_module
 from mmclin.distributed import gather_in_order
 from mmclin.errors import CheckpointError, ConfigError
 from mmclin.models.open_clip_build import build_open_clip
+from mmclin.plots import log_figure, plot_confusion_matrix, plot_roc_curves
 from mmclin.tasks.zero_shot import classification_metrics, retrieval_metrics, zero_shot_classifier
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100 (Radford et al. 2021)
@@ -201,10 +203,27 @@ class CLIPModule(L.LightningModule):
         local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in ("image", "text", "label")}
         gathered = gather_in_order(self, local)
         metrics = evaluate_embeddings(self, gathered["image"], gathered["text"], gathered["label"])
+        if not self.trainer.sanity_checking:
+            zero_shot_figures(self, prefix, gathered["image"], gathered["label"])
         # Every process holds the gathered split, so all compute (and log) the same figures; callbacks such
         # as ModelCheckpoint then find the monitored metric on every rank.
         self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self._val_outputs = []
+
+
+def zero_shot_figures(module: CLIPModule, prefix: str, image: torch.Tensor, label: torch.Tensor) -> None:
+    """Zero-shot confusion matrix and one-vs-rest ROC curves of a split, to the run's logger and its plots/."""
+    names, has_label = module.hparams.classnames, label >= 0
+    if not names or not has_label.any():
+        return
+    classifier = zero_shot_classifier(module.model, module.tokenizer, names, module.hparams.templates,
+                                      module.device).float()
+    scores = (image[has_label] @ classifier).cpu().numpy()
+    truth = label[has_label].cpu().numpy()
+    matrix = confusion_matrix(truth, scores.argmax(1), labels=range(len(names)))
+    log_figure(module, f"{prefix}/zero_shot_confusion", plot_confusion_matrix(matrix, names, None,
+                                                                             f"{prefix}: zero-shot"))
+    log_figure(module, f"{prefix}/zero_shot_roc", plot_roc_curves(scores, truth, names, f"{prefix}: zero-shot ROC"))
 
 
 def evaluate_embeddings(module: CLIPModule, image: torch.Tensor, text: torch.Tensor, label: torch.Tensor) -> dict:

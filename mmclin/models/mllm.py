@@ -26,6 +26,7 @@ from mmclin.fusion.soft_prompt import IGNORE_INDEX, splice_media
 from mmclin.llm import MEDIA_TOKEN, bpe_tokenizer, lm_hidden_size, load_causal_lm, tokenizer_from_json
 from mmclin.metrics.f1 import macro_f1
 from mmclin.models.optim import adamw_cosine
+from mmclin.plots import log_figure, log_text, plot_confusion_matrix
 from mmclin.tasks.qa import QACollator, parse_choice
 
 
@@ -449,10 +450,31 @@ class MultimodalLM(L.LightningModule):
         if self.evaluator is not None:
             metrics.update(self.evaluator(rows, prefix))
         self.log_dict(metrics)
+        if not self.trainer.sanity_checking:
+            self._log_figures(prefix, rows, closed)
         if self.global_rank == 0:
             tmp = directory / "predictions.jsonl.tmp"
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             os.replace(tmp, directory / "predictions.jsonl")
+
+    def _log_figures(self, prefix: str, rows: list[dict], closed: list[dict]) -> None:
+        """Confusion matrix of the likelihood-ranked answers of closed questions (up to 20 answer classes) and
+        the first generations beside their references, to the run's logger (and plots/)."""
+        answers = sorted({r["answer"] for r in closed})
+        if 1 < len(answers) <= 20:
+            index = {a: i for i, a in enumerate(answers)}
+            matrix = [[0] * len(answers) for _ in answers]
+            for r in closed:
+                if r["ranked"] in index:
+                    matrix[index[r["answer"]]][index[r["ranked"]]] += 1
+            log_figure(self, f"{prefix}/answer_confusion", plot_confusion_matrix(matrix, answers, None,
+                                                                                f"{prefix}: ranked answers"))
+        def cell(text) -> str:  # one Markdown table cell
+            return str(text).replace("|", "/").replace("\n", " ")[:300]
+
+        table = ["| question | reference | generated |", "|---|---|---|"]
+        table += [f"| {cell(r['question'])} | {cell(r['answer'])} | {cell(r['generated'])} |" for r in rows[:8]]
+        log_text(self, f"{prefix}/generations", "\n".join(table))
 
     def _predictions_dir(self, prefix: str) -> Path:
         root = self.hparams.predictions_dir or self.trainer.log_dir or self.trainer.default_root_dir
