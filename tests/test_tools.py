@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def test_export_loads_in_stock_open_clip_with_equal_embeddings(checkpoint, tmp_path):
     out = export.main(["--format", "open_clip", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "oc")])
-    assert {p.name for p in out.iterdir()} == {"open_clip_config.json", "open_clip_model.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"open_clip_config.json", "open_clip_model.safetensors", "README.md"}
     module = load_clip(str(checkpoint))
     assert export.max_embedding_difference(module, out) == pytest.approx(0, abs=1e-6)
     # and the exported directory is itself a model source for our tools, class names included
@@ -68,3 +68,28 @@ def test_zero_shot_missing_images_are_an_error_by_default(checkpoint, tmp_path):
         zero_shot.main(["--model", str(checkpoint), "--root", str(root), "--format", "isic",
                         "--csv", "ISIC_2019_Training_GroundTruth_rows.csv", "--image-dir", "full_res",
                         "--out", str(tmp_path)])
+
+
+def test_the_model_card_is_filled_from_the_run(demo_cache, tmp_path):
+    """A short derm-clip fit, then export: the card names the data, the preprocessing and the run's figures."""
+    import json
+
+    from conftest import CONFIGS
+
+    from mmclin.cli import main as cli_main
+
+    overlay = tmp_path / "tiny.yaml"
+    overlay.write_text(json.dumps({
+        "trainer": {"max_epochs": 1, "check_val_every_n_epoch": 1, "default_root_dir": str(tmp_path),
+                    "enable_progress_bar": False, "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                                             "init_args": {"save_dir": str(tmp_path)}}},
+        "model": {"init_args": {"model_config": TINY_CLIP}},
+        "data": {"init_args": {"batch_size": 8, "demo_lesions_per_class": 8, "demo_image_size": 32}}}))
+    cli_main(["fit", "-c", str(CONFIGS / "derm-clip.yaml"), "-c", str(overlay)])
+    ckpt = next(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    card = (export.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "oc")]) / "README.md").read_text()
+    assert "mmclin.models.CLIPModule" in card and "datamodules.DermDataModule" in card
+    assert "generated demo data" in card and "Research use only" in card
+    assert '"demo_lesions_per_class": 8' in card and '"size"' in card and '"mean"' in card  # data, preprocessing
+    assert "| val | zs_bacc |" in card and "| val | i2t_r10 |" in card  # the run's own figures
+    assert 'create_model_and_transforms("local-dir:' in card

@@ -6,7 +6,8 @@
     #   tokenizer = open_clip.get_tokenizer("local-dir:DIR")
 
 The directory holds ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``, and under ``mmclin`` the
-class names and templates used in validation) and ``open_clip_model.safetensors``. After writing, the
+class names and templates used in validation), ``open_clip_model.safetensors`` and a model card ``README.md``
+(data, preprocessing, the run's figures beside its baselines, intended use). After writing, the
 export is reloaded with open_clip and its embeddings are compared with the checkpoint's.
 """
 
@@ -20,9 +21,18 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
+from mmclin.checkpoints import read_checkpoint
 from mmclin.errors import CheckpointError, run_entry_point
+from mmclin.model_card import model_card
 from mmclin.models.clip import CLIPModule, load_clip
 
+LOAD_EXAMPLE = """
+import open_clip
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out}")
+tokenizer = open_clip.get_tokenizer("local-dir:{out}")
+# zero-shot classification with the class names and templates of the run (config's "mmclin" entry), or:
+#   python tools/zero_shot.py --model {out} --data.root ... ;  mmclin predict --model CHECKPOINT --input photo.jpg
+"""
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 
@@ -68,7 +78,12 @@ def main(argv: list[str] | None = None) -> Path:
     module = load_clip(args.checkpoint)
     out = export_open_clip(module, args.out)
     diff = max_embedding_difference(module, out)
-    print(f"wrote {out}/{CONFIG_NAME} and {WEIGHTS_NAME}")
+    card = model_card(read_checkpoint(args.checkpoint), args.checkpoint, "Dermatology CLIP (open_clip export)",
+                      LOAD_EXAMPLE.format(out=out.resolve()),
+                      {"image": module.preprocess_cfg, "templates": module.hparams.templates,
+                       "classnames": module.hparams.classnames, "tokenizer": "open_clip's, from the exported config"})
+    (out / "README.md").write_text(card, encoding="utf-8")
+    print(f"wrote {out}/{CONFIG_NAME}, {WEIGHTS_NAME} and README.md (model card)")
     print(f"reloaded with open_clip: max |embedding difference| = {diff:.3g}")
     if diff > 1e-5:
         raise CheckpointError(f"{out}: the export does not reproduce the checkpoint's embeddings (max difference "
