@@ -38,8 +38,11 @@ def _run(tmp_path: Path, config: str, name: str, cache: Path, command: str, devi
     (tmp_path / f"{name}.yaml").write_text(json.dumps(overlay))
     args = [sys.executable, "-m", "mmclin", command, "-c", str(CONFIGS / f"{config}.yaml"), "-c",
             str(tmp_path / f"{name}.yaml")] + (["--ckpt_path", str(ckpt)] if ckpt else [])
-    done = subprocess.run(args, cwd=ROOT, env={**os.environ, "MMCLIN_CACHE": str(cache)}, capture_output=True,
-                          text=True, timeout=600)
+    # A fresh job: an earlier in-process test may have left MASTER_PORT set, with its store still listening there
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
+                                                              "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")}
+    done = subprocess.run(args, cwd=ROOT, env={**env, "MMCLIN_CACHE": str(cache)}, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return run
 
