@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
@@ -12,11 +13,19 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.ct import LETTERS, NIFTI_SUFFIXES, CTPreprocessing, CTVolumeDataset, read_deeptumorvqa, read_m3d_vqa
+from datamodules.ct import (
+    LETTERS,
+    NIFTI_SUFFIXES,
+    CTPreprocessing,
+    CTVolumeDataset,
+    load_ct,
+    read_deeptumorvqa,
+    read_m3d_vqa,
+)
 from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.cache import demo_cache_dir
 from mmclin.errors import ConfigError, DataError
-from mmclin.tasks.qa import normalise_answer
+from mmclin.tasks.qa import model_collator, normalise_answer
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +128,7 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         demo: dict[str, Any] | None = None,
+        predict: str | None = None,
     ):
         """
         Args:
@@ -151,6 +161,8 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
             num_workers: DataLoader workers.
             cache_dir: demo and preprocessed-volume cache (default ``$MMCLIN_CACHE`` or ``~/.cache/mmclin``).
             demo: keyword arguments of ``datamodules.synthetic.ct.generate_ct_demo`` (demo size and so on).
+            predict: studies for ``lightning predict`` instead of the test split: a ``.jsonl`` of ``{"input": CT
+                file or DICOM folder, "question", "choices"}`` rows.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -185,8 +197,29 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
 
             self._root = Path(generate_ct_demo(cache_dir=self.hparams.cache_dir, seed=0, **(self.hparams.demo or {})))
 
+    def study_item(self, path: str | os.PathLike, question: str | None, choices: list[str] | None = None) -> dict:
+        """One CT of a user's (NIfTI file or DICOM series folder) and a question, through the model's CT
+        preprocessing (orientation, spacing, HU check and window, grid); closed questions get their options in
+        the prompt as in training.
+
+        Raises:
+            ConfigError: no question. DataError: unreadable volume, 8-bit or NaN values (the HU check), a 2-D image.
+        """
+        if not question:
+            raise ConfigError("a CT VQA model answers a question about the volume: give one (--question)")
+        volume = load_ct(path, self.preprocessing)["image"]
+        choices = list(choices or [])
+        return {"volume": [volume], "question": with_options(question, choices) if choices else question,
+                "answer": "", "choices": choices, "meta": {"input": str(path)}}
+
+    def read_study(self, study: dict) -> dict:
+        return self.study_item(study["input"], study.get("question"), study.get("choices"))
+
+    def study_collate(self):
+        return model_collator(self.trainer, type(self).__name__)
+
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        if self.datasets or (stage == "predict" and self.hparams.predict):  # (the listed volumes only)
             return
         h = self.hparams
         files = h.questions or QUESTION_FILES[h.questions_format]

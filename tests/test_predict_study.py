@@ -11,7 +11,7 @@ from conftest import CONFIGS, TINY_CLIP, shared_data
 
 from datamodules.ecg_qa_data import ECGQADataModule
 from mmclin.cli import main
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 from mmclin.study import predict_study
 
 
@@ -88,3 +88,18 @@ def test_a_fundus_photograph_is_preprocessed_as_the_training_split():
     assert abs(float(image.mean())) < 3  # normalised with the datamodule's mean and std, not raw 0-255
     with pytest.raises(DataError):
         data.study_item(shared_data("wfdb_physionet_samples") / "100.hea")
+
+
+def test_a_real_ct_and_its_dicom_series_go_through_the_models_ct_preprocessing():
+    from datamodules.ct_vqa import CTVQADataModule
+
+    folder = shared_data("ct_totalsegmentator_example")
+    data = CTVQADataModule(grid=(16, 32, 32))
+    item = data.study_item(folder / "example_ct.nii.gz", "Is there a lesion in the liver?", ["yes", "no"])
+    [volume] = item["volume"]
+    assert tuple(volume.shape) == (1, 16, 32, 32) and 0 <= float(volume.min()) < float(volume.max()) <= 1
+    assert item["question"].endswith("A. yes\nB. no") and item["choices"] == ["yes", "no"]
+    [again] = data.study_item(folder / "example_ct_dicom", "Is there a lesion in the liver?")["volume"]
+    assert tuple(again.shape) == (1, 16, 32, 32)
+    with pytest.raises(ConfigError, match="give one"):
+        data.study_item(folder / "example_ct.nii.gz", None)
