@@ -55,12 +55,14 @@ def predict_study(model: str, inputs: list[str], question: str | None = None,
     if not hasattr(data, "study_item"):
         raise ConfigError(f"{path}: one-study prediction is not available for {type(data).__name__} yet; use "
                           "`lightning predict -c CONFIG --ckpt_path MODEL` on a data folder")
+    answers = hasattr(module, "collator")  # a question-answering model; else CLIP's zero-shot classification
+    if not answers:
+        module.on_predict_epoch_start()  # the class embeddings, once
     rows = []
     for name in inputs:
-        if hasattr(module, "collator"):  # a question-answering model
+        if answers:
             batch = module.collator([data.study_item(name, question, choices)])
-        else:  # CLIP: zero-shot classification of the image
-            module.on_predict_epoch_start()
+        else:
             batch = default_collate([data.study_item(name, module.eval_transform)])
         with torch.no_grad():
             rows += [{"input": name, **row} for row in module.predict_step(batch, 0)]
