@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.loaders import SplitLoaders
-from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_scored_psg
+from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_psg, read_scored_psg
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.sleep import generate_sleep_demo
 from mmclin.errors import ConfigError, DataError
@@ -112,13 +112,13 @@ class SleepEpochQA(Dataset):
         series = np.zeros((night.signal.shape[0], stop - start), np.float32)
         lo, hi = max(start, 0), min(stop, night.signal.shape[1])
         series[:, lo - start:hi - start] = night.signal[:, lo:hi]
-        label = int(night.stages[epoch])
+        label = int(night.stages[epoch])  # -1: unscored (a night to stage)
         return {
             "series": [torch.from_numpy(series)],
             "channels": self.channels,
             "fs": self.fs,
             "question": self.question,
-            "answer": AASM_STAGES[label],
+            "answer": AASM_STAGES[label] if label >= 0 else "",
             "choices": list(AASM_STAGES),
             "label": label,
             "meta": {"subject": night.subject, "night": night.night, "epoch": night.first_epoch + epoch,
@@ -286,6 +286,29 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
         """Epochs per AASM stage in a split (after `setup`)."""
         counts = np.bincount(self.datasets[split].labels(), minlength=len(AASM_STAGES))
         return dict(zip(AASM_STAGES, counts.tolist()))
+
+    def study_items(self, path: str | os.PathLike, question: str | None = None, choices=None) -> list[dict]:
+        """A whole night of a user's (an EDF PSG, no hypnogram needed) as one QA sample per 30-s epoch, with the
+        model's channels resampled to its rate and its context: predicting them stages the night.
+
+        Raises:
+            DataError: the file is unreadable, lacks one of the model's channels, or is shorter than an epoch.
+        """
+        h = self.hparams
+        try:
+            record = read_psg(path, h.channels, h.target_fs)
+        except DataError as err:
+            raise DataError(f"{err}; the model takes the channels {list(h.channels)} at {h.target_fs} Hz") from None
+        epoch_len = round(h.epoch_s * h.target_fs)
+        n = record.signal.shape[1] // epoch_len
+        if n == 0:
+            raise DataError(f"{path}: {record.signal.shape[1] / h.target_fs:.0f} s, shorter than one {h.epoch_s}-s "
+                            "epoch")
+        night = SleepNight(record.signal[:, :n * epoch_len], np.full(n, -1, np.int64), 0, Path(path).stem, "",
+                           str(path))
+        epochs = SleepEpochQA([night], np.array([(0, e) for e in range(n)], dtype=np.int64), h.channels,
+                              float(h.target_fs), h.epoch_s, h.context_epochs, question or self.question)
+        return [epochs[i] for i in range(n)]
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets.get(split)

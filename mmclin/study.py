@@ -52,6 +52,15 @@ def predict_study(model: str, inputs: list[str], question: str | None = None,
         rows = module.predict_reports([{"modified": t} for t in texts], progress=False)
         return [{"input": name, **row} for name, row in zip(inputs, rows)]
     data = _datamodule(data_hparams, path)
+    if hasattr(data, "study_items"):  # a study of many samples (a night of 30-s epochs): one row each
+        rows = []
+        for name in inputs:
+            items = data.study_items(name, question, choices)
+            for start in range(0, len(items), 32):
+                with torch.no_grad():
+                    batch_rows = module.predict_step(module.collator(items[start:start + 32]), 0)
+                rows += [{"input": name, **row} for row in batch_rows]
+        return rows
     if not hasattr(data, "study_item"):
         raise ConfigError(f"{path}: one-study prediction is not available for {type(data).__name__} yet; use "
                           "`lightning predict -c CONFIG --ckpt_path MODEL` on a data folder")
@@ -73,16 +82,20 @@ def main(argv: list[str]) -> list[dict]:
     p = argparse.ArgumentParser(prog="mmclin predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a checkpoint written by `lightning fit`")
-    p.add_argument("--input", nargs="+", required=True, help="the study's file(s): a JPEG/PNG photograph, a WFDB "
-                   "record (path without extension or its .hea), a fundus photograph, a report .txt")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="the study's file(s): a JPEG/PNG photograph, a WFDB record (path without extension or its "
+                        ".hea), a CT (NIfTI file or DICOM folder), an EDF night, a report .txt")
     p.add_argument("--question", help="for question-answering models")
     p.add_argument("--choices", help="comma-separated allowed answers of a closed question (scored by likelihood)")
     p.add_argument("--out", help="also write the rows to this JSONL file")
     args = p.parse_args(argv)
     choices = [c.strip() for c in args.choices.split(",")] if args.choices else None
     rows = predict_study(args.model, args.input, args.question, choices)
+    nights: dict[str, list[str]] = {}
     for row in rows:
-        if "has_error" in row:
+        if "epoch" in row.get("meta", {}):  # a night: one stage per epoch, summed up below
+            nights.setdefault(row["input"], []).append(row["ranked"] or row["parsed"])
+        elif "has_error" in row:
             found = f"error: {row['fine_type'] or 'unspecified'}" if row["has_error"] else "no error"
             print(f"{row['input']}: {found}  (p_error {row['p_error']:.3f})")
         elif "probabilities" in row:
@@ -91,6 +104,9 @@ def main(argv: list[str]) -> list[dict]:
         else:
             ranked = f"  [most likely choice: {row['ranked']}]" if row.get("ranked") else ""
             print(f"{row['input']}: {row['question']} -> {row['parsed']}{ranked}")
+    for name, stages in nights.items():
+        counts = ", ".join(f"{stage} {stages.count(stage)}" for stage in dict.fromkeys(sorted(map(str, stages))))
+        print(f"{name}: {len(stages)} epochs staged ({counts}); per-epoch stages with --out")
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         print(f"wrote {args.out}")

@@ -103,3 +103,24 @@ def test_a_real_ct_and_its_dicom_series_go_through_the_models_ct_preprocessing()
     assert tuple(again.shape) == (1, 16, 32, 32)
     with pytest.raises(ConfigError, match="give one"):
         data.study_item(folder / "example_ct.nii.gz", None)
+
+
+def test_an_edf_night_becomes_one_sample_per_epoch_at_the_models_rate(tmp_path):
+    """A 3-min PSG at 200 Hz (channels in another order, an extra one) -> six 30-s epochs at the model's 100 Hz,
+    with one epoch of context on each side, zero-padded at the night's ends; unscored, so no answer."""
+    from datamodules.sleep_qa import SleepQADataModule
+    from datamodules.synthetic.sleep import write_edf
+
+    t = np.arange(180 * 200) / 200
+    signals = [(name, "uV", 200.0, -500.0, 500.0, (k + 1) * 20 * np.sin(2 * np.pi * 5 * t))
+               for k, name in enumerate(["EOG horizontal", "EMG submental", "EEG Pz-Oz", "EEG Fpz-Cz"])]
+    path = write_edf(tmp_path / "night.edf", signals)
+    data = SleepQADataModule(target_fs=100, context_epochs=1)
+    items = data.study_items(path)
+    assert len(items) == 6 and all(tuple(i["series"][0].shape) == (3, 9000) for i in items)
+    assert [i["meta"]["epoch"] for i in items] == list(range(6)) and {i["answer"] for i in items} == {""}
+    first = items[0]["series"][0]
+    assert float(first[:, :3000].abs().max()) == 0  # context before the recording: zeros
+    assert float(first[0, 3000:].abs().max()) == pytest.approx(80, rel=0.02)  # EEG Fpz-Cz (4th written) first
+    with pytest.raises(DataError, match="the model takes the channels"):
+        SleepQADataModule(channels=["EEG C3-A2"]).study_items(path)
