@@ -28,12 +28,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.loaders import SplitLoaders
+from datamodules.loaders import SplitLoaders, StudyDataset, read_studies, split_loader
 from datamodules.reports import content_key, duplicate_groups, split_studies
 from datamodules.synthetic.cxr import REPORTS_CSV, generate_cxr_demo
 from mmclin.errors import ConfigError, DataError
 from mmclin.reports.qa import NO_ERROR_ANSWER, QUESTION, error_answer, load_radiograph
 from mmclin.reports.sections import parse_sections
+from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         demo_image_size: int = 128,
         mesh_classes: dict[str, str] | None = None,
         cache_dir: str | None = None,
+        predict: str | None = None,
     ):
         """
         Args:
@@ -165,6 +167,9 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
                 class name -> regular expression searched in each IU-Xray MeSH term (case-insensitive), e.g.
                 ``{effusion_right: "^Pleural Effusion/right"}``; a class is 1 when any term matches.
             cache_dir: demo location (default ``$MMCLIN_CACHE`` or ``~/.cache/mmclin``).
+            predict: reports for ``lightning predict`` instead of the test split: a folder of ``.txt`` reports, one
+                report file, or a ``.jsonl`` of ``{"input": report file}`` (``qa`` mode: with ``"image"``, the
+                study's frontal radiograph); each is checked as written.
         """
         super().__init__()
         if mode not in ("text", "qa"):
@@ -216,7 +221,7 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
                               size=self.hparams.demo_image_size)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.records:
+        if self.records or (stage == "predict" and self.hparams.predict):  # the listed reports only
             return
         h = self.hparams
         root = self.root
@@ -294,6 +299,47 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         if train and self.reports and epoch != self._train_epoch:
             self.records["train"], self._train_epoch = self._inject("train", epoch), epoch
         return self.records[split]
+
+    def predict_dataloader(self) -> DataLoader:
+        """The reports listed in ``predict``, else the test split."""
+        spec = self.hparams.predict
+        if not spec:
+            return super().predict_dataloader()
+        path = Path(spec)
+        if path.is_dir():
+            studies = [{"input": str(p)} for p in sorted(path.glob("*.txt"))]
+            if not studies:
+                raise DataError(f"{path}: no .txt reports in the folder")
+        else:
+            studies = read_studies(path) if path.suffix == ".jsonl" else [{"input": str(path)}]
+        return split_loader(StudyDataset(studies, self.read_study), False, self.trainer, self.hparams,
+                            model_collator(self.trainer, type(self).__name__))
+
+    def read_study(self, study: dict) -> dict:
+        return self.study_item(study["input"], image=study.get("image"))
+
+    def study_item(self, path: str | Path, question: str | None = None, choices=None,
+                   image: str | None = None) -> dict:
+        """One report of the user's as the checker's sample (``qa`` mode: with its radiograph `image`).
+
+        Raises:
+            DataError: the report is unreadable or empty; ``qa`` mode without a readable image.
+        """
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: cannot read the report text ({err})") from None
+        if not text.strip():
+            raise DataError(f"{path}: the report is empty")
+        meta = {"id": Path(path).stem, "input": str(path)}
+        if self.hparams.mode == "text":
+            return {"text": text, "meta": meta}
+        if image is None:
+            raise DataError(f"{path}: the multimodal checker reads the report with its frontal radiograph; list the "
+                            'study as {"input": REPORT, "image": PNG} in a .jsonl')
+        record = {"id": meta["id"], "images": [image]}
+        return {"image": [load_radiograph(record, self.hparams.image_size)], "question": f"{text}\n{QUESTION}",
+                "answer": "", "choices": list(self.choices), "meta": meta}
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         h = self.hparams

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.loaders import SplitLoaders
+from datamodules.loaders import SplitLoaders, read_studies, split_loader
 from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_psg, read_scored_psg
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.sleep import generate_sleep_demo
 from mmclin.errors import ConfigError, DataError
+from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
         demo_subjects: int = 10,
         demo_hours: float = 2.0,
         cache_dir: str | None = None,
+        predict: str | None = None,
     ):
         """
         Args:
@@ -177,6 +179,9 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
             demo_subjects: demo size in subjects (one night each).
             demo_hours: demo night length, h.
             cache_dir: where the demo is generated (default ``$MMCLIN_CACHE`` or ``~/.cache/mmclin``).
+            predict: nights for ``lightning predict`` instead of the test split: one EDF PSG, a ``.txt`` of paths or
+                a ``.jsonl`` of ``{"input", "question"}``; every 30-s epoch of each night is staged
+                (:meth:`study_items`; no hypnogram needed), its file under the row's ``meta.input``.
         """
         super().__init__()
         if isinstance(channels, str) or not channels:
@@ -257,7 +262,7 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
             raise DataError(f"{self.root}: no night has a scored epoch")
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        if self.datasets or (stage == "predict" and self.hparams.predict):  # the listed nights only
             return
         h = self.hparams
         if self.demo:
@@ -309,6 +314,19 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
         epochs = SleepEpochQA([night], np.array([(0, e) for e in range(n)], dtype=np.int64), h.channels,
                               float(h.target_fs), h.epoch_s, h.context_epochs, question or self.question)
         return [epochs[i] for i in range(n)]
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every epoch of the nights listed in ``predict`` (see :func:`datamodules.loaders.read_studies`), else the
+        test split."""
+        if not self.hparams.predict:
+            return super().predict_dataloader()
+        items = []
+        for study in read_studies(self.hparams.predict):
+            for item in self.study_items(study["input"], study.get("question")):
+                item["meta"]["input"] = study["input"]
+                items.append(item)
+        return split_loader(items, False, self.trainer, self.hparams,
+                            model_collator(self.trainer, type(self).__name__))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets.get(split)

@@ -84,6 +84,9 @@ def model_card(checkpoint: dict, checkpoint_path: str | Path, title: str, load: 
         f"{data.get('test_fraction', 'the dataset’s own')}, seed {data.get('seed', 0)} (the datamodule's split, "
         "grouped by patient/lesion/report where it has one).", "",
         "Data settings:", "", "```json", json.dumps(data, indent=2, default=str), "```", "",
+        "## Architecture", "", "Constructor settings (the export's config holds the same):", "", "```json",
+        json.dumps({k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")
+                    and k not in ("vocab",)}, indent=2, default=str), "```", "",
         "## Preprocessing (travels with the model)", "", "```json", json.dumps(preprocessing, indent=2, default=str),
         "```", "",
         "## Figures", "", *_metric_lines(run_metrics(checkpoint_path)), "",

@@ -1,8 +1,9 @@
 """``mmclin predict --model MODEL --input FILE``: a trained model applied to one study of the user's own.
 
-The preprocessing comes from the model: the checkpoint carries its datamodule's settings (LightningCLI saves
-them), and the datamodule's ``study_item`` reads the file as its evaluation split would (sampling rate, lead
-order, image transform, ...). A file the model cannot take is a named error that says what it expects.
+The preprocessing comes from the model: the checkpoint (or the export's ``mmclin_config.json``) carries its
+datamodule's settings (LightningCLI saves them), and the datamodule's ``study_item`` reads the file as its
+evaluation split would (sampling rate, lead order, image transform, ...). A file the model cannot take is a
+named error that says what it expects.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import logging
 from pathlib import Path
 
 import torch
+import transformers
 from torch.utils.data import default_collate
 
 from mmclin.checkpoints import load_module
 from mmclin.errors import CheckpointError, ConfigError, DataError
+from mmclin.export import load_exported
 
 
 def _datamodule(hparams: dict, path: Path):
@@ -35,9 +38,10 @@ def predict_study(model: str, inputs: list[str], question: str | None = None,
                   choices: list[str] | None = None) -> list[dict]:
     """One prediction row per input file (see each model's ``predict_step``), with the file under ``input``."""
     path = Path(model)
+    transformers.utils.logging.disable_progress_bar()
     logging.disable(logging.WARNING)  # open_clip's "initialized randomly" while the architecture is built: the
     try:                              # checkpoint's weights follow
-        module, data_hparams = load_module(path)
+        module, data_hparams = load_exported(path) if path.is_dir() else load_module(path)
     finally:
         logging.disable(logging.NOTSET)
     if hasattr(module, "predict_reports"):  # a report checker: the input files are report texts
@@ -81,7 +85,8 @@ def predict_study(model: str, inputs: list[str], question: str | None = None,
 def main(argv: list[str]) -> list[dict]:
     p = argparse.ArgumentParser(prog="mmclin predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a checkpoint written by `lightning fit`")
+    p.add_argument("--model", required=True, help="a checkpoint written by `lightning fit`, or a directory written "
+                                                  "by `tools/export.py --format mmclin`")
     p.add_argument("--input", nargs="+", required=True,
                    help="the study's file(s): a JPEG/PNG photograph, a WFDB record (path without extension or its "
                         ".hea), a CT (NIfTI file or DICOM folder), an EDF night, a report .txt")
@@ -103,7 +108,8 @@ def main(argv: list[str]) -> list[dict]:
             print(f"{row['input']}: {row['predicted']}  (" + ", ".join(f"{k} {v:.3f}" for k, v in top) + ")")
         else:
             ranked = f"  [most likely choice: {row['ranked']}]" if row.get("ranked") else ""
-            print(f"{row['input']}: {row['question']} -> {row['parsed']}{ranked}")
+            answer = row["parsed"] if row["parsed"] is not None else f"{row['generated'].strip()!r} (names no choice)"
+            print(f"{row['input']}: {row['question']} -> {answer}{ranked}")
     for name, stages in nights.items():
         counts = ", ".join(f"{stage} {stages.count(stage)}" for stage in dict.fromkeys(sorted(map(str, stages))))
         print(f"{name}: {len(stages)} epochs staged ({counts}); per-epoch stages with --out")

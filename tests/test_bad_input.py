@@ -81,8 +81,8 @@ def test_tools_refuse_bad_checkpoints_in_one_line(tool, tmp_path, demo_cache):
     cases = _bad_checkpoints(tmp_path)
     for case in ("random bytes", "unsafe pickle", "another model's checkpoint"):
         path, words = cases[case]
-        flag = "--model" if tool == "zero_shot" else "--checkpoint"
-        line = _one_line_error([f"tools/{tool}.py", flag, str(path), "--out", str(tmp_path / "out")], demo_cache,
+        flag = ["--model"] if tool == "zero_shot" else ["--format", "open_clip", "--checkpoint"]
+        line = _one_line_error([f"tools/{tool}.py", *flag, str(path), "--out", str(tmp_path / "out")], demo_cache,
                                words)
         assert str(path) in line, (case, line)
 

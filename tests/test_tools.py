@@ -87,9 +87,35 @@ def test_the_model_card_is_filled_from_the_run(demo_cache, tmp_path):
         "data": {"init_args": {"batch_size": 8, "demo_lesions_per_class": 8, "demo_image_size": 32}}}))
     cli_main(["fit", "-c", str(CONFIGS / "derm-clip.yaml"), "-c", str(overlay)])
     ckpt = next(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
-    card = (export.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "oc")]) / "README.md").read_text()
+    out = export.main(["--format", "open_clip", "--checkpoint", str(ckpt), "--out", str(tmp_path / "oc")])
+    card = (out / "README.md").read_text()
     assert "mmclin.models.CLIPModule" in card and "datamodules.DermDataModule" in card
     assert "generated demo data" in card and "Research use only" in card
     assert '"demo_lesions_per_class": 8' in card and '"size"' in card and '"mean"' in card  # data, preprocessing
     assert "| val | zs_bacc |" in card and "| val | i2t_r10 |" in card  # the run's own figures
     assert 'create_model_and_transforms("local-dir:' in card
+
+
+def test_a_clip_run_exports_as_mmclin_and_predicts_from_the_directory(demo_cache, tmp_path):
+    """The generic export (any model of ours): the directory predicts the ISIC photograph as the checkpoint does."""
+    from conftest import CONFIGS
+
+    from mmclin.cli import main as cli_main
+    from mmclin.study import predict_study
+
+    photo = next((shared_data("derm_isic_sample") / "full_res").glob("*.jpg"))
+    overlay = tmp_path / "tiny.yaml"
+    overlay.write_text(json.dumps({
+        "trainer": {"max_epochs": 1, "default_root_dir": str(tmp_path), "enable_progress_bar": False,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(tmp_path)}}},
+        "model": {"init_args": {"model_config": TINY_CLIP}},
+        "data": {"init_args": {"batch_size": 8, "demo_lesions_per_class": 8, "demo_image_size": 32}}}))
+    cli_main(["fit", "-c", str(CONFIGS / "derm-clip.yaml"), "-c", str(overlay)])
+    ckpt = next(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    out = export.main(["--format", "mmclin", "--checkpoint", str(ckpt), "--out", str(tmp_path / "mm")])
+    assert {p.name for p in out.iterdir()} == {"mmclin_config.json", "model.safetensors", "README.md"}
+    [from_ckpt] = predict_study(str(ckpt), [str(photo)])
+    [from_dir] = predict_study(str(out), [str(photo)])
+    assert from_dir["predicted"] == from_ckpt["predicted"]
+    assert from_dir["probabilities"] == pytest.approx(from_ckpt["probabilities"], abs=1e-6)

@@ -19,7 +19,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
 from mmclin.distributed import interleave
-from mmclin.errors import ConfigError
+from mmclin.errors import CheckpointError, ConfigError
 from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_positions
 from mmclin.fusion.projector import MLPProjector
 from mmclin.fusion.soft_prompt import IGNORE_INDEX, splice_media
@@ -157,6 +157,7 @@ class MultimodalLM(L.LightningModule):
         self.evaluator = evaluator
         self._predictions: list[dict] = []
         self._fitted_tokenizer: str | None = None  # the BPE of `tokenizer_vocab` as JSON, once fitted
+        self._media_shapes: dict[str, list[int]] = {}  # one medium's shape per key, as trained (for export checks)
 
     # -- tokenizer ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -187,12 +188,15 @@ class MultimodalLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._fitted_tokenizer is not None:
             checkpoint["tokenizer"] = self._fitted_tokenizer
+        if self._media_shapes:
+            checkpoint["media_shapes"] = dict(self._media_shapes)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Before the weights are loaded: the embedding rows must match the checkpoint's tokenizer.
         fitted = checkpoint.get("tokenizer")
         if fitted is not None and fitted != self._fitted_tokenizer:
             self._use_tokenizer(tokenizer_from_json(fitted, self.tokenizer.model_max_length))
+        self._media_shapes = dict(checkpoint.get("media_shapes") or {})
 
     # -- media -------------------------------------------------------------------------------------------
     def encode_media(self, batch: dict, aux_loss: bool = False):
@@ -202,6 +206,7 @@ class MultimodalLM(L.LightningModule):
         if len(keys) != 1:
             raise ValueError(f"a batch must carry exactly one of the modalities {list(self.encoders)}; has {keys}")
         key = keys[0]
+        self._media_shapes.setdefault(key, list(batch[key].shape[1:]))
         out = self.encoders[key](batch[key], batch.get(f"{key}_lengths"))
         tokens, mask = self.connectors[key](out.tokens, out.mask)
         logits = None
@@ -320,6 +325,35 @@ class MultimodalLM(L.LightningModule):
 
     def configure_optimizers(self):
         return adamw_cosine(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup)
+
+    # -- export ------------------------------------------------------------------------------------------
+    def save_lm(self, directory) -> tuple[dict, dict]:
+        """The LM and tokenizer into an export's `directory` (:func:`mmclin.models.mllm_export.save_lm_for_export`)."""
+        from mmclin.models.mllm_export import save_lm_for_export
+
+        return save_lm_for_export(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, base_lm: str | None = None) -> MultimodalLM:
+        """The model of a directory written by ``tools/export.py --format mmclin``, without its training config.
+
+        Args:
+            directory: the export.
+            base_lm: for an export of LoRA adapters: the base LM's local directory, where not the one recorded.
+        """
+        from mmclin.models.mllm_export import load_multimodal_lm
+
+        return load_multimodal_lm(cls, directory, base_lm).eval()
+
+    def example_batch(self, generator: torch.Generator) -> dict:
+        """A one-question batch over seeded random media of the shape the model was trained on (export checks)."""
+        if not self._media_shapes:
+            raise CheckpointError("the model records no media shape (never trained, or a checkpoint from before "
+                                  "media shapes were recorded): fit it again, or for a few steps, to export it")
+        key, shape = next(iter(self._media_shapes.items()))
+        medium = torch.randn(*shape, generator=generator)
+        return self.collator([{key: [medium], "question": "What does this study show?", "answer": "normal",
+                               "choices": ["normal", "abnormal"], "meta": {}}])
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
