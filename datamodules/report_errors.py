@@ -313,7 +313,7 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         else:
             studies = read_studies(path) if path.suffix == ".jsonl" else [{"input": str(path)}]
         return split_loader(StudyDataset(studies, self.read_study), False, self.trainer, self.hparams,
-                            model_collator(self.trainer, type(self).__name__))
+                            collate_fn=model_collator(self.trainer, type(self).__name__))
 
     def read_study(self, study: dict) -> dict:
         return self.study_item(study["input"], image=study.get("image"))

@@ -326,7 +326,7 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
                 item["meta"]["input"] = study["input"]
                 items.append(item)
         return split_loader(items, False, self.trainer, self.hparams,
-                            model_collator(self.trainer, type(self).__name__))
+                            collate_fn=model_collator(self.trainer, type(self).__name__))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets.get(split)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -13,7 +15,9 @@ from lightning.pytorch.utilities import rank_zero_info
 import datamodules  # noqa: F401  (registers datamodules so configs can name them by class)
 import encoders  # noqa: F401
 import mmclin.models  # noqa: F401
+from mmclin.checkpoints import checkpoint_class, read_checkpoint
 from mmclin.errors import run_entry_point
+from mmclin.runs import SaveRunConfig
 
 
 class MMClinCLI(LightningCLI):
@@ -25,6 +29,25 @@ class MMClinCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="fit only: then test the best checkpoint (the last one without a monitored metric) "
                                  "on the test split and print its figures")
+
+    def _parse_ckpt_path(self) -> None:
+        """As LightningCLI's (``--ckpt_path``: the checkpoint's model settings become the config's), but passing on
+        only the arguments the model's constructor takes: the ``data.classnames`` link records class names in the
+        settings of models without such an argument (a MultimodalLM on sleep stages), which would then be refused;
+        the checkpoint is read with our named errors."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = read_checkpoint(ckpt_path)
+        hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k != "_instantiator"}
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            accepted = set(inspect.signature(checkpoint_class(checkpoint, ckpt_path).__init__).parameters)
+            hparams = {"class_path": hparams.pop("_class_path"),
+                       "dict_kwargs": {k: v for k, v in hparams.items() if k in accepted}}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def after_fit(self) -> None:
         """Print the final validation figures, the data's baselines and where the checkpoint went; test if asked."""
@@ -101,6 +124,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MMClinCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
     )
 

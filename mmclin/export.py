@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from pathlib import Path
@@ -128,7 +129,9 @@ def export_module(module: L.LightningModule, checkpoint: dict, out: str | os.Pat
 
 def build_from_config(cls: type[L.LightningModule], config: ExportConfig, **overrides) -> L.LightningModule:
     """The module `config` describes, with random weights (LightningCLI's own instantiation of the settings)."""
-    settings = {k: v for k, v in config.model.items() if k == "_class_path" or not k.startswith("_")}
+    # As Lightning's load_from_checkpoint: only the constructor's own arguments (a CLI link may add others)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    settings = {k: v for k, v in config.model.items() if k == "_class_path" or k in accepted}
     try:
         return instantiate_module(cls, {**settings, **overrides})
     except Exception as err:  # noqa: BLE001 -- jsonargparse reports bad settings as several exception types

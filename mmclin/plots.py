@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mmclin.runs import run_dir  # noqa: E402
+
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classnames: Sequence[str],
                           path: str | os.PathLike | None, title: str = ""):
@@ -66,7 +68,7 @@ def log_figure(module, tag: str, fig) -> None:
     always as ``plots/<tag>-epoch<E>.png`` in the run directory; then close it. Called on every rank; rank 0
     writes."""
     trainer = module.trainer
-    run_dir = trainer.log_dir or trainer.default_root_dir  # on every rank: log_dir is a broadcast under DDP
+    directory = os.path.join(run_dir(trainer), "plots")  # on every rank: log_dir is a broadcast under DDP
     if trainer.global_rank == 0:
         for logger in trainer.loggers:
             experiment = logger.experiment
@@ -74,7 +76,6 @@ def log_figure(module, tag: str, fig) -> None:
                 experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
             elif hasattr(experiment, "log_figure") and hasattr(logger, "run_id"):
                 experiment.log_figure(logger.run_id, fig, f"{tag}-epoch{trainer.current_epoch:03d}.png")
-        directory = os.path.join(run_dir, "plots")
         os.makedirs(directory, exist_ok=True)
         fig.savefig(os.path.join(directory, f"{tag.replace('/', '-')}-epoch{trainer.current_epoch:03d}.png"), dpi=110)
     plt.close(fig)

@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from mmclin.runs import run_dir
+
 
 def _plain(value: Any) -> Any:
     """JSON-ready: tensors and NumPy scalars as numbers or lists."""
@@ -44,7 +46,7 @@ class JSONLPredictionWriter(BasePredictionWriter):
         self.path: Path | None = None
 
     def _directory(self, trainer: L.Trainer) -> Path:
-        directory = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        directory = Path(self.output_dir or run_dir(trainer))
         directory.mkdir(parents=True, exist_ok=True)
         return directory
 

@@ -84,3 +84,24 @@ def test_the_tensorboard_overlay_logs_curves_and_figures(demo_cache, tmp_path):
     assert {"val/zero_shot_confusion", "val/zero_shot_roc"} <= set(events.Tags()["images"])
     assert "val/zs_bacc" in events.Tags()["scalars"]
     assert list((run / "plots").glob("val-zero_shot_confusion-epoch000.png"))
+
+
+def test_the_mlflow_overlay_logs_curves_and_figures_to_a_local_store(demo_cache, tmp_path):
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install -e '.[mlflow]')")
+    from conftest import TINY_CLIP
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    main(["fit", "-c", str(CONFIGS / "derm-clip.yaml"), "-c", str(CONFIGS / "overlays" / "mlflow.yaml"),
+          "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--data.batch_size", "8",
+          "--data.demo_lesions_per_class", "8", "--data.demo_image_size", "32", "--trainer.default_root_dir",
+          str(tmp_path), "--trainer.logger.init_args.tracking_uri", store,
+          "--trainer.logger.init_args.artifact_location", str(tmp_path / "artifacts"),
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "mlflow"),
+          "--model.init_args.model_config", str(TINY_CLIP).replace("'", '"')])
+    client = MlflowClient(tracking_uri=store)
+    [run] = client.search_runs([client.get_experiment_by_name("mmclin").experiment_id])
+    assert "val/zs_bacc" in run.data.metrics and run.data.params  # curves and the run's settings
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "val")}
+    assert any("zero_shot_confusion" in path for path in figures), figures
+    assert list(tmp_path.rglob("plots/val-zero_shot_confusion-epoch000.png"))

@@ -27,6 +27,7 @@ from mmclin.llm import MEDIA_TOKEN, bpe_tokenizer, lm_hidden_size, load_causal_l
 from mmclin.metrics.f1 import macro_f1
 from mmclin.models.optim import adamw_cosine
 from mmclin.plots import log_figure, log_text, plot_confusion_matrix
+from mmclin.runs import run_dir
 from mmclin.tasks.qa import QACollator, parse_choice
 
 
@@ -107,11 +108,9 @@ class MultimodalLM(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if tokenizer_vocab is not None and lm.get("tiny") is None:
-            raise ConfigError("tokenizer_vocab fits a tokenizer for a random-init LM (lm.tiny); a pretrained LM keeps "
-                             "the tokenizer its embeddings were trained with")
-        if not encoders:
-            raise ConfigError("encoders must name at least one modality, e.g. {'series': ...}")
+        _check_settings(encoders, lm, tokenizer_vocab, aux_classes, aux_level, aux_tokens)
+        # The parts, in this order (it fixes the random init): encoders -> connectors -> LM, with cross-attention
+        # blocks hooked into the LM for that fusion; auxiliary heads on the encoders.
         self.encoders = nn.ModuleDict(encoders)
         self.lm, self.tokenizer = load_causal_lm(**lm)
         self.media_token_id = self.tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
@@ -122,42 +121,29 @@ class MultimodalLM(L.LightningModule):
                                              gate_init=xattn_gate_init) if fusion == "cross_attention" \
             else None
         self.collator = QACollator(self.tokenizer, media_keys=tuple(encoders))
-        if aux_level not in ("token", "medium"):
-            raise ConfigError(f"aux_level must be 'token' or 'medium', got {aux_level!r}")
-        if aux_tokens and not aux_classes:
-            raise ConfigError("aux_tokens needs aux_classes: one finding token per auxiliary class")
-        self.aux_embeddings = None
         # The split's loss: a token-weighted mean that two processes sum exactly as one (not a mean of batch means)
         self.eval_loss = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
+        self.aux_embeddings = None
         if aux_classes:
-            gridless = [k for k, e in encoders.items() if not hasattr(e, "grid")] if aux_level == "token" else []
-            if gridless:
-                raise ConfigError(f"aux_level 'token': encoder(s) {gridless} have no token grid to pool targets to; "
-                                 "use aux_level 'medium' for one target vector per medium")
-            self.aux_heads = nn.ModuleDict({k: nn.Linear(e.out_dim, len(aux_classes)) for k, e in encoders.items()})
-            # per medium ("val"), and per token ("val_token") for token targets
-            levels = ("", "_token") if aux_level == "token" else ("",)
-            self.aux_auroc = nn.ModuleDict({split + level: nn.ModuleList(BinaryAUROC() for _ in aux_classes)
-                                            for split in ("val", "test") for level in levels})
-            if aux_tokens:  # (absent, present) embedding of each class's finding token
-                self.aux_embeddings = nn.Parameter(0.02 * torch.randn(2, len(aux_classes), width))
+            self._add_aux_heads(aux_classes, aux_level, aux_tokens, width)
         # Encoders with a region head (encoders.regions.RegionEncoder) learn their regions from the dense targets
         # of the aux classes of the same names.
-        self._region_channels = {}
-        for key, encoder in encoders.items():
-            regions = getattr(encoder, "regions", None)
-            if regions is None:
-                continue
-            missing = [r for r in regions if r not in (aux_classes or [])]
-            if missing:
-                raise ConfigError(f"encoder {key!r} segments regions {missing}, which must be aux_classes too: their "
-                                 f"dense targets train its region head (aux_classes: {list(aux_classes or [])})")
-            self._region_channels[key] = [aux_classes.index(r) for r in regions]
+        self._region_channels = _region_channels(encoders, aux_classes or [])
         self.region_loss = DiceCELoss(sigmoid=True, batch=True) if self._region_channels else None
         self.evaluator = evaluator
         self._predictions: list[dict] = []
         self._fitted_tokenizer: str | None = None  # the BPE of `tokenizer_vocab` as JSON, once fitted
         self._media_shapes: dict[str, list[int]] = {}  # one medium's shape per key, as trained (for export checks)
+
+    def _add_aux_heads(self, aux_classes: list[str], aux_level: str, aux_tokens: bool, width: int) -> None:
+        """A linear head per encoder for the auxiliary classes, their AUROCs, and the finding-token embeddings."""
+        self.aux_heads = nn.ModuleDict({k: nn.Linear(e.out_dim, len(aux_classes)) for k, e in self.encoders.items()})
+        # per medium ("val"), and per token ("val_token") for token targets
+        levels = ("", "_token") if aux_level == "token" else ("",)
+        self.aux_auroc = nn.ModuleDict({split + level: nn.ModuleList(BinaryAUROC() for _ in aux_classes)
+                                        for split in ("val", "test") for level in levels})
+        if aux_tokens:  # (absent, present) embedding of each class's finding token
+            self.aux_embeddings = nn.Parameter(0.02 * torch.randn(2, len(aux_classes), width))
 
     # -- tokenizer ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -167,8 +153,8 @@ class MultimodalLM(L.LightningModule):
         if names and datamodule is not None and list(classes or []) != names:
             raise ValueError(f"aux_classes {names} need the datamodule's aux_classes "
                              f"with the same names in the same order; it has {list(classes or []) or 'none'}")
-        if self.hparams.tokenizer_vocab is None or self._fitted_tokenizer is not None:
-            return
+        if self.hparams.tokenizer_vocab is None or self._fitted_tokenizer is not None or stage != "fit":
+            return  # (outside fit the tokenizer comes with the checkpoint's weights: on_load_checkpoint)
         corpus = getattr(datamodule, "corpus", None)
         if corpus is None:
             raise RuntimeError("tokenizer_vocab: the tokenizer is fitted on the training texts, so the datamodule "
@@ -511,7 +497,40 @@ class MultimodalLM(L.LightningModule):
         log_text(self, f"{prefix}/generations", "\n".join(table))
 
     def _predictions_dir(self, prefix: str) -> Path:
-        root = self.hparams.predictions_dir or self.trainer.log_dir or self.trainer.default_root_dir
+        root = self.hparams.predictions_dir or run_dir(self.trainer)
         directory = Path(root) / f"{prefix}-predictions"
         directory.mkdir(parents=True, exist_ok=True)
         return directory
+
+
+def _check_settings(encoders: dict, lm: dict, tokenizer_vocab, aux_classes, aux_level: str, aux_tokens: bool) -> None:
+    """The constructor's settings that cannot work together, as ConfigErrors."""
+    if tokenizer_vocab is not None and lm.get("tiny") is None:
+        raise ConfigError("tokenizer_vocab fits a tokenizer for a random-init LM (lm.tiny); a pretrained LM keeps "
+                          "the tokenizer its embeddings were trained with")
+    if not encoders:
+        raise ConfigError("encoders must name at least one modality, e.g. {'series': ...}")
+    if aux_level not in ("token", "medium"):
+        raise ConfigError(f"aux_level must be 'token' or 'medium', got {aux_level!r}")
+    if aux_tokens and not aux_classes:
+        raise ConfigError("aux_tokens needs aux_classes: one finding token per auxiliary class")
+    gridless = [k for k, e in encoders.items() if not hasattr(e, "grid")] if aux_classes and aux_level == "token" \
+        else []
+    if gridless:
+        raise ConfigError(f"aux_level 'token': encoder(s) {gridless} have no token grid to pool targets to; "
+                          "use aux_level 'medium' for one target vector per medium")
+
+
+def _region_channels(encoders: dict, aux_classes: list[str]) -> dict[str, list[int]]:
+    """For each encoder with a region head, the aux-class channels of its regions."""
+    channels = {}
+    for key, encoder in encoders.items():
+        regions = getattr(encoder, "regions", None)
+        if regions is None:
+            continue
+        missing = [r for r in regions if r not in aux_classes]
+        if missing:
+            raise ConfigError(f"encoder {key!r} segments regions {missing}, which must be aux_classes too: their "
+                              f"dense targets train its region head (aux_classes: {list(aux_classes)})")
+        channels[key] = [aux_classes.index(r) for r in regions]
+    return channels
