@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
 from monai.transforms.utils import generate_spatial_bounding_box
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import box_convert
@@ -70,6 +70,13 @@ def load_fundus(path: str | os.PathLike, size: int, crop_border: bool = True, th
     Raises:
         DataError: the file cannot be decoded, or no pixel is brighter than `threshold` in red.
     """
+    im, box = _decode_and_find_fundus(path, size, crop_border, threshold)
+    return TF.pil_to_tensor(_to_grid(im.crop(box) if box else im, size))
+
+
+def _decode_and_find_fundus(path, size: int, crop_border: bool, threshold: float):
+    """The photograph decoded at reduced scale (see :func:`load_fundus`) and the (left, top, right, bottom) box of
+    the fundus in it (None without `crop_border`)."""
     need = size + size // 2
     try:
         with Image.open(path) as im:
@@ -79,15 +86,36 @@ def load_fundus(path: str | os.PathLike, size: int, crop_border: bool = True, th
         raise DataError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
     if min(im.size) >= 2 * need:
         im = im.reduce(min(im.size) // need)
-    if crop_border:
-        red = np.asarray(im)[None, :, :, 0]  # (1, H, W); numpy, as small torch ops are slow on busy CPUs
-        start, end = generate_spatial_bounding_box(red, lambda r: r > threshold * 255)
-        if end[0] <= start[0] or end[1] <= start[1]:
-            raise DataError(f"'{path}': no fundus found (no pixel with red above {threshold} of full scale)")
-        im = im.crop((int(start[1]), int(start[0]), int(end[1]), int(end[0])))
+    if not crop_border:
+        return im, None
+    red = np.asarray(im)[None, :, :, 0]  # (1, H, W); numpy, as small torch ops are slow on busy CPUs
+    start, end = generate_spatial_bounding_box(red, lambda r: r > threshold * 255)
+    if end[0] <= start[0] or end[1] <= start[1]:
+        raise DataError(f"'{path}': no fundus found (no pixel with red above {threshold} of full scale)")
+    return im, (int(start[1]), int(start[0]), int(end[1]), int(end[0]))
+
+
+def _to_grid(im: Image.Image, size: int, resample=None) -> Image.Image:
     # torchvision's functional transforms run PIL's kernels on PIL images (antialiased resize)
-    im = TF.center_crop(TF.resize(im, [size], antialias=True), [size, size])
-    return TF.pil_to_tensor(im)
+    resized = TF.resize(im, [size], antialias=True) if resample is None else TF.resize(im, [size], resample)
+    return TF.center_crop(resized, [size, size])
+
+
+def fundus_lesion_mask(path: str | os.PathLike, boxes: pd.DataFrame, size: int, crop_border: bool = True,
+                       threshold: float = 0.1) -> torch.Tensor:
+    """Where the lesion `boxes` of a photograph lie on the grid :func:`load_fundus` gives it: (size, size) bool.
+
+    Args:
+        boxes: :func:`read_yolo_boxes` rows (``cx, cy, w, h`` normalised to the photograph), lesions only.
+    """
+    im, box = _decode_and_find_fundus(path, size, crop_border, threshold)
+    mask = Image.new("L", im.size)
+    draw = ImageDraw.Draw(mask)
+    for cx, cy, w, h in boxes[["cx", "cy", "w", "h"]].itertuples(index=False):
+        draw.rectangle([(cx - w / 2) * im.width, (cy - h / 2) * im.height, (cx + w / 2) * im.width,
+                        (cy + h / 2) * im.height], fill=255)
+    mask = _to_grid(mask.crop(box) if box else mask, size, TF.InterpolationMode.NEAREST)
+    return torch.from_numpy(np.asarray(mask) > 127)
 
 
 def normalise_fundus(image: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
@@ -554,6 +582,32 @@ class FundusReportDataModule(SplitLoaders, L.LightningDataModule):
         return {"majority_grade_acc": float((other["grade"] == majority).mean()),
                 "majority_grade_macro_f1": macro_f1(truth, [ICDR_GRADES[majority]] * len(truth)),
                 "majority_referral_acc": float(np.mean([REFERRALS[g] == REFERRALS[majority] for g in other["grade"]]))}
+
+    def lesion_masks(self, split: str, lesion_classes: list[str] | None = None) -> list[torch.Tensor]:
+        """Per photograph of `split` (after `setup`), where its lesion boxes lie on the model's grid: (S, S) bool.
+
+        Boxes come from a YOLO label file beside each image (``0001.jpg`` -> ``0001.txt``, as the demo and
+        CODRAS-style exports ship them), class names from the ``.names`` file in `root`; `lesion_classes` picks
+        the classes that count (default all but ``optic_disc``). A photograph without labels gets an empty mask.
+
+        Raises:
+            DataError: no ``.names`` file in `root`; a malformed label line (naming file and line).
+        """
+        names = sorted(self.root.glob("*.names"))
+        if not names:
+            raise DataError(f"{self.root}: no .names file of box classes (YOLO labels need one)")
+        class_names = read_class_names(names[0])
+        keep = set(lesion_classes or [c for c in class_names if c != "optic_disc"])
+        h, masks = self.hparams, []
+        for path in self.datasets[split].table["path"]:
+            labels = Path(path).with_suffix(".txt")
+            if not labels.is_file():
+                masks.append(torch.zeros(h.image_size, h.image_size, dtype=torch.bool))
+                continue
+            boxes = read_yolo_boxes(labels, class_names)
+            masks.append(fundus_lesion_mask(path, boxes[boxes["class_name"].isin(keep)], h.image_size, h.crop_border,
+                                            h.border_threshold))
+        return masks
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         return self.model_batches(self.datasets[split], split, train, self.source, "images")

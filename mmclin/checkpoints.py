@@ -5,10 +5,13 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
 from mmclin.errors import CheckpointError
 
@@ -90,3 +93,15 @@ def load_module(path: str | os.PathLike, expected: type[L.LightningModule] | Non
         raise CheckpointError(f"{path}: its weights or settings do not fit {cls.__name__} "
                               f"({str(err).splitlines()[0][:300]})") from None
     return module.eval(), checkpoint.get("datamodule_hyper_parameters") or {}
+
+
+@contextmanager
+def own_hyperparameters() -> Iterator[None]:
+    """Build modules inside this block with their own hyper-parameters: while LightningCLI instantiates a module,
+    every ``save_hyperparameters`` call records the CLI's settings of that outer module (a Lightning context
+    variable), which would wrongly become the settings of a model loaded inside its constructor."""
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)

@@ -173,7 +173,7 @@ def load_causal_lm(
     if freeze != "none":
         model.requires_grad_(False)
     if lora is not None:
-        model = _apply_lora(model, lora)
+        model = apply_lora(model, lora)
     return LoadedLM(model, tokenizer)
 
 
@@ -266,7 +266,8 @@ def add_media_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) 
     return tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
 
 
-def _apply_lora(model: PreTrainedModel, lora: dict[str, Any]) -> nn.Module:
+def apply_lora(model: PreTrainedModel, lora: dict[str, Any]) -> nn.Module:
+    """`model` wrapped by peft with LoRA adapters of the `lora` settings (see :func:`load_causal_lm`)."""
     # Imported here: peft pulls in accelerate (~3 s), which runs without LoRA should not pay for.
     from peft import LoraConfig, get_peft_model
 

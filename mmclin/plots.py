@@ -63,6 +63,22 @@ def plot_roc_curves(scores: np.ndarray, labels: np.ndarray, classnames: Sequence
     return fig
 
 
+def plot_effects(effects: dict[str, dict[str, float]], title: str = ""):
+    """Paired differences (after minus before) with their 95% intervals, one row per metric (figure)."""
+    names = list(effects)
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.2))
+    for y, name in enumerate(names):
+        e = effects[name]
+        ax.errorbar(e["delta"], y, xerr=[[e["delta"] - e["delta_ci_low"]], [e["delta_ci_high"] - e["delta"]]],
+                    fmt="o", color="C0", capsize=3)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(range(len(names)), [f"{n} ({effects[n]['before']:.3f} -> {effects[n]['after']:.3f})" for n in names])
+    ax.set_xlabel("after minus before (paired bootstrap 95% CI)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def log_figure(module, tag: str, fig) -> None:
     """Put a figure where the run's logger shows images (TensorBoard ``add_figure``, MLflow ``log_figure``) and
     always as ``plots/<tag>-epoch<E>.png`` in the run directory; then close it. Called on every rank; rank 0

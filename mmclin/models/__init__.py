@@ -2,5 +2,6 @@
 
 from mmclin.models.clip import CLIPModule
 from mmclin.models.mllm import MultimodalLM
+from mmclin.models.mmedpo import MMedPO
 
-__all__ = ["CLIPModule", "MultimodalLM"]
+__all__ = ["CLIPModule", "MMedPO", "MultimodalLM"]

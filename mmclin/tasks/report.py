@@ -244,6 +244,34 @@ def parse_referral(text: str) -> str | None:
     return REFERRAL_LEVELS[max(levels)] if levels else None
 
 
+# Diabetic retinopathy lesions as reports name them (ETDRS / ICDR vocabulary; British and American spelling).
+# Longer mentions win over the shorter ones inside them ("preretinal haemorrhage" is not a "haemorrhage").
+LESIONS: tuple[str, ...] = ("microaneurysm", "haemorrhage", "preretinal_haemorrhage", "hard_exudates",
+                            "cotton_wool_spots", "neovascularisation", "venous_beading", "irma")
+_HAEM = r"ha?emorrhag(?:e|es|ic)"
+_LESION_PATTERNS = (
+    (r"\bmicro-?aneurysms?\b|\bmas\b", "microaneurysm"),
+    (rf"\b(?:preretinal|pre-retinal|subhyaloid|vitreous)\s+{_HAEM}\b", "preretinal_haemorrhage"),
+    (rf"\b(?:(?:dot|blot|dot-blot|dot\s+and\s+blot|flame|flame-shaped|intraretinal|retinal)\s+)?{_HAEM}\b|\bdbhs?\b",
+     "haemorrhage"),
+    (r"\b(?:hard\s+)?exudates?\b|\bexudation\b", "hard_exudates"),
+    (r"\bcotton[\s-]wool\s+spots?\b|\bsoft\s+exudates?\b|\bcws\b", "cotton_wool_spots"),
+    (r"\bneovasculari[sz]ation(?:\s+(?:at|of|elsewhere|on)\s+the\s+(?:disc|disk|retina))?\b|\bnew\s+vessels\b|"
+     r"\bnv[de]\b", "neovascularisation"),
+    (r"\bvenous\s+beading\b", "venous_beading"),
+    (r"\birmas?\b|\bintraretinal\s+microvascular\s+abnormalit(?:y|ies)\b", "irma"),
+)
+_LESION_RES = tuple((re.compile(p), label) for p, label in _LESION_PATTERNS)
+
+
+def parse_lesions(text: str) -> set[str]:
+    """The lesions (:data:`LESIONS`) a fundus report asserts: negated ("no haemorrhages or exudates") and
+    hypothetical mentions do not count, e.g. "Dot-blot haemorrhages. No neovascularisation." -> {haemorrhage}."""
+    norm = _normalise(text)
+    masked = [(m.start, m.end) for m in _find(norm, _REFERRAL_RES)]
+    return {m.label for m in _classify(norm, _find(norm, _LESION_RES), masked) if m.status == "asserted"}
+
+
 # -- metrics -----------------------------------------------------------------------------------------------
 class ReportEvaluator:
     """BLEU, ROUGE-L and clinical accuracy of generated fundus reports.

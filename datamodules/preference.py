@@ -1,0 +1,260 @@
+"""Preference pairs over a question-answering / report datamodule, for :class:`mmclin.models.MMedPO`.
+
+Training batches are pairs built from the base datamodule's training split (:mod:`mmclin.preference.pairs`):
+hallucinations written into the reference report, wrong options of closed questions, and the supervised model's
+own answers with the lesion evidence noised away. Validation and test are the base datamodule's own splits, so
+the aligned model is scored on exactly what the supervised one was.
+
+Pairs are written to ``pairs.jsonl`` in the run directory (study, prompt, chosen, rejected, kind, weight) and can
+be given back with ``pairs: FILE`` to train on the same pairs again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import instantiate_class
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.loaders import SplitLoaders, split_loader
+from mmclin.checkpoints import own_hyperparameters
+from mmclin.errors import ConfigError, DataError
+from mmclin.preference.pairs import (
+    INJECTED,
+    KINDS,
+    WORDING_WEIGHT,
+    Pair,
+    clinical_weight,
+    inject_fundus_errors,
+    noise_region,
+    wrong_option_pairs,
+)
+from mmclin.runs import run_dir
+from mmclin.tasks.qa import model_collator
+
+log = logging.getLogger(__name__)
+MEDIA_KEYS = ("image", "series", "volume")
+
+
+def study_key(sample: dict) -> str:
+    """A sample's study id: its image, sample or record id from ``meta``."""
+    meta = sample.get("meta") or {}
+    for key in ("image_id", "sample_id", "id", "record"):
+        if meta.get(key) is not None:
+            return str(meta[key])
+    raise DataError(f"a sample without a study id in its meta ({sorted(meta)}); expected image_id, sample_id or id")
+
+
+class PairDataset(Dataset):
+    """Pairs over the base training split: each item is the study's sample with ``chosen``/``rejected``."""
+
+    def __init__(self, base: Dataset, index: dict[str, int], pairs: list[Pair]):
+        self.base, self.index, self.pairs = base, index, pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        pair = self.pairs[i]
+        sample = self.base[self.index[pair.study]]
+        return {**sample, "question": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
+                "kind": pair.kind, "weight": pair.weight}
+
+
+class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
+    """Preference pairs from `base`'s training split; `base`'s validation and test splits as they are."""
+
+    def __init__(
+        self,
+        base: dict[str, Any],
+        pairs: str | None = None,
+        kinds: list[str] | None = None,
+        pairs_per_study: int = 2,
+        noise_sigma: float = 1.0,
+        lesion_classes: list[str] | None = None,
+        on_bad_pair: Literal["raise", "skip"] = "raise",
+        seed: int = 0,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+    ):
+        """
+        Args:
+            base: the supervised run's datamodule as ``{"class_path": "datamodules...", "init_args": {...}}`` (the
+                same settings, so the same preprocessing and splits).
+            pairs: a ``pairs.jsonl`` to train on instead of building pairs.
+            kinds: pair kinds to build (:data:`mmclin.preference.pairs.KINDS`); default every kind that applies:
+                the injected report errors and ``lesion_noise`` for reports, ``wrong_option`` for closed questions.
+            pairs_per_study: most pairs per training study (drawn among its kinds).
+            noise_sigma: SD of the noise put inside the lesion region (the images are normalised).
+            lesion_classes: box classes that count as lesions (default all but ``optic_disc``).
+            on_bad_pair: in a `pairs` file, a study not in the training split, an empty rejected answer or
+                chosen == rejected ``raise`` a DataError naming the line, or are ``skip``-ped and counted.
+            seed: seed of the injected errors, the pair draw and the noise.
+            batch_size: pairs per training batch.
+            eval_batch_size: validation/test batch size (default: batch_size).
+            num_workers: DataLoader workers.
+        """
+        super().__init__()
+        unknown = sorted(set(kinds or ()) - set(KINDS))
+        if unknown:
+            raise ConfigError(f"kinds: unknown pair kinds {unknown}; known: {list(KINDS)}")
+        if on_bad_pair not in ("raise", "skip"):
+            raise ConfigError(f"on_bad_pair must be 'raise' or 'skip', got {on_bad_pair!r}")
+        self.save_hyperparameters()
+        class_path = (base or {}).get("class_path", "")
+        if not class_path.startswith("datamodules."):
+            raise ConfigError(f"base: a datamodule of this project as {{class_path, init_args}}, got {base!r}")
+        self._base: L.LightningDataModule | None = None
+        self.train_pairs: list[Pair] = []
+        self.skipped: Counter[str] = Counter()
+
+    @property
+    def base(self) -> L.LightningDataModule:
+        """The base datamodule, built on first use with its own settings and defaults (see
+        :func:`mmclin.checkpoints.own_hyperparameters`)."""
+        if self._base is None:
+            spec = self.hparams.base
+            with own_hyperparameters():
+                self._base = instantiate_class((), {"class_path": spec["class_path"],
+                                                    "init_args": spec.get("init_args") or {}})
+        return self._base
+
+    @property
+    def classnames(self):  # the base's, for the CLI link (sleep stages, ...)
+        return getattr(self.base, "classnames", None)
+
+    def prepare_data(self) -> None:
+        self.base.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.base.trainer = self.trainer
+        self.base.setup("fit" if stage in (None, "fit") else stage)
+        if stage not in (None, "fit") or self.train_pairs:
+            return
+        train = self.base.datasets["train"]
+        self.index = {study_key(train[i]): i for i in range(len(train))}
+        if self.hparams.pairs:
+            self.train_pairs = self._read_pairs(Path(self.hparams.pairs))
+        else:
+            self.train_pairs = self.build_pairs(train)
+            if self.trainer is not None and self.trainer.is_global_zero:
+                path = Path(run_dir(self.trainer)) / "pairs.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in self.train_pairs), encoding="utf-8")
+                log.info("wrote %d pairs to %s", len(self.train_pairs), path)
+        counts = Counter(p.kind for p in self.train_pairs)
+        log.info("preference pairs by kind: %s; skipped: %s", dict(counts), dict(self.skipped))
+        if not self.train_pairs:
+            raise DataError("no preference pairs: no kind applies to the training split (kinds: "
+                            f"{self.hparams.kinds or 'all'}; skipped: {dict(self.skipped)})")
+
+    # -- building ------------------------------------------------------------------------------------------
+    def build_pairs(self, train: Dataset) -> list[Pair]:
+        """Pairs for every training study (see the module docstring); lesion-noise pairs need the model."""
+        h = self.hparams
+        rng = np.random.default_rng(h.seed)
+        kinds = set(h.kinds or KINDS)
+        pairs, noise_jobs = [], []
+        for i in range(len(train)):
+            sample = train[i]
+            study, answer, choices = study_key(sample), sample["answer"], list(sample.get("choices") or [])
+            candidates = []
+            if choices and "wrong_option" in kinds:
+                candidates += [("wrong_option", r) for r in wrong_option_pairs(answer, choices, rng, h.pairs_per_study)]
+            elif not choices:
+                candidates += inject_fundus_errors(answer, rng, [k for k in INJECTED if k in kinds])
+            if len(candidates) > h.pairs_per_study:
+                candidates = [candidates[j] for j in rng.choice(len(candidates), h.pairs_per_study, replace=False)]
+            pairs += [Pair(study, sample["question"], answer, rejected, kind,
+                           clinical_weight(answer, rejected, choices or None)) for kind, rejected in candidates]
+            if "lesion_noise" in kinds and not choices:
+                noise_jobs.append(i)
+        if noise_jobs:
+            pairs += self._lesion_noise_pairs(train, noise_jobs)
+        return pairs
+
+    def _lesion_noise_pairs(self, train: Dataset, indices: list[int]) -> list[Pair]:
+        """The supervised model's report of each photograph with noise inside its lesion boxes, where that
+        report differs clinically from the reference (else skipped: ``lesion_noise_same_content``)."""
+        masks = getattr(self.base, "lesion_masks", None)
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if masks is None or model is None or not hasattr(model, "reference_generate"):
+            self.skipped["lesion_noise_unavailable"] += len(indices)
+            return []
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        lesion_masks = masks("train", self.hparams.lesion_classes)
+        samples = []
+        for i in indices:
+            sample = train[i]
+            key = next(k for k in MEDIA_KEYS if k in sample)
+            mask = lesion_masks[i]
+            if not bool(mask.any()):
+                self.skipped["lesion_noise_no_lesion"] += 1
+                continue
+            samples.append({**sample, key: [noise_region(sample[key][0], mask, generator, self.hparams.noise_sigma)]})
+        pairs = []
+        for start in range(0, len(samples), 32):
+            chunk = samples[start:start + 32]
+            for sample, generated in zip(chunk, model.reference_generate(chunk)):
+                weight = clinical_weight(sample["answer"], generated)
+                if not generated.strip() or weight <= WORDING_WEIGHT:
+                    self.skipped["lesion_noise_same_content"] += 1
+                    continue
+                pairs.append(Pair(study_key(sample), sample["question"], sample["answer"], generated, "lesion_noise",
+                                  weight))
+        return pairs
+
+    def _read_pairs(self, path: Path) -> list[Pair]:
+        if not path.is_file():
+            raise DataError(f"{path}: pair file not found")
+        pairs = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pair = Pair(**{k: row[k] for k in ("study", "prompt", "chosen", "rejected", "kind")},
+                            weight=float(row.get("weight", 1.0)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise DataError(f"{path} line {number}: not a pair ({err}); expected study, prompt, chosen, rejected, "
+                                "kind and weight") from None
+            problem = None
+            if str(pair.study) not in self.index:
+                problem = f"study {pair.study!r} is not in the data's training split"
+            elif not str(pair.rejected).strip():
+                problem = "the rejected answer is empty"
+            elif str(pair.chosen).strip() == str(pair.rejected).strip():
+                problem = "chosen and rejected are the same text"
+            if problem:
+                if self.hparams.on_bad_pair == "raise":
+                    raise DataError(f"{path} line {number}: {problem} (on_bad_pair: skip drops such pairs)")
+                self.skipped[problem.split(" (")[0].split("'")[0].strip()] += 1
+                continue
+            pairs.append(pair)
+        if self.skipped:
+            log.warning("%s: skipped %d pair(s): %s", path, sum(self.skipped.values()), dict(self.skipped))
+        return pairs
+
+    # -- loaders ---------------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        dataset = PairDataset(self.base.datasets["train"], self.index, self.train_pairs)
+        return split_loader(dataset, True, self.trainer, self.hparams,
+                            collate_fn=model_collator(self.trainer, type(self).__name__))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.base.val_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self.base.test_dataloader()
+
+    def baselines(self, split: str) -> dict[str, float]:
+        base = getattr(self.base, "baselines", None)
+        return base(split) if base is not None else {}

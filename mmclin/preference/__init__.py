@@ -1,0 +1,1 @@
+"""Preference optimisation of the multimodal models (MMedPO-style pairs and weighted DPO)."""

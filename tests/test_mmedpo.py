@@ -1,0 +1,175 @@
+"""MMedPO-style alignment: pairs that differ clinically, the weighted DPO loss, the frozen reference, bad pair files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CONFIGS
+
+from mmclin.cli import build_cli
+from mmclin.cli import main as cli_main
+from mmclin.errors import DataError
+from mmclin.preference.loss import weighted_dpo_loss
+from mmclin.preference.pairs import INJECTED, WORDING_WEIGHT, clinical_weight, inject_fundus_errors, noise_region
+from mmclin.tasks.report import parse_grade, parse_lesions, parse_referral
+
+# Written as graders write them: eye labels, abbreviations, hedges, list negations, British/American spelling
+REPORTS = [
+    "Right eye: scattered dot and blot haemorrhages and a few microaneurysms. No neovascularisation. "
+    "Impression: moderate non-proliferative diabetic retinopathy, refer routinely.",
+    "Left eye: hard exudates near the fovea, possible early macular oedema. No new vessels seen. "
+    "Assessment: severe non-proliferative diabetic retinopathy; refer soon.",
+    "Unremarkable fundus. No microaneurysms, haemorrhages or exudates. Conclusion: no diabetic retinopathy, "
+    "no referral needed.",
+    "Neovascularisation at the disc with a boat-shaped preretinal hemorrhage. Impression: proliferative diabetic "
+    "retinopathy, refer urgently.",
+]
+
+
+def _content(text: str):
+    return parse_grade(text), parse_referral(text), frozenset(parse_lesions(text)), "right eye" in text.lower()
+
+
+@pytest.mark.parametrize("report", REPORTS)
+def test_every_injected_kind_changes_what_the_report_says_clinically(report):
+    found = inject_fundus_errors(report, np.random.default_rng(0))
+    kinds = {k for k, _ in found}
+    assert {"severity", "referral", "false_finding", "negation"} <= kinds, kinds
+    for kind, rejected in found:
+        assert _content(rejected) != _content(report), (kind, rejected)
+        assert clinical_weight(report, rejected) > WORDING_WEIGHT
+    by_kind = dict(found)
+    assert parse_lesions(by_kind["false_finding"]) > parse_lesions(report)  # a lesion invented, none lost
+    if "omission" in by_kind:
+        assert parse_lesions(by_kind["omission"]) < parse_lesions(report)
+    if "Right eye" in report or "Left eye" in report:
+        assert "laterality" in kinds
+    assert set(kinds) <= set(INJECTED)
+
+
+def test_clinical_weights_rank_mistakes_by_what_they_cost():
+    report = REPORTS[0]
+    wording = report.replace("scattered", "several")
+    one_grade = report.replace("moderate non-proliferative", "severe non-proliferative")
+    invented = report.replace("No neovascularisation.", "Neovascularisation at the disc.")
+    assert clinical_weight(report, wording) == WORDING_WEIGHT
+    assert clinical_weight(report, one_grade) == 1.0
+    assert clinical_weight(report, invented) >= 1.5
+    assert clinical_weight("yes", "no", ["yes", "no"]) == 1.0
+
+
+def test_lesion_noise_stays_inside_the_mask():
+    image = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[4:10, 20:30] = True
+    noised = noise_region(image, mask, torch.Generator().manual_seed(1), sigma=1.0)
+    assert torch.equal(noised[:, ~mask], image[:, ~mask])
+    assert (noised[:, mask] - image[:, mask]).std() == pytest.approx(1.0, abs=0.2)
+
+
+def test_weighted_loss_matches_a_hand_computation():
+    pc, pr = torch.tensor([-10.0, -20.0, -5.0]), torch.tensor([-12.0, -18.0, -9.0])
+    rc, rr = torch.tensor([-11.0, -19.0, -6.0]), torch.tensor([-11.5, -19.0, -8.0])
+    w = torch.tensor([1.0, 3.0, 2.0])
+    beta, eps = 0.5, 0.1
+    expected = 0.0
+    for i in range(3):
+        m = (pc[i] - pr[i]) - (rc[i] - rr[i])
+        li = -(1 - eps) * math.log(1 / (1 + math.exp(-beta * m))) - eps * math.log(1 / (1 + math.exp(beta * m)))
+        expected += float(w[i]) / 2.0 * li  # weights over their batch mean (2)
+    out = weighted_dpo_loss(pc, pr, rc, rr, w, beta, eps)
+    assert float(out.loss) == pytest.approx(expected / 3, rel=1e-6)
+    assert torch.allclose(out.chosen_rewards, beta * (pc - rc))
+    uniform = weighted_dpo_loss(pc, pr, rc, rr, None, beta, 0.0)
+    assert float(uniform.loss) == pytest.approx(float(-F.logsigmoid(beta * ((pc - pr) - (rc - rr))).mean()))
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory, demo_cache) -> Path:
+    """A few supervised steps of the fundus report config on a small demo."""
+    root = tmp_path_factory.mktemp("sft")
+    cli_main(["fit", "-c", str(CONFIGS / "fundus-report.yaml"), "--trainer.max_epochs", "1",
+              "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--test_after_fit", "false",
+              "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
+              "--data.init_args.demo_images", "80", "--trainer.default_root_dir", str(root),
+              "--trainer.logger.init_args.save_dir", str(root)])
+    return next(root.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+
+
+def _mmedpo_cli(ckpt: Path, tmp_path: Path, *extra: str):
+    return build_cli(["-c", str(CONFIGS / "fundus-report-mmedpo.yaml"), "--model.init_args.init_from", str(ckpt),
+                      "--data.init_args.base.init_args.demo_images", "80", "--trainer.default_root_dir",
+                      str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path), *extra], run=False)
+
+
+def _one_step(cli) -> None:
+    cli.trainer.fit_loop.max_epochs = 1
+    cli.trainer.limit_train_batches, cli.trainer.limit_val_batches = 1, 0
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+def test_a_step_moves_the_policy_and_leaves_the_reference(sft_checkpoint, tmp_path):
+    cli = _mmedpo_cli(sft_checkpoint, tmp_path, "--data.init_args.kinds", "[severity, false_finding]")
+    reference = {k: v.clone() for k, v in cli.model.reference.state_dict().items()}
+    policy = {k: v.clone() for k, v in cli.model.policy.state_dict().items()}
+    _one_step(cli)
+    assert all(torch.equal(v, cli.model.reference.state_dict()[k]) for k, v in reference.items())
+    assert any(not torch.equal(v, cli.model.policy.state_dict()[k]) for k, v in policy.items())
+    pairs = [json.loads(line) for line in next(tmp_path.rglob("pairs.jsonl")).read_text().splitlines()]
+    assert {p["kind"] for p in pairs} == {"severity", "false_finding"}
+
+
+def test_with_lora_the_reference_is_the_supervised_model_with_adapters_off(sft_checkpoint, tmp_path):
+    from datamodules.preference import PairDataset
+    from mmclin.models.mllm import MultimodalLM
+
+    cli = _mmedpo_cli(sft_checkpoint, tmp_path, "-c", str(CONFIGS / "overlays" / "mmedpo-lora.yaml"),
+                      "--trainer.precision", "32-true", "--data.init_args.kinds", "[severity]")
+    model = cli.model
+    assert model.reference is None
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    supervised = MultimodalLM.load_from_checkpoint(sft_checkpoint, map_location="cpu", weights_only=True).eval()
+    data = cli.datamodule
+    data.setup("fit")
+    batch = model.collator([PairDataset(data.base.datasets["train"], data.index, data.train_pairs)[0]])
+    with torch.no_grad():
+        expected, _ = model.sequence_logps(supervised, batch)
+    _one_step(cli)
+    model.eval()
+    module, context = model._reference()
+    with torch.no_grad(), context:
+        found, _ = model.sequence_logps(module, batch)
+    assert torch.allclose(found, expected, atol=1e-4)
+
+
+def test_a_bad_pair_file_names_its_line_or_is_skipped_and_counted(sft_checkpoint, tmp_path):
+    from datamodules.preference import PreferenceDataModule
+
+    base = {"class_path": "datamodules.fundus.FundusReportDataModule",
+            "init_args": {"image_size": 128, "demo_images": 80}}
+    good = {"study": "0001", "prompt": "Describe.", "chosen": "No diabetic retinopathy.",
+            "rejected": "Proliferative diabetic retinopathy.", "kind": "severity", "weight": 4.0}
+    data = PreferenceDataModule(base)
+    data.base.prepare_data()
+    data.base.setup("fit")
+    study = next(iter({str(data.base.datasets["train"][i]["meta"]["image_id"]) for i in range(3)}))
+    good["study"] = study
+    cases = {"is not in the data's training split": {**good, "study": "no-such-study"},
+             "the rejected answer is empty": {**good, "rejected": " "},
+             "chosen and rejected are the same text": {**good, "rejected": good["chosen"]}}
+    for words, bad in cases.items():
+        path = tmp_path / "pairs.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match=rf"pairs.jsonl line 2: .*{words}"):
+            PreferenceDataModule(base, pairs=str(path)).setup("fit")
+    path.write_text("".join(json.dumps(p) + "\n" for p in [good, *cases.values()]))
+    skipping = PreferenceDataModule(base, pairs=str(path), on_bad_pair="skip")
+    skipping.setup("fit")
+    assert len(skipping.train_pairs) == 1 and sum(skipping.skipped.values()) == 3
