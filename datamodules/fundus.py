@@ -583,6 +583,11 @@ class FundusReportDataModule(SplitLoaders, L.LightningDataModule):
                 "majority_grade_macro_f1": macro_f1(truth, [ICDR_GRADES[majority]] * len(truth)),
                 "majority_referral_acc": float(np.mean([REFERRALS[g] == REFERRALS[majority] for g in other["grade"]]))}
 
+    def corpus(self, split: str = "train") -> list[str]:
+        """The reports and prompt of `split` (after `setup`): what a fitted tokenizer is trained on
+        (``MultimodalLM(tokenizer_vocab=...)``)."""
+        return [*self.datasets[split].table["report"], self.hparams.question]
+
     def lesion_masks(self, split: str, lesion_classes: list[str] | None = None) -> list[torch.Tensor]:
         """Per photograph of `split` (after `setup`), where its lesion boxes lie on the model's grid: (S, S) bool.
 

@@ -34,6 +34,7 @@ from mmclin.preference.pairs import (
     clinical_weight,
     inject_fundus_errors,
     noise_region,
+    other_study_report,
     wrong_option_pairs,
 )
 from mmclin.runs import run_dir
@@ -91,7 +92,8 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
                 same settings, so the same preprocessing and splits).
             pairs: a ``pairs.jsonl`` to train on instead of building pairs.
             kinds: pair kinds to build (:data:`mmclin.preference.pairs.KINDS`); default every kind that applies:
-                the injected report errors and ``lesion_noise`` for reports, ``wrong_option`` for closed questions.
+                the injected report errors, ``other_study`` and ``lesion_noise`` for reports, ``wrong_option`` for
+                closed questions.
             pairs_per_study: most pairs per training study (drawn among its kinds).
             noise_sigma: SD of the noise put inside the lesion region (the images are normalised).
             lesion_classes: box classes that count as lesions (default all but ``optic_disc``).
@@ -163,14 +165,18 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
         rng = np.random.default_rng(h.seed)
         kinds = set(h.kinds or KINDS)
         pairs, noise_jobs = [], []
-        for i in range(len(train)):
-            sample = train[i]
+        samples = [train[i] for i in range(len(train))]
+        reports = [s["answer"] for s in samples if not s.get("choices")]
+        for i, sample in enumerate(samples):
             study, answer, choices = study_key(sample), sample["answer"], list(sample.get("choices") or [])
             candidates = []
             if choices and "wrong_option" in kinds:
                 candidates += [("wrong_option", r) for r in wrong_option_pairs(answer, choices, rng, h.pairs_per_study)]
             elif not choices:
                 candidates += inject_fundus_errors(answer, rng, [k for k in INJECTED if k in kinds])
+                other = other_study_report(answer, reports, rng) if "other_study" in kinds else None
+                if other is not None:
+                    candidates.append(("other_study", other))
             if len(candidates) > h.pairs_per_study:
                 candidates = [candidates[j] for j in rng.choice(len(candidates), h.pairs_per_study, replace=False)]
             pairs += [Pair(study, sample["question"], answer, rejected, kind,

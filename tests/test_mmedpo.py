@@ -140,12 +140,12 @@ def test_with_lora_the_reference_is_the_supervised_model_with_adapters_off(sft_c
     data.setup("fit")
     batch = model.collator([PairDataset(data.base.datasets["train"], data.index, data.train_pairs)[0]])
     with torch.no_grad():
-        expected, _ = model.sequence_logps(supervised, batch)
+        expected, _, _ = model.sequence_logps(supervised, batch)
     _one_step(cli)
     model.eval()
     module, context = model._reference()
     with torch.no_grad(), context:
-        found, _ = model.sequence_logps(module, batch)
+        found, _, _ = model.sequence_logps(module, batch)
     assert torch.allclose(found, expected, atol=1e-4)
 
 
@@ -173,3 +173,25 @@ def test_a_bad_pair_file_names_its_line_or_is_skipped_and_counted(sft_checkpoint
     skipping = PreferenceDataModule(base, pairs=str(path), on_bad_pair="skip")
     skipping.setup("fit")
     assert len(skipping.train_pairs) == 1 and sum(skipping.skipped.values()) == 3
+
+
+def test_the_preference_is_scored_where_the_answers_differ():
+    from mmclin.fusion.soft_prompt import IGNORE_INDEX
+    from mmclin.models.mmedpo import differing_spans
+
+    x = IGNORE_INDEX
+    labels = torch.tensor([[x, x, 1, 2, 3, 7, 8, 9, 4, 5],    # chosen:   1 2 3 [7 8 9] 4 5
+                           [x, x, x, 1, 2, 3, 6, 4, 5, x]])   # rejected: 1 2 3 [6] 4 5
+    assert differing_spans(labels, 1).tolist() == [[3, 6], [3, 4]]
+    omitted = torch.tensor([[1, 2, 3, 4], [1, 4, x, x]])  # rejected drops 2 3: its span is empty
+    assert differing_spans(omitted, 1).tolist() == [[1, 3], [1, 1]]
+
+
+def test_another_studys_report_states_another_grade():
+    from mmclin.preference.pairs import other_study_report
+
+    rng = np.random.default_rng(0)
+    for report in REPORTS:
+        other = other_study_report(report, REPORTS, rng)
+        assert other is not None and parse_grade(other) != parse_grade(report)
+    assert other_study_report(REPORTS[0], [REPORTS[0]], rng) is None  # no report of another grade

@@ -575,6 +575,12 @@ def run_ct(args: argparse.Namespace) -> str:
 """
 
 
+def run_dpo(args: argparse.Namespace) -> str:
+    import bench_dpo
+
+    return bench_dpo.run(args)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -600,6 +606,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fusion.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every run")
     fusion.add_argument("--no-write", action="store_true",
                         help="print the table only; leave docs/benchmarks.md and the plot be")
+    dpo = sub.add_parser("dpo", help="a DPO step (MMedPO) against a supervised step: time and memory")
+    dpo.add_argument("--layers", type=int, default=4)
+    dpo.add_argument("--hidden", type=int, default=256)
+    dpo.add_argument("--intermediate", type=int, default=512)
+    dpo.add_argument("--heads", type=int, default=4)
+    dpo.add_argument("--length", type=int, default=1000, help="samples per lead (12 leads)")
+    dpo.add_argument("--batch-size", type=int, default=4)
+    dpo.add_argument("--warmup", type=int, default=2)
+    dpo.add_argument("--steps", type=int, default=5)
+    dpo.add_argument("--threads", type=int, default=os.cpu_count())
+    dpo.add_argument("--no-write", action="store_true", help="print the table only; leave docs/benchmarks.md be")
     ct = sub.add_parser("ct", help="CT loading first vs cached pass, 3D encoder memory, fundus preprocessing rate")
     ct.add_argument("--ct-args", nargs=argparse.REMAINDER, default=[],
                     help="arguments for tools/bench_ct.py (volumes, --grid, --spacing ...); put it last")
@@ -617,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=PossibleUserWarning)  # "few dataloader workers": in-memory on purpose
     started = time.perf_counter()
-    report = {"clip": run_clip, "fusion": run_fusion, "ct": run_ct}[args.command](args)
+    report = {"clip": run_clip, "fusion": run_fusion, "ct": run_ct, "dpo": run_dpo}[args.command](args)
     print(report)
     print(f"[bench] {args.command}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if not args.no_write:

@@ -43,6 +43,7 @@ class MMedPO(L.LightningModule):
         label_smoothing: float = 0.0,
         sft_weight: float = 0.0,
         weighting: Literal["clinical", "uniform"] = "clinical",
+        span: Literal["differing", "whole"] = "differing",
         lora: dict[str, Any] | None = None,
         lr: float = 5e-4,
         weight_decay: float = 0.0,
@@ -57,6 +58,10 @@ class MMedPO(L.LightningModule):
             sft_weight: weight of the chosen answers' token NLL added to the loss (0: none).
             weighting: ``clinical`` (each pair's clinical weight, normalised per batch) or ``uniform`` (the
                 ablation).
+            span: which answer tokens the preference is scored on: ``differing`` (from the first token where
+                chosen and rejected differ to the last, so the words they share, such as an unchanged
+                impression after an edited finding, are not pushed down with the rejected side), or ``whole``
+                (plain DPO's whole answers).
             lora: train new LoRA adapters (peft; ``{"r", "alpha", ...}`` as :func:`mmclin.llm.load_causal_lm`)
                 on the frozen supervised model; the reference is then that model with the adapters disabled.
                 None: train what the supervised run trained, against a frozen copy.
@@ -70,6 +75,8 @@ class MMedPO(L.LightningModule):
         if not init_from:
             raise ConfigError("init_from: MMedPO aligns a supervised model: pass its checkpoint, e.g. "
                               "--model.init_args.init_from runs/fundus-report/.../checkpoints/last.ckpt")
+        if span not in ("differing", "whole"):
+            raise ConfigError(f"span must be 'differing' or 'whole', got {span!r}")
         if weighting not in ("clinical", "uniform"):
             raise ConfigError(f"weighting must be 'clinical' or 'uniform', got {weighting!r}")
         with own_hyperparameters():
@@ -119,31 +126,40 @@ class MMedPO(L.LightningModule):
         batch = self.policy.collator(rows)
         batch["weights"] = torch.tensor([float(s["weight"]) for s in samples])
         batch["kinds"] = [s["kind"] for s in samples]
+        batch["spans"] = differing_spans(batch["labels"], len(samples))
         return batch
 
     @staticmethod
-    def sequence_logps(module: MultimodalLM, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-probability of each row's answer tokens (B,), and their count (B,)."""
+    def sequence_logps(module: MultimodalLM, batch: dict, spans: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row: the summed log-probability of its answer tokens inside `spans` ((B, 2) [start, end) in answer-
+        token positions; None: all), of all its answer tokens, and their count."""
         media = module.batch_media(batch)
         out, labels = module.lm_forward(batch["input_ids"], batch["attention_mask"], media, batch["labels"])
         logits, labels = out.logits[:, :-1].float(), labels[:, 1:]
         mask = labels != IGNORE_INDEX
-        logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None])[..., 0]
-        return (logp * mask).sum(-1), mask.sum(-1)
+        logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None])[..., 0] * mask
+        whole = logp.sum(-1)
+        if spans is None:
+            return whole, whole, mask.sum(-1)
+        rank = mask.cumsum(-1) - 1  # the position of each answer token within its answer
+        inside = mask & (rank >= spans[:, :1].to(rank)) & (rank < spans[:, 1:].to(rank))
+        return (logp * inside).sum(-1), whole, mask.sum(-1)
 
     # -- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         n = len(batch["weights"])
-        logp, count = self.sequence_logps(self.policy, batch)
+        spans = batch["spans"] if self.hparams.span == "differing" else None
+        logp, whole, count = self.sequence_logps(self.policy, batch, spans)
         module, context = self._reference()
         with torch.no_grad(), context:
-            ref_logp, _ = self.sequence_logps(module, batch)
+            ref_logp, _, _ = self.sequence_logps(module, batch, spans)
         weights = batch["weights"] if self.hparams.weighting == "clinical" else None
         out = weighted_dpo_loss(logp[:n], logp[n:], ref_logp[:n], ref_logp[n:], weights, self.hparams.beta,
                                 self.hparams.label_smoothing)
         loss = out.loss
         if self.hparams.sft_weight:
-            nll = -(logp[:n] / count[:n].clamp(min=1)).mean()
+            nll = -(whole[:n] / count[:n].clamp(min=1)).mean()  # every chosen token, not just the differing ones
             loss = loss + self.hparams.sft_weight * nll
             self.log("train/sft_nll", nll, batch_size=n)
         margin = out.chosen_rewards - out.rejected_rewards
@@ -225,3 +241,18 @@ class MMedPO(L.LightningModule):
                 if part is not None:
                     part.eval()
         return self
+
+
+def differing_spans(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """[start, end) of the answer tokens where each pair's chosen (row i) and rejected (row n + i) answers differ:
+    after their common prefix and before their common suffix. (2n, 2), in positions within each answer."""
+    answers = [row[row != IGNORE_INDEX].tolist() for row in labels]
+    spans = torch.zeros(2 * n, 2, dtype=torch.long)
+    for i in range(n):
+        chosen, rejected = answers[i], answers[n + i]
+        shortest = min(len(chosen), len(rejected))
+        prefix = next((k for k in range(shortest) if chosen[k] != rejected[k]), shortest)
+        suffix = next((k for k in range(shortest - prefix) if chosen[-1 - k] != rejected[-1 - k]), shortest - prefix)
+        spans[i] = torch.tensor([prefix, len(chosen) - suffix])
+        spans[n + i] = torch.tensor([prefix, len(rejected) - suffix])
+    return spans

@@ -5,6 +5,9 @@ MMedPO (Zhu et al. 2024, arXiv:2412.06141) builds dispreferred responses two way
 - *hallucination injection*: the reference report with one clinical error written into it
   (:func:`inject_fundus_errors`: a wrong grade or referral, an invented lesion, an omitted one, a negation
   flipped, the other eye), and for closed questions a wrong option (:func:`wrong_option_pairs`);
+- *another study's report* (:func:`other_study_report`): a coherent report of a different grade, the kind of
+  fluent, internally consistent report a model writes from priors; unlike a single edit, which the text alone
+  betrays (a grade that contradicts the listed lesions), only the image tells it from the right one;
 - *lesion-region noising*: the model's own answer when noise replaces the evidence inside the lesion region
   of the input (:func:`noise_region`), which shows what it says from priors alone.
 
@@ -23,8 +26,8 @@ import torch
 
 from mmclin.tasks.report import GRADE_NAMES, REFERRAL_LEVELS, parse_grade, parse_lesions, parse_referral
 
-KINDS = ("severity", "referral", "false_finding", "omission", "negation", "laterality", "wrong_option",
-         "lesion_noise")
+KINDS = ("severity", "referral", "false_finding", "omission", "negation", "laterality", "other_study",
+         "wrong_option", "lesion_noise")
 INJECTED = KINDS[:6]  # the kinds written into a reference report
 
 # Wording of an invented lesion (ETDRS terms, as fundus reports state them)
@@ -199,6 +202,19 @@ def _match_case(old: str, new: str) -> str:
 
 _INJECTORS = {"severity": _severity, "referral": _referral, "false_finding": _false_finding,
               "omission": _omission, "negation": _negation, "laterality": _laterality}
+
+
+def other_study_report(report: str, reports: list[str], rng: np.random.Generator, tries: int = 20) -> str | None:
+    """A report of `reports` that states another ICDR grade than `report` (None when none is found)."""
+    grade = parse_grade(report)
+    if grade is None or not reports:
+        return None
+    for _ in range(tries):
+        other = reports[int(rng.integers(len(reports)))]
+        found = parse_grade(other)
+        if found is not None and found != grade:
+            return other
+    return None
 
 
 def wrong_option_pairs(answer: str, choices: list[str], rng: np.random.Generator, n: int = 1) -> list[str]:
