@@ -115,6 +115,7 @@ class PatchTransformerEncoder(nn.Module):
         normalize: bool = True,
         max_channels: int | None = None,
         eps: float = 1e-5,
+        window: int | None = None,
     ):
         """
         Args:
@@ -131,6 +132,12 @@ class PatchTransformerEncoder(nn.Module):
             max_channels: size of the lead-embedding table; when set, series may have any channel count up to
                 it (channel ``c`` keeps embedding ``c``); None means exactly ``n_channels``.
             eps: floor on the std used for dividing, so a flat lead gives zeros, not NaN.
+            window: attend within blocks of this many time patches (all leads of those patches), the blocks of
+                every second layer shifted by half a window so information crosses block borders (Swin's shifted
+                windows, Liu et al. 2021). Attention memory then grows linearly with the series length instead of
+                quadratically (12 leads x 64k samples at patch 64 are 12k tokens: a 12k x 12k attention matrix per
+                head without it). None: every token attends to every token. A series of at most `window` patches
+                is encoded exactly as without a window. Sinusoidal positions only.
         """
         super().__init__()
         stride = patch_size if stride is None else stride
@@ -148,6 +155,10 @@ class PatchTransformerEncoder(nn.Module):
             raise ConfigError(f"rotary positions need an even head width d_model / n_heads, got {d_model // n_heads}")
         if max_channels is not None and max_channels < n_channels:
             raise ConfigError(f"max_channels ({max_channels}) must be >= n_channels ({n_channels})")
+        if window is not None and (window < 2 or positions != "sinusoidal"):
+            raise ConfigError(f"window={window}: needs at least 2 time patches and sinusoidal positions (got "
+                              f"positions={positions!r})")
+        self.window = window
         self.n_channels, self.patch_size, self.stride = n_channels, patch_size, stride
         self.positions, self.normalize, self.eps = positions, normalize, eps
         self.max_channels = max_channels
@@ -165,6 +176,21 @@ class PatchTransformerEncoder(nn.Module):
         else:
             self.blocks = nn.ModuleList(_RotaryBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
             self.norm = nn.LayerNorm(d_model)
+
+    def _windowed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The transformer over (B, C, T, D) tokens in blocks of `window` time patches, shifted by half a window
+        on every second layer; returns (B, C * T, D)."""
+        b, c, t, _ = tokens.shape
+        for i, layer in enumerate(self.blocks.layers):
+            shift = (self.window // 2) * (i % 2)
+            x, keep, _ = _blocked(tokens, valid, self.window, shift)
+            # A block of padding only would give attention nothing to attend to (NaN): let it see itself.
+            empty = ~keep.any(-1)
+            keep = keep.clone()
+            keep[empty, 0] = True
+            x = layer(x, src_key_padding_mask=~keep)
+            tokens = _unblocked(x, b, c, t, self.window, shift)
+        return self.blocks.norm(tokens.reshape(b, c * t, -1))
 
     def token_counts(self, lengths: torch.Tensor) -> torch.Tensor:
         """Valid patches per channel for ``lengths`` (B,) valid samples -> (B,) long (see the mask rule)."""
@@ -204,7 +230,10 @@ class PatchTransformerEncoder(nn.Module):
         if self.positions == "sinusoidal":
             angles = time_index[:, None] * freq_bands(self.out_dim, step=2, device=series.device)
             tokens = tokens + torch.cat([angles.sin(), angles.cos()], -1).to(tokens.dtype)
-            tokens = self.blocks(tokens.reshape(b, c * n_patches, -1), src_key_padding_mask=~mask)
+            if self.window is None or n_patches <= self.window:
+                tokens = self.blocks(tokens.reshape(b, c * n_patches, -1), src_key_padding_mask=~mask)
+            else:
+                tokens = self._windowed(tokens, mask.reshape(b, c, n_patches))
         else:
             # Rotate by the time index only, so tokens of different leads at the same time share a phase.
             head_dim = self.out_dim // self.n_heads
@@ -218,6 +247,23 @@ class PatchTransformerEncoder(nn.Module):
         tokens = torch.where(mask[..., None], tokens, 0.0)
         channel_index = torch.arange(c, device=series.device).repeat_interleave(n_patches)
         return EncoderOutput(tokens, _masked_mean(tokens, mask), mask, channel_index, mean, std)
+
+
+def _blocked(x: torch.Tensor, valid: torch.Tensor, window: int, shift: int):
+    """(B, C, T, D) tokens and (B, C, T) validity -> (B * K, C * window, D) blocks of `window` time patches
+    starting `shift` patches early (padding masked), their key-padding mask, and K."""
+    b, c, t, d = x.shape
+    k = -(-(t + shift) // window)
+    pad = (shift, k * window - t - shift)
+    x = F.pad(x, (0, 0, *pad)).reshape(b, c, k, window, d).permute(0, 2, 1, 3, 4).reshape(b * k, c * window, d)
+    valid = F.pad(valid, pad).reshape(b, c, k, window).permute(0, 2, 1, 3).reshape(b * k, c * window)
+    return x, valid, k
+
+
+def _unblocked(x: torch.Tensor, b: int, c: int, t: int, window: int, shift: int) -> torch.Tensor:
+    k = x.shape[0] // b
+    x = x.reshape(b, k, c, window, -1).permute(0, 2, 1, 3, 4).reshape(b, c, k * window, -1)
+    return x[:, :, shift:shift + t]
 
 
 class _BasicBlock1d(nn.Module):

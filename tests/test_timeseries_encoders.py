@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from encoders.timeseries import PatchTransformerEncoder, ResNet1dEncoder
+from mmclin.errors import ConfigError
 
 
 def tiny_patch(n_channels: int = 3, **kwargs) -> PatchTransformerEncoder:
@@ -202,3 +203,38 @@ def test_max_channels_accepts_lead_subsets():
     assert enc(torch.randn(1, 1, 100)).channel_index.unique().tolist() == [0]
     with pytest.raises(ValueError, match="at most 12"):
         enc(torch.randn(1, 13, 100))
+
+
+def test_a_window_covering_the_series_changes_nothing():
+    torch.manual_seed(0)
+    full = PatchTransformerEncoder(12, patch_size=50, d_model=32, n_layers=2, n_heads=4).eval()
+    windowed = PatchTransformerEncoder(12, patch_size=50, d_model=32, n_layers=2, n_heads=4, window=20).eval()
+    windowed.load_state_dict(full.state_dict())
+    x, lengths = torch.randn(2, 12, 1000), torch.tensor([1000, 730])
+    with torch.no_grad():
+        a, b = full(x, lengths), windowed(x, lengths)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+
+
+def test_windowed_attention_keeps_shapes_masks_and_stays_inside_its_block():
+    torch.manual_seed(0)
+    kwargs = {"patch_size": 10, "d_model": 32, "n_layers": 1, "n_heads": 4, "normalize": False}
+    full = PatchTransformerEncoder(3, **kwargs).eval()
+    windowed = PatchTransformerEncoder(3, window=8, **kwargs).eval()
+    windowed.load_state_dict(full.state_dict())
+    x, lengths = torch.randn(2, 3, 300), torch.tensor([300, 95])  # 30 patches; the second item has 10
+    with torch.no_grad():
+        out = windowed(x, lengths)
+        reference = full(x, lengths)
+        first_block = full(x[:1, :, :80])  # the first 8 patches of every lead, alone
+    assert out.tokens.shape == reference.tokens.shape == (2, 90, 32) and torch.equal(out.mask, reference.mask)
+    assert torch.isfinite(out.tokens).all() and not out.tokens[~out.mask].any()
+    # one layer, no shift: tokens of the first block see only that block (all leads of its 8 patches)
+    ours = out.tokens[:1].reshape(1, 3, 30, 32)[:, :, :8]
+    assert torch.allclose(ours, first_block.tokens.reshape(1, 3, 8, 32), atol=1e-5)
+    assert not torch.allclose(out.tokens[:1], reference.tokens[:1], atol=1e-3)  # unlike global attention
+
+
+def test_a_window_needs_sinusoidal_positions():
+    with pytest.raises(ConfigError, match="window"):
+        PatchTransformerEncoder(12, positions="rotary", window=16)

@@ -318,17 +318,18 @@ def fusion_model(spec: dict) -> torch.nn.Module:
     from mmclin.fusion import MLPProjector, PerceiverResampler
     from mmclin.models import MultimodalLM
 
-    encoder = PatchTransformerEncoder(n_channels=N_LEADS, patch_size=spec["patch_size"], d_model=64,
-                                      n_layers=spec["encoder_layers"], n_heads=4)
+    channels = spec.get("channels", N_LEADS)
+    encoder = PatchTransformerEncoder(n_channels=channels, patch_size=spec["patch_size"], d_model=64,
+                                      n_layers=spec["encoder_layers"], n_heads=4, window=spec.get("window"))
     if spec["mode"] == "encoder":
         return encoder
     connector = MLPProjector if spec["mode"] == "soft_prompt" else \
         (lambda d_in, d_out: PerceiverResampler(d_in, d_out, n_latents=spec["n_latents"], depth=1))
-    # The soft prompt puts every encoder token into the LM sequence: room for 12 leads x L / patch of them.
-    positions = max(4096, N_LEADS * spec["length"] // spec["patch_size"] + 256)
+    # The soft prompt puts every encoder token into the LM sequence: room for channels x L / patch of them.
+    positions = max(4096, channels * spec["length"] // spec["patch_size"] + 256)
+    shape = spec.get("lm") or {"hidden_size": 64, "intermediate_size": 128}
     return MultimodalLM(encoders={"series": encoder}, connector=connector, fusion=spec["mode"],
-                        lm={"tiny": {"hidden_size": 64, "intermediate_size": 128,
-                                     "max_position_embeddings": positions}, "freeze": "none"})
+                        lm={"tiny": {**shape, "max_position_embeddings": positions}, "freeze": "none"})
 
 
 def fusion_child() -> None:
@@ -341,7 +342,7 @@ def fusion_child() -> None:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     model = fusion_model(spec)
-    series = torch.randn(spec["batch_size"], N_LEADS, spec["length"])
+    series = torch.randn(spec["batch_size"], spec.get("channels", N_LEADS), spec["length"])
     if spec["mode"] == "encoder":
         batch = {"series": series}
 
@@ -371,11 +372,14 @@ def fusion_child() -> None:
             reset_peak_rss()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss_of(batch).backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=spec.get("precision") == "bf16-mixed"):
+            loss = loss_of(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the peer's step: clip, then AdamW
         optimizer.step()
         seconds.append(time.perf_counter() - start)
-    print(json.dumps({"settled_mib": settled, "peak_mib": peak_rss_mib(), "seconds": seconds,
-                      "lm_tokens": lm_tokens, "encoder_tokens": N_LEADS * spec["length"] // spec["patch_size"]}))
+    print(json.dumps({"settled_mib": settled, "peak_mib": peak_rss_mib(), "seconds": seconds, "lm_tokens": lm_tokens,
+                      "encoder_tokens": spec.get("channels", N_LEADS) * spec["length"] // spec["patch_size"]}))
 
 
 def fusion_run(spec: dict) -> dict:
@@ -386,7 +390,7 @@ def fusion_run(spec: dict) -> dict:
     # own mapping, returned on free: RSS then follows the live tensors rather than malloc's caching.
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MALLOC_MMAP_THRESHOLD_": "131072"}
     done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
+                          text=True, timeout=spec.get("timeout"))
     if done.returncode != 0:
         raise RuntimeError(f"fusion run {spec['mode']} L={spec['length']} failed (exit {done.returncode}):\n"
                            f"{done.stderr[-3000:]}")
@@ -396,11 +400,16 @@ def fusion_run(spec: dict) -> dict:
 
 
 def run_fusion(args: argparse.Namespace) -> str:
+    if args.peer_shape:
+        import bench_peer
+
+        args.window = args.window or 32
+        return bench_peer.run(args)
     results: dict[tuple[str, int], dict] = {}
     worst_foreign = 0.0
     for length in args.lengths:
         for mode in FUSION_MODES:
-            spec = {"mode": mode, "length": length, "patch_size": args.patch_size,
+            spec = {"mode": mode, "length": length, "patch_size": args.patch_size, "window": args.window,
                     "encoder_layers": args.encoder_layers, "n_latents": args.n_latents,
                     "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps, "threads": args.threads}
             print(f"[bench fusion] {mode} L={length}", file=sys.stderr, flush=True)
@@ -606,6 +615,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fusion.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for every run")
     fusion.add_argument("--no-write", action="store_true",
                         help="print the table only; leave docs/benchmarks.md and the plot be")
+    fusion.add_argument("--peer-shape", choices=["opentslm"],
+                        help="the grid of OpenTSLM's measurements at its LM shape, with the ratios (bench_peer.py)")
+    fusion.add_argument("--window", type=int, default=None,
+                        help="encoder attention window in time patches (default: none; the peer preset uses 32)")
+    fusion.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"],
+                        help="peer preset: precisions to run")
+    fusion.add_argument("--timeout", type=int, default=300, help="peer preset: seconds per configuration")
     dpo = sub.add_parser("dpo", help="a DPO step (MMedPO) against a supervised step: time and memory")
     dpo.add_argument("--layers", type=int, default=4)
     dpo.add_argument("--hidden", type=int, default=256)
@@ -638,8 +654,9 @@ def main(argv: list[str] | None = None) -> None:
     print(report)
     print(f"[bench] {args.command}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if not args.no_write:
-        write_section(DOCS, args.command, report)
-        print(f"[bench] wrote the '## {args.command}' section of {DOCS.relative_to(ROOT)}", file=sys.stderr)
+        section = args.command + (f" --peer-shape {args.peer_shape}" if getattr(args, "peer_shape", None) else "")
+        write_section(DOCS, section, report)
+        print(f"[bench] wrote the '## {section}' section of {DOCS.relative_to(ROOT)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
