@@ -116,6 +116,7 @@ class PatchTransformerEncoder(nn.Module):
         max_channels: int | None = None,
         eps: float = 1e-5,
         window: int | None = None,
+        max_time_tokens: int | None = None,
     ):
         """
         Args:
@@ -138,6 +139,9 @@ class PatchTransformerEncoder(nn.Module):
                 quadratically (12 leads x 64k samples at patch 64 are 12k tokens: a 12k x 12k attention matrix per
                 head without it). None: every token attends to every token. A series of at most `window` patches
                 is encoded exactly as without a window. Sinusoidal positions only.
+            max_time_tokens: a series of more patches per lead than this has them average-pooled (over valid
+                patches) to this many before attention, so the encoder's memory stops growing with the length;
+                positions then count pooled tokens. None: one token per patch. Sinusoidal positions only.
         """
         super().__init__()
         stride = patch_size if stride is None else stride
@@ -159,6 +163,10 @@ class PatchTransformerEncoder(nn.Module):
             raise ConfigError(f"window={window}: needs at least 2 time patches and sinusoidal positions (got "
                               f"positions={positions!r})")
         self.window = window
+        if max_time_tokens is not None and (max_time_tokens < 1 or positions != "sinusoidal"):
+            raise ConfigError(f"max_time_tokens={max_time_tokens}: needs at least 1 token and sinusoidal positions "
+                              f"(got positions={positions!r})")
+        self.max_time_tokens = max_time_tokens
         self.n_channels, self.patch_size, self.stride = n_channels, patch_size, stride
         self.positions, self.normalize, self.eps = positions, normalize, eps
         self.max_channels = max_channels
@@ -176,6 +184,17 @@ class PatchTransformerEncoder(nn.Module):
         else:
             self.blocks = nn.ModuleList(_RotaryBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
             self.norm = nn.LayerNorm(d_model)
+
+    def _pooled(self, tokens: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, T, D) patch tokens averaged over their valid patches into `max_time_tokens` time bins, and the
+        valid bins per item."""
+        b, c, t, d = tokens.shape
+        valid = (torch.arange(t, device=tokens.device) < counts[:, None]).to(tokens.dtype)  # (B, T)
+        summed = F.adaptive_avg_pool1d((tokens * valid[:, None, :, None]).reshape(b * c, t, d).transpose(1, 2),
+                                       self.max_time_tokens)  # (B * C, D, T')
+        share = F.adaptive_avg_pool1d(valid[:, None, :], self.max_time_tokens)[:, 0]  # valid fraction (B, T')
+        pooled = summed.reshape(b, c, d, -1).transpose(2, 3) / share.clamp_min(1e-6)[:, None, :, None]
+        return torch.where(share[:, None, :, None] > 0, pooled, 0.0), (share > 0).sum(-1)
 
     def _windowed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The transformer over (B, C, T, D) tokens in blocks of `window` time patches, shifted by half a window
@@ -223,6 +242,9 @@ class PatchTransformerEncoder(nn.Module):
         needed = (n_patches - 1) * self.stride + self.patch_size
         x = F.pad(x, (0, needed - length)) if needed > length else x[..., :needed]
         tokens = self.patch_embed(x.reshape(b * c, 1, needed)).reshape(b, c, -1, n_patches).transpose(2, 3)
+        if self.max_time_tokens is not None and n_patches > self.max_time_tokens:
+            tokens, counts = self._pooled(tokens, counts)
+            n_patches = tokens.shape[2]
         tokens = tokens + self.channel_embed.weight[:c, None, :]
         time_index = torch.arange(n_patches, device=series.device, dtype=torch.float32)
         mask = (time_index < counts[:, None]).repeat(1, c)  # (B, C*T), channel-major like the tokens

@@ -238,3 +238,18 @@ def test_windowed_attention_keeps_shapes_masks_and_stays_inside_its_block():
 def test_a_window_needs_sinusoidal_positions():
     with pytest.raises(ConfigError, match="window"):
         PatchTransformerEncoder(12, positions="rotary", window=16)
+
+
+def test_pooled_time_tokens_stop_growing_with_length_and_keep_the_mask():
+    torch.manual_seed(0)
+    pooled = PatchTransformerEncoder(12, patch_size=64, d_model=32, n_layers=1, n_heads=4, max_time_tokens=16).eval()
+    plain = PatchTransformerEncoder(12, patch_size=64, d_model=32, n_layers=1, n_heads=4).eval()
+    plain.load_state_dict(pooled.state_dict())
+    short = torch.randn(1, 12, 640)  # 10 patches per lead: under the cap, encoded as without it
+    with torch.no_grad():
+        assert torch.equal(pooled(short).tokens, plain(short).tokens)
+        out = pooled(torch.randn(2, 12, 64 * 200), torch.tensor([64 * 200, 64 * 50]))
+    assert out.tokens.shape == (2, 12 * 16, 32)
+    # the second item covers a quarter of the series: 4 of 16 bins per lead, the rest masked and zero
+    assert out.mask.reshape(2, 12, 16).sum(-1).tolist() == [[16] * 12, [4] * 12]
+    assert torch.isfinite(out.tokens).all() and not out.tokens[~out.mask].any()

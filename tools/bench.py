@@ -320,7 +320,8 @@ def fusion_model(spec: dict) -> torch.nn.Module:
 
     channels = spec.get("channels", N_LEADS)
     encoder = PatchTransformerEncoder(n_channels=channels, patch_size=spec["patch_size"], d_model=64,
-                                      n_layers=spec["encoder_layers"], n_heads=4, window=spec.get("window"))
+                                      n_layers=spec["encoder_layers"], n_heads=4, window=spec.get("window"),
+                                      max_time_tokens=spec.get("max_time_tokens"))
     if spec["mode"] == "encoder":
         return encoder
     connector = MLPProjector if spec["mode"] == "soft_prompt" else \
@@ -404,6 +405,7 @@ def run_fusion(args: argparse.Namespace) -> str:
         import bench_peer
 
         args.window = args.window or 32
+        args.max_time_tokens = args.max_time_tokens or 64
         return bench_peer.run(args)
     results: dict[tuple[str, int], dict] = {}
     worst_foreign = 0.0
@@ -619,6 +621,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the grid of OpenTSLM's measurements at its LM shape, with the ratios (bench_peer.py)")
     fusion.add_argument("--window", type=int, default=None,
                         help="encoder attention window in time patches (default: none; the peer preset uses 32)")
+    fusion.add_argument("--max-time-tokens", type=int, default=None,
+                        help="encoder: pool each lead's patches to at most this many tokens (peer preset: 64)")
     fusion.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"],
                         help="peer preset: precisions to run")
     fusion.add_argument("--timeout", type=int, default=300, help="peer preset: seconds per configuration")

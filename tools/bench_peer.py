@@ -39,6 +39,7 @@ def run(args) -> str:
             for mode in ("soft_prompt", "cross_attention"):
                 spec = {"mode": mode, "length": length, "channels": series, "patch_size": args.patch_size,
                         "encoder_layers": args.encoder_layers, "n_latents": args.n_latents, "window": args.window,
+                        "max_time_tokens": args.max_time_tokens,
                         "batch_size": 1, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
                         "lm": LM, "precision": precision, "timeout": args.timeout}
                 print(f"[bench fusion --peer-shape] {precision} {mode} {series} x {length}", file=sys.stderr,
@@ -60,7 +61,8 @@ def _cell(result) -> str:
 
 def report(args, results: dict) -> str:
     lines = [f"Ours: encoder `PatchTransformerEncoder(patch_size={args.patch_size}, d_model=64, "
-             f"n_layers={args.encoder_layers}, window={args.window})`; LM {LM}; batch 1; step = forward, backward, "
+             f"n_layers={args.encoder_layers}, window={args.window}, max_time_tokens={args.max_time_tokens})`; "
+             f"perceiver {args.n_latents} latents (cross-attention); LM {LM}; batch 1; step = forward, backward, "
              f"clip to 1.0, AdamW; {args.threads} threads; median of {args.steps} steps after {args.warmup} warm-up; "
              "memory = peak RSS over the RSS after warm-up (each configuration in a fresh process).", ""]
     for precision in args.precisions:
