@@ -124,3 +124,24 @@ def test_an_edf_night_becomes_one_sample_per_epoch_at_the_models_rate(tmp_path):
     assert float(first[0, 3000:].abs().max()) == pytest.approx(80, rel=0.02)  # EEG Fpz-Cz (4th written) first
     with pytest.raises(DataError, match="the model takes the channels"):
         SleepQADataModule(channels=["EEG C3-A2"]).study_items(path)
+
+
+def test_a_report_to_check_is_read_as_written_and_bad_ones_are_named(tmp_path):
+    from datamodules.report_errors import ReportErrorDataModule
+
+    report = tmp_path / "r1.txt"
+    report.write_text("FINDINGS: XXXX. Heart size normal. No pleural effusion.\nIMPRESSION: No acute disease.\n")
+    item = ReportErrorDataModule(mode="text").study_item(report)
+    assert item["text"] == report.read_text() and item["meta"] == {"id": "r1", "input": str(report)}
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(DataError, match=r"empty.txt: the report is empty"):
+        ReportErrorDataModule(mode="text").study_item(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match=r"r1.txt: the multimodal checker reads the report with its frontal"):
+        ReportErrorDataModule(mode="qa").study_item(report)
+
+
+def test_a_night_to_stage_must_have_the_models_channels(tmp_path):
+    from datamodules.sleep_qa import SleepQADataModule
+
+    with pytest.raises(DataError, match=r"the model takes the channels \['EEG Fpz-Cz'"):
+        SleepQADataModule().study_items(tmp_path / "missing-PSG.edf")
