@@ -184,10 +184,10 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
             if "lesion_noise" in kinds and not choices:
                 noise_jobs.append(i)
         if noise_jobs:
-            pairs += self._lesion_noise_pairs(train, noise_jobs)
+            pairs += self._lesion_noise_pairs(samples, noise_jobs)
         return pairs
 
-    def _lesion_noise_pairs(self, train: Dataset, indices: list[int]) -> list[Pair]:
+    def _lesion_noise_pairs(self, train: list[dict], indices: list[int]) -> list[Pair]:
         """The supervised model's report of each photograph with noise inside its lesion boxes, where that
         report differs clinically from the reference (else skipped: ``lesion_noise_same_content``)."""
         masks = getattr(self.base, "lesion_masks", None)
@@ -199,7 +199,7 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
         lesion_masks = masks("train", self.hparams.lesion_classes)
         samples = []
         for i in indices:
-            sample = train[i]
+            sample = train[i]  # the split's samples, already read by build_pairs
             key = next(k for k in MEDIA_KEYS if k in sample)
             mask = lesion_masks[i]
             if not bool(mask.any()):
