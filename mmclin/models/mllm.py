@@ -399,15 +399,20 @@ class MultimodalLM(L.LightningModule):
         self.log(f"{split}/loss", self.eval_loss[split], batch_size=len(batch["input_ids"]))
         if aux_loss is not None:
             self.log(f"{split}/aux_loss", aux_loss, batch_size=len(batch["input_ids"]), sync_dist=True)
-        generated = self.generate_answers(batch, media)
-        ranked = self.rank_choices(batch, media)
-        for i, text in enumerate(generated):
-            parsed = parse_choice(text, batch["choices"][i]) if batch["choices"][i] else text.strip()
-            self._predictions.append({"question": batch["question"][i], "answer": batch["answer"][i],
-                                      "generated": text, "parsed": parsed, "ranked": ranked[i],
-                                      "choices": batch["choices"][i], "meta": batch["meta"][i]})
+        self._predictions += self.answer_rows(batch, media)
 
     test_step = validation_step
+
+    @torch.no_grad()
+    def answer_rows(self, batch: dict, media) -> list[dict]:
+        """The evaluation rows of a batch: question, reference answer, greedy generation, the choice it parses to
+        (the stripped text for open questions), the most likely choice, the choices and the sample's metadata."""
+        generated = self.generate_answers(batch, media)
+        ranked = self.rank_choices(batch, media)
+        return [{"question": batch["question"][i], "answer": batch["answer"][i], "generated": text,
+                 "parsed": parse_choice(text, batch["choices"][i]) if batch["choices"][i] else text.strip(),
+                 "ranked": ranked[i], "choices": batch["choices"][i], "meta": batch["meta"][i]}
+                for i, text in enumerate(generated)]
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:

@@ -30,7 +30,6 @@ from mmclin.plots import log_figure, plot_effects
 from mmclin.preference.evaluation import effects_table, paired_effects
 from mmclin.preference.loss import weighted_dpo_loss
 from mmclin.runs import run_dir
-from mmclin.tasks.qa import parse_choice
 
 
 class MMedPO(L.LightningModule):
@@ -175,14 +174,7 @@ class MMedPO(L.LightningModule):
     # -- evaluation: the policy beside the supervised model ---------------------------------------------------
     @torch.no_grad()
     def _rows_of(self, module: MultimodalLM, batch: dict) -> list[dict]:
-        media = module.batch_media(batch)
-        generated = module.generate_answers(batch, media)
-        closed = any(batch["choices"])
-        ranked = module.rank_choices(batch, media) if closed else [None] * len(generated)
-        return [{"question": batch["question"][i], "answer": batch["answer"][i], "generated": text,
-                 "parsed": parse_choice(text, batch["choices"][i]) if batch["choices"][i] else text.strip(),
-                 "ranked": ranked[i], "choices": batch["choices"][i], "meta": batch["meta"][i]}
-                for i, text in enumerate(generated)]
+        return module.answer_rows(batch, module.batch_media(batch))
 
     def _split(self) -> str:
         return "test" if self.trainer.testing else "val"
