@@ -18,7 +18,7 @@ from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-from mmclin.distributed import interleave
+from mmclin.distributed import gather_rows
 from mmclin.errors import CheckpointError, ConfigError
 from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_positions
 from mmclin.fusion.projector import MLPProjector
@@ -75,7 +75,7 @@ class MultimodalLM(L.LightningModule):
             lr: peak AdamW learning rate for the trainable parameters.
             weight_decay: AdamW weight decay.
             warmup: linear warm-up: a fraction of the total steps if < 1, else a number of steps.
-            max_new_tokens: generation length during evaluation.
+            max_new_tokens: generation length during evaluation (closed questions: at least their longest choice).
             evaluator: task scores on top of accuracy, computed from all ranks' prediction rows: called as
                 ``evaluator(rows, prefix)`` and returning ``{name: value}`` to log (e.g.
                 :class:`mmclin.tasks.vqa.VQAEvaluator`, :class:`mmclin.tasks.report.ReportEvaluator`).
@@ -374,10 +374,17 @@ class MultimodalLM(L.LightningModule):
         """For each sample, the allowed choice with the highest total log-likelihood given the prompt."""
         return [max(s, key=s.get) if s else None for s in self.choice_scores(batch, media)]
 
+    def generation_length(self, choices: list[list[str]] | None) -> int:
+        """New tokens to generate: ``max_new_tokens``, and at least the longest choice of the batch's closed
+        questions plus the end of text, so no allowed answer is cut off (which would parse to no choice)."""
+        longest = max((len(self.tokenizer(" " + c, add_special_tokens=False).input_ids)
+                       for options in choices or () for c in options or ()), default=0)
+        return max(self.hparams.max_new_tokens, longest + 1)
+
     @torch.no_grad()
     def generate_answers(self, batch: dict, media) -> list[str]:
         ids, mask = batch["prompt_ids"], batch["prompt_mask"]
-        options = {"max_new_tokens": self.hparams.max_new_tokens, "do_sample": False,
+        options = {"max_new_tokens": self.generation_length(batch.get("choices")), "do_sample": False,
                    "pad_token_id": self.tokenizer.pad_token_id}
         tokens, tmask, present = media
         if self.fusion is None:
@@ -450,12 +457,7 @@ class MultimodalLM(L.LightningModule):
         then the evaluator's scores. Rank 0 merges the per-rank files into ``predictions.jsonl``.
         """
         directory = self._predictions_dir(prefix)
-        part = directory / f"rank{self.global_rank}.jsonl"
-        part.write_text("".join(json.dumps(p) + "\n" for p in self._predictions), encoding="utf-8")
-        if self.trainer.world_size > 1:
-            self.trainer.strategy.barrier()
-        parts = [directory / f"rank{r}.jsonl" for r in range(self.trainer.world_size)]
-        rows = interleave([[json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()] for p in parts])
+        rows = gather_rows(self, self._predictions, directory)
         if not rows:
             return
         metrics = {}
