@@ -7,7 +7,9 @@ back in the split's own order, which seeded bootstrap intervals and prediction f
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -33,3 +35,17 @@ def gather_in_order(module: L.LightningModule, local: dict[str, torch.Tensor]) -
     gathered = module.all_gather(padded)  # (world, longest, ...)
     order = interleave([[rank * longest + j for j in range(n)] for rank, n in enumerate(sizes)])
     return {k: v.flatten(0, 1)[order] for k, v in gathered.items()}
+
+
+def gather_rows(module: L.LightningModule, rows: list[dict], directory: Path, prefix: str = "") -> list[dict]:
+    """Every rank's evaluation `rows` (JSON objects, this rank's shard) in the split's order, the same on every
+    rank: each rank writes ``<directory>/<prefix>rank<r>.jsonl`` and, after a barrier, reads them all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    part = directory / f"{prefix}rank{module.global_rank}.jsonl"
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    world = module.trainer.world_size
+    if world == 1:
+        return list(rows)
+    module.trainer.strategy.barrier()
+    parts = [directory / f"{prefix}rank{r}.jsonl" for r in range(world)]
+    return interleave([[json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()] for p in parts])
