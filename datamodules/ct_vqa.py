@@ -305,6 +305,28 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
             targets.append(choices[LETTERS.index(row.answer_letter)] if choices else row.answer)
         table["prompt"], table["target"] = prompts, targets
 
+    def lesion_masks(self, split: str, lesion_classes: list[str] | None = None) -> list[torch.Tensor]:
+        """Per question of `split` (after `setup`), where the lesions of its volume lie on the model's grid:
+        (D, H, W) bool, the union of the `mask_classes` named in `lesion_classes` (default: those whose name
+        contains ``lesion``), from the label mask preprocessed with its volume. For lesion-region noising
+        (:class:`datamodules.preference.PreferenceDataModule`).
+
+        Raises:
+            ConfigError: no `mask_classes`, or a lesion class that is not one of them.
+        """
+        names = list(self.mask_classes or {})
+        keep = list(lesion_classes or [n for n in names if "lesion" in n])
+        if not names or not keep or set(keep) - set(names):
+            raise ConfigError(f"lesion masks need mask_classes with the lesion classes {keep or ['*lesion*']}; "
+                              f"mask_classes: {names}")
+        dataset, channels, by_volume, masks = self.datasets[split], [names.index(k) for k in keep], {}, []
+        for volume_index in dataset.table["volume_index"]:
+            if volume_index not in by_volume:
+                label = self.volumes[int(volume_index)]["mask"][0]
+                by_volume[volume_index] = dataset._targets(label)[channels].any(0)
+            masks.append(by_volume[volume_index])
+        return masks
+
     def corpus(self, split: str = "train") -> list[str]:
         """The split's prompts (questions with their options) and answers: what a tokenizer is fitted on."""
         table = self.datasets[split].table

@@ -27,7 +27,7 @@ from datamodules.ct import (
     split_options,
 )
 from datamodules.ct_vqa import CTVQADataModule
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 
 # Native geometry, no window, no crop: the output is the stored voxels, reordered to (z, y, x).
 RAW = {"spacing": None, "hu_window": None, "foreground_hu": None, "resize_mode": "pad_crop"}
@@ -477,6 +477,27 @@ def test_mask_classes_yield_per_class_targets_on_the_volume_grid(tmp_path):
     with pytest.raises(DataError, match=r"train.jsonl:0: mask_classes needs a label mask .*nowhere/ctdemo_\d+"):
         CTVQADataModule(grid=(8, 16, 16), spacing=None, cache_dir=str(tmp_path), mask_classes=classes, demo=demo,
                         mask_pattern="nowhere/{image_id}.nii.gz").setup()
+
+
+def test_lesion_masks_are_the_lesion_classes_of_each_questions_volume(tmp_path):
+    pytest.importorskip("datamodules.synthetic.ct")
+    classes = {"liver": [5, 201], "liver_lesion": [201], "spleen_lesion": [202], "kidney_right_lesion": [203]}
+    demo = {"n_volumes": 3, "shape": (43, 32, 33), "spacing": (8.0, 8.0, 8.0)}
+    dm = CTVQADataModule(grid=(8, 16, 16), spacing=None, cache_dir=str(tmp_path), mask_classes=classes, demo=demo)
+    dm.setup()
+    table = dm.datasets["train"].table
+    masks = dm.lesion_masks("train")
+    assert len(masks) == len(table) and masks[0].shape == (8, 16, 16) and masks[0].dtype == torch.bool
+    for i in (0, len(table) - 1):
+        label = dm.volumes[table["volume_index"].iloc[i]]["mask"][0]
+        assert torch.equal(masks[i], torch.isin(label, torch.tensor([201, 202, 203])))  # not the organ around them
+    assert any(bool(m.any()) for split in ("train", "val", "test") for m in dm.lesion_masks(split))
+    assert torch.equal(dm.lesion_masks("train", ["liver_lesion"])[0], dm.volumes[table["volume_index"].iloc[0]]
+                       ["mask"][0] == 201)
+    with pytest.raises(ConfigError, match="lesion masks need mask_classes"):
+        dm.lesion_masks("train", ["kidney_left_lesion"])
+    with pytest.raises(ConfigError, match="lesion masks need mask_classes"):
+        CTVQADataModule(grid=(8, 16, 16), spacing=None, cache_dir=str(tmp_path), demo=demo).lesion_masks("train")
 
 
 def test_balance_types_draws_every_question_type_equally(tmp_path):
