@@ -27,13 +27,16 @@ from datamodules.loaders import SplitLoaders, split_loader
 from mmclin.checkpoints import own_hyperparameters
 from mmclin.errors import ConfigError, DataError
 from mmclin.preference.pairs import (
+    CONDITIONAL,
     INJECTED,
     KINDS,
     WORDING_WEIGHT,
     Pair,
     clinical_weight,
     inject_fundus_errors,
+    noise_record,
     noise_region,
+    other_input_study,
     other_study_report,
     wrong_option_pairs,
 )
@@ -54,19 +57,32 @@ def study_key(sample: dict) -> str:
 
 
 class PairDataset(Dataset):
-    """Pairs over the base training split: each item is the study's sample with ``chosen``/``rejected``."""
+    """Pairs over the base training split: each item is the study's sample with ``chosen``/``rejected``, and for
+    a conditional pair ``rejected_media``: the media of its ``rejected_study`` (``other_input``), or the sample's
+    media with the lesion region noised by `noised(sample, index, generator)` (``noised_input``), drawn from
+    (`seed`, pair index), so every epoch sees the same noise."""
 
-    def __init__(self, base: Dataset, index: dict[str, int], pairs: list[Pair]):
-        self.base, self.index, self.pairs = base, index, pairs
+    def __init__(self, base: Dataset, index: dict[str, int], pairs: list[Pair], noised=None, seed: int = 0):
+        self.base, self.index, self.pairs, self.noised, self.seed = base, index, pairs, noised, seed
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[i]
-        sample = self.base[self.index[pair.study]]
-        return {**sample, "question": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
+        j = self.index[pair.study]
+        sample = self.base[j]
+        item = {**sample, "question": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
                 "kind": pair.kind, "weight": pair.weight}
+        key = next(k for k in MEDIA_KEYS if k in sample)
+        if pair.kind == "other_input":
+            item["rejected_media"] = {key: self.base[self.index[pair.rejected_study]][key]}
+        elif pair.kind == "noised_input":
+            media = self.noised(sample, j, torch.Generator().manual_seed(self.seed * 1_000_003 + i))
+            if media is None:
+                raise DataError(f"pair {i} ({pair.study}): a noised_input pair for a study with no lesion region")
+            item["rejected_media"] = {key: media}
+        return item
 
 
 class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
@@ -91,12 +107,16 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
             base: the supervised run's datamodule as ``{"class_path": "datamodules...", "init_args": {...}}`` (the
                 same settings, so the same preprocessing and splits).
             pairs: a ``pairs.jsonl`` to train on instead of building pairs.
-            kinds: pair kinds to build (:data:`mmclin.preference.pairs.KINDS`); default every kind that applies:
-                the injected report errors, ``other_study`` and ``lesion_noise`` for reports, ``wrong_option`` for
-                closed questions.
+            kinds: pair kinds to build (:data:`mmclin.preference.pairs.KINDS`); default every answer kind that
+                applies: the injected report errors, ``other_study`` and ``lesion_noise`` for reports,
+                ``wrong_option`` and ``lesion_noise`` for closed questions. The conditional kinds (one pair per
+                study: its answer given its own input over the same answer given the noised input,
+                ``noised_input``, or another study's, ``other_input``) are asked for by name.
             pairs_per_study: most pairs per training study (drawn among its kinds).
-            noise_sigma: SD of the noise put inside the lesion region (the images are normalised).
-            lesion_classes: box classes that count as lesions (default all but ``optic_disc``).
+            noise_sigma: SD of the noise put inside the lesion region (the images are normalised; a record's
+                noise is this times each channel's SD).
+            lesion_classes: the classes that count as lesions: fundus box classes (default all but
+                ``optic_disc``), CT mask classes (default those named ``*lesion*``).
             on_bad_pair: in a `pairs` file, a study not in the training split, an empty rejected answer or
                 chosen == rejected ``raise`` a DataError naming the line, or are ``skip``-ped and counted.
             seed: seed of the injected errors, the pair draw and the noise.
@@ -115,6 +135,7 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
         if not class_path.startswith("datamodules."):
             raise ConfigError(f"base: a datamodule of this project as {{class_path, init_args}}, got {base!r}")
         self._base: L.LightningDataModule | None = None
+        self._masks: list[torch.Tensor] | None = None
         self.train_pairs: list[Pair] = []
         self.skipped: Counter[str] = Counter()
 
@@ -163,10 +184,13 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
         """Pairs for every training study (see the module docstring); lesion-noise pairs need the model."""
         h = self.hparams
         rng = np.random.default_rng(h.seed)
-        kinds = set(h.kinds or KINDS)
+        kinds = set(h.kinds or set(KINDS) - set(CONDITIONAL))
         pairs, noise_jobs = [], []
         samples = [train[i] for i in range(len(train))]
         reports = [s["answer"] for s in samples if not s.get("choices")]
+        by_question: dict[str, list[tuple[str, str]]] = {}  # the same question -> (study, its answer)
+        for sample in samples:
+            by_question.setdefault(sample["question"].strip().lower(), []).append((study_key(sample), sample["answer"]))
         for i, sample in enumerate(samples):
             study, answer, choices = study_key(sample), sample["answer"], list(sample.get("choices") or [])
             candidates = []
@@ -181,42 +205,71 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
                 candidates = [candidates[j] for j in rng.choice(len(candidates), h.pairs_per_study, replace=False)]
             pairs += [Pair(study, sample["question"], answer, rejected, kind,
                            clinical_weight(answer, rejected, choices or None)) for kind, rejected in candidates]
-            if "lesion_noise" in kinds and not choices:
+            if "lesion_noise" in kinds:
                 noise_jobs.append(i)
+            if "noised_input" in kinds:
+                if self.noised(sample, i, torch.Generator()) is None:
+                    self.skipped["noised_input_no_lesion"] += 1
+                else:
+                    pairs.append(Pair(study, sample["question"], answer, answer, "noised_input", 1.0))
+            if "other_input" in kinds:
+                other = other_input_study(answer, by_question[sample["question"].strip().lower()], rng,
+                                          choices or None)
+                if other is None:
+                    self.skipped["other_input_none_different"] += 1
+                else:
+                    pairs.append(Pair(study, sample["question"], answer, answer, "other_input", other[1], other[0]))
         if noise_jobs:
             pairs += self._lesion_noise_pairs(samples, noise_jobs)
         return pairs
 
     def _lesion_noise_pairs(self, train: list[dict], indices: list[int]) -> list[Pair]:
-        """The supervised model's report of each photograph with noise inside its lesion boxes, where that
-        report differs clinically from the reference (else skipped: ``lesion_noise_same_content``)."""
-        masks = getattr(self.base, "lesion_masks", None)
+        """The supervised model's answer with the evidence noised away, where it differs clinically from the
+        reference (else skipped: ``lesion_noise_same_content``): its report of a photograph with noise inside
+        the lesion boxes (the base's ``lesion_masks``), or for records the data localises nothing in (ECG), its
+        answer to the question about the record with noise over the whole of it. A closed question's answer
+        is the choice the model ranks first; an open one's is its generation."""
         model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        if masks is None or model is None or not hasattr(model, "reference_generate"):
+        if model is None or not hasattr(model, "reference_answers"):
             self.skipped["lesion_noise_unavailable"] += len(indices)
             return []
         generator = torch.Generator().manual_seed(self.hparams.seed)
-        lesion_masks = masks("train", self.hparams.lesion_classes)
         samples = []
         for i in indices:
             sample = train[i]  # the split's samples, already read by build_pairs
-            key = next(k for k in MEDIA_KEYS if k in sample)
-            mask = lesion_masks[i]
-            if not bool(mask.any()):
+            noised = self.noised(sample, i, generator)
+            if noised is None:
                 self.skipped["lesion_noise_no_lesion"] += 1
                 continue
-            samples.append({**sample, key: [noise_region(sample[key][0], mask, generator, self.hparams.noise_sigma)]})
+            samples.append({**sample, next(k for k in MEDIA_KEYS if k in sample): noised})
         pairs = []
         for start in range(0, len(samples), 32):
             chunk = samples[start:start + 32]
-            for sample, generated in zip(chunk, model.reference_generate(chunk)):
-                weight = clinical_weight(sample["answer"], generated)
-                if not generated.strip() or weight <= WORDING_WEIGHT:
+            for sample, answered in zip(chunk, model.reference_answers(chunk)):
+                choices = list(sample.get("choices") or []) or None
+                weight = clinical_weight(sample["answer"], answered or "", choices)
+                if not (answered or "").strip() or answered.strip().lower() == sample["answer"].strip().lower() \
+                        or (choices is None and weight <= WORDING_WEIGHT):
                     self.skipped["lesion_noise_same_content"] += 1
                     continue
-                pairs.append(Pair(study_key(sample), sample["question"], sample["answer"], generated, "lesion_noise",
+                pairs.append(Pair(study_key(sample), sample["question"], sample["answer"], answered, "lesion_noise",
                                   weight))
         return pairs
+
+    def noised(self, sample: dict, index: int, generator: torch.Generator) -> list[torch.Tensor] | None:
+        """The media of training sample `index` with the evidence noised: Gaussian noise inside its lesion boxes
+        (the base's ``lesion_masks``), or over the whole of each record where the data localises none (ECG);
+        None when there is no region (no lesion in the photograph, or an image without lesion localisation)."""
+        key = next(k for k in MEDIA_KEYS if k in sample)
+        sigma = self.hparams.noise_sigma
+        if self._masks is None and hasattr(self.base, "lesion_masks"):  # read once, on first use
+            self._masks = self.base.lesion_masks("train", self.hparams.lesion_classes)
+        if self._masks is not None:
+            mask = self._masks[index]
+            return [noise_region(sample[key][0], mask, generator, sigma)] if bool(mask.any()) else None
+        if key == "series":
+            return [noise_record(x, generator, sigma) for x in sample[key]]
+        return None
 
     def _read_pairs(self, path: Path) -> list[Pair]:
         if not path.is_file():
@@ -228,7 +281,7 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
             try:
                 row = json.loads(line)
                 pair = Pair(**{k: row[k] for k in ("study", "prompt", "chosen", "rejected", "kind")},
-                            weight=float(row.get("weight", 1.0)))
+                            weight=float(row.get("weight", 1.0)), rejected_study=row.get("rejected_study"))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
                 raise DataError(f"{path} line {number}: not a pair ({err}); expected study, prompt, chosen, rejected, "
                                 "kind and weight") from None
@@ -237,7 +290,9 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
                 problem = f"study {pair.study!r} is not in the data's training split"
             elif not str(pair.rejected).strip():
                 problem = "the rejected answer is empty"
-            elif str(pair.chosen).strip() == str(pair.rejected).strip():
+            elif pair.kind == "other_input" and str(pair.rejected_study) not in self.index:
+                problem = f"rejected_study {pair.rejected_study!r} is not in the data's training split"
+            elif str(pair.chosen).strip() == str(pair.rejected).strip() and pair.kind not in CONDITIONAL:
                 problem = "chosen and rejected are the same text"
             if problem:
                 if self.hparams.on_bad_pair == "raise":
@@ -251,7 +306,7 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        dataset = PairDataset(self.base.datasets["train"], self.index, self.train_pairs)
+        dataset = PairDataset(self.base.datasets["train"], self.index, self.train_pairs, self.noised, self.hparams.seed)
         return split_loader(dataset, True, self.trainer, self.hparams,
                             collate_fn=model_collator(self.trainer, type(self).__name__))
 

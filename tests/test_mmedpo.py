@@ -195,3 +195,114 @@ def test_another_studys_report_states_another_grade():
         other = other_study_report(report, REPORTS, rng)
         assert other is not None and parse_grade(other) != parse_grade(report)
     assert other_study_report(REPORTS[0], [REPORTS[0]], rng) is None  # no report of another grade
+
+
+def test_a_record_is_noised_everywhere_in_proportion_to_each_lead():
+    from mmclin.preference.pairs import noise_record
+
+    leads = torch.randn(3, 5000) * torch.tensor([[0.1], [1.0], [2.0]])  # mV, leads of different amplitude
+    noised = noise_record(leads, torch.Generator().manual_seed(0), sigma=1.0)
+    ratio = (noised - leads).std(-1) / leads.std(-1)
+    assert torch.allclose(ratio, torch.ones(3), atol=0.05)
+    assert bool(((noised - leads).abs() > 0).all())
+
+
+def test_closed_answers_are_generated_in_full(sft_checkpoint):
+    from mmclin.models.mllm import MultimodalLM
+
+    model = MultimodalLM.load_from_checkpoint(sft_checkpoint, map_location="cpu", weights_only=True)
+    long_option = "complete right bundle branch block with left anterior fascicular block " * 4
+    needed = len(model.tokenizer(" " + long_option, add_special_tokens=False).input_ids) + 1
+    assert needed > model.hparams.max_new_tokens
+    assert model.generation_length([["no", "yes"], [long_option, "none"]]) == needed
+    assert model.generation_length([["no", "yes"]]) == model.hparams.max_new_tokens
+    assert model.generation_length(None) == model.hparams.max_new_tokens
+
+
+def test_conditional_pairs_prefer_the_answer_given_the_studys_own_input(sft_checkpoint, tmp_path):
+    """``other_input``: the same report given another study's photograph of another grade; ``noised_input``:
+    given the photograph noised inside its lesion boxes. The rejected rows carry those inputs, and the preference
+    is scored on the whole answer."""
+    from datamodules.preference import PairDataset
+
+    cli = _mmedpo_cli(sft_checkpoint, tmp_path, "--data.init_args.kinds", "[other_input, noised_input]")
+    data = cli.datamodule
+    data.setup("fit")
+    train = data.base.datasets["train"]
+    pairs = PairDataset(train, data.index, data.train_pairs, data.noised, seed=0)
+    by_kind = {}
+    for i, pair in enumerate(data.train_pairs):
+        by_kind.setdefault(pair.kind, i)
+    assert set(by_kind) == {"other_input", "noised_input"}
+
+    item = pairs[by_kind["other_input"]]
+    pair = data.train_pairs[by_kind["other_input"]]
+    other = train[data.index[pair.rejected_study]]
+    assert pair.chosen == pair.rejected and pair.rejected_study != pair.study
+    assert parse_grade(other["answer"]) != parse_grade(pair.chosen)  # its own report states another grade
+    assert torch.equal(item["rejected_media"]["image"][0], other["image"][0])
+
+    i = by_kind["noised_input"]
+    item, pair = pairs[i], data.train_pairs[i]
+    own, mask = item["image"][0], data.base.lesion_masks("train")[data.index[pair.study]]
+    changed = (item["rejected_media"]["image"][0] != own).any(0)
+    assert bool(changed.any()) and not bool((changed & ~mask).any())  # noise inside the lesion boxes only
+    assert torch.equal(pairs[i]["rejected_media"]["image"][0], item["rejected_media"]["image"][0])  # same each epoch
+
+    batch = cli.model.collator([pairs[by_kind["other_input"]], item])
+    assert torch.equal(batch["spans"][:, 0], torch.zeros(4, dtype=torch.long))  # the whole answer
+    assert bool((batch["spans"][:, 1] > 0).all())
+    _one_step(cli)
+
+
+def test_a_pair_file_naming_an_unknown_other_input_is_refused(sft_checkpoint, tmp_path):
+    from datamodules.preference import PreferenceDataModule
+
+    base = {"class_path": "datamodules.fundus.FundusReportDataModule",
+            "init_args": {"image_size": 128, "demo_images": 80}}
+    probe = PreferenceDataModule(base)
+    probe.base.prepare_data()
+    probe.base.setup("fit")
+    study = str(probe.base.datasets["train"][0]["meta"]["image_id"])
+    text = "No diabetic retinopathy."
+    row = {"study": study, "prompt": "Describe.", "chosen": text, "rejected": text, "kind": "other_input",
+           "weight": 1.0, "rejected_study": "no-such-study"}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl line 1: rejected_study 'no-such-study' is not in"):
+        PreferenceDataModule(base, pairs=str(path)).setup("fit")
+    path.write_text(json.dumps({**row, "rejected_study": study, "kind": "noised_input"}) + "\n")
+    same_text = PreferenceDataModule(base, pairs=str(path))
+    same_text.setup("fit")  # a conditional pair's two sides are the same answer: not a bad pair
+    assert len(same_text.train_pairs) == 1
+
+
+def test_ecg_pairs_from_the_models_answer_to_a_noised_record_and_another_record(demo_cache, tmp_path):
+    """Closed questions: the supervised model's ranked choice for the noised record is a wrong option; an
+    ``other_input`` pair's other record answers the same question otherwise."""
+    overlay = tmp_path / "short.yaml"
+    overlay.write_text(json.dumps({
+        "trainer": {"max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 1, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path), "logger": {
+                        "class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}},
+        "data": {"init_args": {"demo_records": 120, "batch_size": 8}}}))
+    cli_main(["fit", "-c", str(CONFIGS / "ecg-qa-softprompt.yaml"), "-c", str(overlay)])
+    ckpt = next(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    out = tmp_path / "mmedpo"
+    cli = build_cli(["-c", str(CONFIGS / "ecg-qa-mmedpo.yaml"), "--model.init_args.init_from", str(ckpt),
+                     "--data.init_args.base.init_args.demo_records", "120", "--data.init_args.kinds",
+                     "[lesion_noise, other_input]", "--trainer.default_root_dir", str(out),
+                     "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false"],
+                    run=False)
+    _one_step(cli)
+    data = cli.datamodule
+    train = data.base.datasets["train"]
+    kinds = {p.kind for p in data.train_pairs}
+    assert kinds == {"lesion_noise", "other_input"}, (kinds, dict(data.skipped))
+    for pair in data.train_pairs:
+        sample = train[data.index[pair.study]]
+        if pair.kind == "lesion_noise":
+            assert pair.rejected in sample["choices"] and pair.rejected != pair.chosen == sample["answer"]
+        else:
+            other = train[data.index[pair.rejected_study]]
+            assert other["question"] == sample["question"] and other["answer"] != sample["answer"]

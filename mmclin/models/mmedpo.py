@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmclin.checkpoints import load_module, own_hyperparameters
+from mmclin.distributed import gather_rows
 from mmclin.errors import ConfigError
 from mmclin.fusion.soft_prompt import IGNORE_INDEX
 from mmclin.llm import apply_lora
@@ -102,8 +103,9 @@ class MMedPO(L.LightningModule):
         return self.policy, self.policy.lm.disable_adapter()
 
     @torch.no_grad()
-    def reference_generate(self, samples: list[dict]) -> list[str]:
-        """The supervised model's generations for QA samples (lesion-noise pairs)."""
+    def reference_answers(self, samples: list[dict]) -> list[str | None]:
+        """The supervised model's answers to QA samples (lesion-noise pairs): the choice it ranks first for a
+        closed question, its generation for an open one."""
         module, context = self._reference()
         device = next(module.parameters()).device
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in module.collator(samples).items()}
@@ -111,17 +113,23 @@ class MMedPO(L.LightningModule):
         module.eval()
         try:
             with context:
-                return module.generate_answers(batch, module.batch_media(batch))
+                media = module.batch_media(batch)
+                generated = module.generate_answers(batch, media)
+                ranked = module.rank_choices(batch, media) if any(batch["choices"]) else [None] * len(generated)
         finally:
             module.train(was_training)
+        return [r if choices else g for g, r, choices in zip(generated, ranked, batch["choices"])]
 
     # -- batches --------------------------------------------------------------------------------------------
     def collator(self, samples: list[dict]) -> dict:
-        """Pairs -> one QA batch of the chosen answers then the rejected ones (same media), with ``weights``;
-        plain QA samples (validation, test) -> the policy's batch."""
+        """Pairs -> one QA batch of the chosen answers then the rejected ones (the same media, or for a
+        ``noised_input`` pair the same answer with the noised media), with ``weights``; plain QA samples
+        (validation, test) -> the policy's batch."""
         if "chosen" not in samples[0]:
             return self.policy.collator(samples)
-        rows = [{**s, "answer": s["chosen"]} for s in samples] + [{**s, "answer": s["rejected"]} for s in samples]
+        plain = [{k: v for k, v in s.items() if k != "rejected_media"} for s in samples]
+        rows = [{**p, "answer": s["chosen"]} for p, s in zip(plain, samples)] \
+            + [{**p, **s.get("rejected_media", {}), "answer": s["rejected"]} for p, s in zip(plain, samples)]
         batch = self.policy.collator(rows)
         batch["weights"] = torch.tensor([float(s["weight"]) for s in samples])
         batch["kinds"] = [s["kind"] for s in samples]
@@ -186,7 +194,7 @@ class MMedPO(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._rows += self._rows_of(self.policy, batch)
-        if self._split() not in self._before:  # the supervised model, once per split
+        if self._split() not in self._before and not self.trainer.sanity_checking:  # the supervised model, once
             module, context = self._reference()
             with context:
                 self._before_batch += self._rows_of(module, batch)
@@ -199,10 +207,13 @@ class MMedPO(L.LightningModule):
     on_test_epoch_end = on_validation_epoch_end
 
     def _finish(self, split: str) -> None:
-        if self._before_batch:
-            self._before[split] = self._before_batch
-        before, after = self._before.get(split), self._rows
-        if not after or before is None or len(before) != len(after):
+        directory = Path(run_dir(self.trainer)) / f"{split}-predictions"
+        if self.trainer.sanity_checking:  # a few batches: no before/after to compare, nothing to keep
+            return
+        if split not in self._before:  # every rank's rows, in the split's order (see mmclin.distributed)
+            self._before[split] = gather_rows(self, self._before_batch, directory, "before-")
+        before, after = self._before[split], gather_rows(self, self._rows, directory, "after-")
+        if not after or len(before) != len(after):
             return
         effects = paired_effects(before, after, n_boot=self.hparams.n_boot)
         metrics = {}
@@ -213,16 +224,13 @@ class MMedPO(L.LightningModule):
             metrics[f"{split}/delta_ci_low/{name}"] = e["delta_ci_low"]
             metrics[f"{split}/delta_ci_high/{name}"] = e["delta_ci_high"]
         self.log_dict(metrics)
-        directory = Path(run_dir(self.trainer)) / f"{split}-predictions"
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            directory.mkdir(parents=True, exist_ok=True)
+        if self.trainer.is_global_zero:
             for name, rows in (("before", before), ("after", after)):
                 (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             (directory / "effects.json").write_text(json.dumps(effects, indent=2), encoding="utf-8")
             rank_zero_info(f"{split}: supervised (before) against aligned (after), {len(after)} studies:\n"
                            + effects_table(effects))
-        if not self.trainer.sanity_checking:
-            log_figure(self, f"{split}/before_after", plot_effects(effects, f"{split}: aligned minus supervised"))
+        log_figure(self, f"{split}/before_after", plot_effects(effects, f"{split}: aligned minus supervised"))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -237,11 +245,15 @@ class MMedPO(L.LightningModule):
 
 def differing_spans(labels: torch.Tensor, n: int) -> torch.Tensor:
     """[start, end) of the answer tokens where each pair's chosen (row i) and rejected (row n + i) answers differ:
-    after their common prefix and before their common suffix. (2n, 2), in positions within each answer."""
+    after their common prefix and before their common suffix; the whole answer when the two are the same text
+    (a ``noised_input`` pair differs in its input). (2n, 2), in positions within each answer."""
     answers = [row[row != IGNORE_INDEX].tolist() for row in labels]
     spans = torch.zeros(2 * n, 2, dtype=torch.long)
     for i in range(n):
         chosen, rejected = answers[i], answers[n + i]
+        if chosen == rejected:
+            spans[i] = spans[n + i] = torch.tensor([0, len(chosen)])
+            continue
         shortest = min(len(chosen), len(rejected))
         prefix = next((k for k in range(shortest) if chosen[k] != rejected[k]), shortest)
         suffix = next((k for k in range(shortest - prefix) if chosen[-1 - k] != rejected[-1 - k]), shortest - prefix)

@@ -9,7 +9,16 @@ MMedPO (Zhu et al. 2024, arXiv:2412.06141) builds dispreferred responses two way
   fluent, internally consistent report a model writes from priors; unlike a single edit, which the text alone
   betrays (a grade that contradicts the listed lesions), only the image tells it from the right one;
 - *lesion-region noising*: the model's own answer when noise replaces the evidence inside the lesion region
-  of the input (:func:`noise_region`), which shows what it says from priors alone.
+  of the input (:func:`noise_region`; the whole record, :func:`noise_record`, where the data localises no
+  lesion, as for ECG findings), which shows what it says from priors alone.
+
+Two *conditional* kinds keep the answer and change the input instead (the conditional preference of mDPO,
+Wang et al. 2024, arXiv:2406.11839, which finds that DPO on answer pairs alone lets a model keep answering from
+the text), so what the model says must come from the evidence: the reference answer given the study's input is
+preferred to the same answer given the input with its lesion region noised (``noised_input``), or given another
+training study's input whose reference answer to the same question is clinically different (``other_input``,
+that study in ``rejected_study``). Noise is a surface feature a model can learn to detect; another study's input
+is as real as the study's own, so only its content tells the two apart.
 
 Every pair gets a clinical weight (:func:`clinical_weight`) from what the rejected answer gets wrong in the
 content the project's parsers read (ICDR grade, referral urgency, lesions), so a missed or invented lesion or a
@@ -27,7 +36,8 @@ import torch
 from mmclin.tasks.report import GRADE_NAMES, REFERRAL_LEVELS, parse_grade, parse_lesions, parse_referral
 
 KINDS = ("severity", "referral", "false_finding", "omission", "negation", "laterality", "other_study",
-         "wrong_option", "lesion_noise")
+         "wrong_option", "lesion_noise", "noised_input", "other_input")
+CONDITIONAL = ("noised_input", "other_input")  # kinds whose two sides are the same answer given two inputs
 INJECTED = KINDS[:6]  # the kinds written into a reference report
 
 # Wording of an invented lesion (ETDRS terms, as fundus reports state them)
@@ -52,7 +62,8 @@ WORDING_WEIGHT = 0.25  # a rejected answer with the same clinical content (only 
 
 @dataclass
 class Pair:
-    """One preference pair: the same `study` and `prompt`; `chosen` is preferred to `rejected`."""
+    """One preference pair: the same `study` and `prompt`; `chosen` is preferred to `rejected`, given the input of
+    `rejected_study` for an ``other_input`` pair."""
 
     study: str
     prompt: str
@@ -60,6 +71,7 @@ class Pair:
     rejected: str
     kind: str
     weight: float
+    rejected_study: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -217,6 +229,19 @@ def other_study_report(report: str, reports: list[str], rng: np.random.Generator
     return None
 
 
+def other_input_study(answer: str, candidates: list[tuple[str, str]], rng: np.random.Generator,
+                      choices: list[str] | None = None) -> tuple[str, float] | None:
+    """A study of `candidates` ``(study, its reference answer to the same question)`` whose answer differs
+    clinically from `answer`, with that difference's clinical weight; None when there is none."""
+    different = [(study, other) for study, other in candidates
+                 if other.strip().lower() != answer.strip().lower()
+                 and (choices or clinical_weight(answer, other) > WORDING_WEIGHT)]
+    if not different:
+        return None
+    study, other = different[int(rng.integers(len(different)))]
+    return study, clinical_weight(answer, other, choices)
+
+
 def wrong_option_pairs(answer: str, choices: list[str], rng: np.random.Generator, n: int = 1) -> list[str]:
     """Up to `n` wrong options of a closed question (none for an open one)."""
     wrong = [c for c in choices if c.strip().lower() != answer.strip().lower()]
@@ -224,6 +249,14 @@ def wrong_option_pairs(answer: str, choices: list[str], rng: np.random.Generator
         return []
     picked = rng.choice(len(wrong), size=min(n, len(wrong)), replace=False)
     return [wrong[int(i)] for i in picked]
+
+
+def noise_record(series: torch.Tensor, generator: torch.Generator, sigma: float = 1.0) -> torch.Tensor:
+    """`series` (C, L) with Gaussian noise of `sigma` times each channel's own SD added everywhere: the region
+    noised when the data localises no lesion (an ECG finding lives in the whole record), scaled per lead because
+    records are in physical units (mV), not normalised."""
+    scale = series.float().std(dim=-1, keepdim=True).clamp(min=1e-6).to(series.dtype)
+    return series + sigma * scale * torch.randn(series.shape, generator=generator, dtype=series.dtype)
 
 
 def noise_region(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, sigma: float = 1.0
