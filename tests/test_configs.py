@@ -25,7 +25,7 @@ def test_every_config_is_covered():
 
 
 # Configs that start from a supervised checkpoint (tests/test_mmedpo.py runs them with one)
-NEEDS_CHECKPOINT = {"fundus-report-mmedpo.yaml", "ecg-qa-mmedpo.yaml"}
+NEEDS_CHECKPOINT = {"fundus-report-mmedpo.yaml", "ecg-qa-mmedpo.yaml", "ct-vqa-mmedpo.yaml"}
 
 
 @pytest.mark.parametrize("config", RUNNABLE, ids=lambda p: p.name)
