@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+
+from mmclin.cli import main as cli_main
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -30,3 +33,15 @@ def demo_cache(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("mmclin-cache")
     os.environ["MMCLIN_CACHE"] = str(path)
     return path
+
+
+def fit_ecg_qa(tmp_path: Path, config: str, *overrides: str) -> Path:
+    """A few steps of an ECG-QA config on a small demo; returns its last.ckpt."""
+    overlay = tmp_path / "short.yaml"
+    overlay.write_text(json.dumps({
+        "trainer": {"max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 1, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path), "logger": {
+                        "class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}},
+        "data": {"init_args": {"demo_records": 120, "batch_size": 8}}}))
+    cli_main(["fit", "-c", str(CONFIGS / config), "-c", str(overlay), *overrides])
+    return next(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, shared_data
+from conftest import CONFIGS, fit_ecg_qa, shared_data
 
 from mmclin.cli import main as cli_main
 from mmclin.errors import CheckpointError
@@ -30,21 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Does this ECG show sinus rhythm?"
 
 
-def _fit_ecg_qa(tmp_path: Path, config: str, *overrides: str) -> Path:
-    """A few steps of an ECG-QA config on a small demo; returns its last.ckpt."""
-    overlay = tmp_path / "short.yaml"
-    overlay.write_text(json.dumps({
-        "trainer": {"max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 1, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path), "logger": {
-                        "class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}},
-        "data": {"init_args": {"demo_records": 120, "batch_size": 8}}}))
-    cli_main(["fit", "-c", str(CONFIGS / config), "-c", str(overlay), *overrides])
-    return next(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
-
-
 def test_export_reloads_with_equal_logits_and_answers_a_real_record(demo_cache, tmp_path):
     record = shared_data("ptbxl_cinc2021_sample") / "HR06001"  # 500 Hz CinC 2021 record; the model takes 100 Hz
-    ckpt = _fit_ecg_qa(tmp_path, "ecg-qa-softprompt.yaml")
+    ckpt = fit_ecg_qa(tmp_path, "ecg-qa-softprompt.yaml")
     out = export.main(["--format", "mmclin", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")])
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert {"mmclin_config.json", "model.safetensors", "README.md", "lm/config.json", "lm/model.safetensors",
@@ -82,7 +70,7 @@ def test_a_lora_model_exports_its_adapter_and_names_its_base(demo_cache, tmp_pat
     base = tmp_path / "base-lm"  # a "pretrained" LM in a local directory, as a user's would be
     save_lm(*load_causal_lm(tiny={"hidden_size": 64, "intermediate_size": 128}, freeze="none"), base)
     lm = {"source": str(base), "freeze": "all_but_lora", "lora": {"r": 4, "alpha": 8}}
-    ckpt = _fit_ecg_qa(tmp_path, "ecg-qa-xattn.yaml", "--model.init_args.lm", json.dumps(lm))
+    ckpt = fit_ecg_qa(tmp_path, "ecg-qa-xattn.yaml", "--model.init_args.lm", json.dumps(lm))
     out = export.main(["--format", "mmclin", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")])
     assert (out / "lm" / "adapter_config.json").is_file() and not (out / "lm" / "model.safetensors").exists()
     assert json.loads((out / "mmclin_config.json").read_text())["lm"]["base"] == str(base)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIGS
+from conftest import CONFIGS, fit_ecg_qa
 
 from mmclin.cli import build_cli
 from mmclin.cli import main as cli_main
@@ -280,14 +280,7 @@ def test_a_pair_file_naming_an_unknown_other_input_is_refused(sft_checkpoint, tm
 def test_ecg_pairs_from_the_models_answer_to_a_noised_record_and_another_record(demo_cache, tmp_path):
     """Closed questions: the supervised model's ranked choice for the noised record is a wrong option; an
     ``other_input`` pair's other record answers the same question otherwise."""
-    overlay = tmp_path / "short.yaml"
-    overlay.write_text(json.dumps({
-        "trainer": {"max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 1, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path), "logger": {
-                        "class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}}},
-        "data": {"init_args": {"demo_records": 120, "batch_size": 8}}}))
-    cli_main(["fit", "-c", str(CONFIGS / "ecg-qa-softprompt.yaml"), "-c", str(overlay)])
-    ckpt = next(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    ckpt = fit_ecg_qa(tmp_path, "ecg-qa-softprompt.yaml")
     out = tmp_path / "mmedpo"
     cli = build_cli(["-c", str(CONFIGS / "ecg-qa-mmedpo.yaml"), "--model.init_args.init_from", str(ckpt),
                      "--data.init_args.base.init_args.demo_records", "120", "--data.init_args.kinds",
