@@ -114,8 +114,9 @@ class MMedPO(L.LightningModule):
         try:
             with context:
                 media = module.batch_media(batch)
-                generated = module.generate_answers(batch, media)
-                ranked = module.rank_choices(batch, media) if any(batch["choices"]) else [None] * len(generated)
+                unset = [None] * len(batch["choices"])
+                ranked = module.rank_choices(batch, media) if any(batch["choices"]) else unset
+                generated = unset if all(batch["choices"]) else module.generate_answers(batch, media)
         finally:
             module.train(was_training)
         return [r if choices else g for g, r, choices in zip(generated, ranked, batch["choices"])]
