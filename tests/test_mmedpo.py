@@ -214,9 +214,22 @@ def test_closed_answers_are_generated_in_full(sft_checkpoint):
     long_option = "complete right bundle branch block with left anterior fascicular block " * 4
     needed = len(model.tokenizer(" " + long_option, add_special_tokens=False).input_ids) + 1
     assert needed > model.hparams.max_new_tokens
-    assert model.generation_length([["no", "yes"], [long_option, "none"]]) == needed
-    assert model.generation_length([["no", "yes"]]) == model.hparams.max_new_tokens
-    assert model.generation_length(None) == model.hparams.max_new_tokens
+    assert model.generation_length([long_option, "none"]) == needed
+    assert model.generation_length(["no", "yes"]) == model.hparams.max_new_tokens
+    assert model.generation_length([]) == model.generation_length(None) == model.hparams.max_new_tokens
+
+    # an answer does not depend on the questions beside it in the batch (nor, under DDP, on its rank)
+    from datamodules.fundus import FundusReportDataModule
+
+    data = FundusReportDataModule(image_size=128, demo_images=80)
+    data.prepare_data()
+    data.setup("validate")
+    batch = model.collator([data.datasets["val"][i] for i in range(3)])
+    alone = model.generate_answers(batch, model.batch_media(batch))
+    batch["choices"] = [[long_option, "none"], [], []]
+    beside = model.generate_answers(batch, model.batch_media(batch))
+    assert beside[1:] == alone[1:]
+    assert len(model.tokenizer(beside[0], add_special_tokens=False).input_ids) <= needed
 
 
 def test_conditional_pairs_prefer_the_answer_given_the_studys_own_input(sft_checkpoint, tmp_path):

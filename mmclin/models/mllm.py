@@ -374,18 +374,20 @@ class MultimodalLM(L.LightningModule):
         """For each sample, the allowed choice with the highest total log-likelihood given the prompt."""
         return [max(s, key=s.get) if s else None for s in self.choice_scores(batch, media)]
 
-    def generation_length(self, choices: list[list[str]] | None) -> int:
-        """New tokens to generate: ``max_new_tokens``, and at least the longest choice of the batch's closed
-        questions plus the end of text, so no allowed answer is cut off (which would parse to no choice)."""
-        longest = max((len(self.tokenizer(" " + c, add_special_tokens=False).input_ids)
-                       for options in choices or () for c in options or ()), default=0)
+    def generation_length(self, choices: list[str] | None) -> int:
+        """New tokens to generate for one question: ``max_new_tokens``, and at least its longest choice plus the
+        end of text, so no allowed answer is cut off (which would parse to no choice)."""
+        longest = max((len(self.tokenizer(" " + c, add_special_tokens=False).input_ids) for c in choices or ()),
+                      default=0)
         return max(self.hparams.max_new_tokens, longest + 1)
 
     @torch.no_grad()
     def generate_answers(self, batch: dict, media) -> list[str]:
+        """Greedy answers, each cut to its own question's ``generation_length``, so an answer does not depend on
+        which other questions share its batch (or its rank, under DDP)."""
         ids, mask = batch["prompt_ids"], batch["prompt_mask"]
-        options = {"max_new_tokens": self.generation_length(batch.get("choices")), "do_sample": False,
-                   "pad_token_id": self.tokenizer.pad_token_id}
+        lengths = [self.generation_length(c) for c in batch.get("choices") or [None] * len(ids)]
+        options = {"max_new_tokens": max(lengths), "do_sample": False, "pad_token_id": self.tokenizer.pad_token_id}
         tokens, tmask, present = media
         if self.fusion is None:
             spliced = splice_media(ids, self.lm.get_input_embeddings(), self.media_token_id, tokens, tmask, mask,
@@ -396,7 +398,7 @@ class MultimodalLM(L.LightningModule):
             positions = placeholder_positions(ids, self.media_token_id, present, mask)
             with self.fusion.media(tokens, tmask, positions):
                 new = self.lm.generate(input_ids=ids, attention_mask=mask, **options)[:, ids.shape[1]:]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return self.tokenizer.batch_decode([row[:n] for row, n in zip(new, lengths)], skip_special_tokens=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         media, aux_loss = self.batch_media(batch, aux_loss=True)
