@@ -1,9 +1,10 @@
 """Preference pairs over a question-answering / report datamodule, for :class:`mmclin.models.MMedPO`.
 
 Training batches are pairs built from the base datamodule's training split (:mod:`mmclin.preference.pairs`):
-hallucinations written into the reference report, wrong options of closed questions, and the supervised model's
-own answers with the lesion evidence noised away. Validation and test are the base datamodule's own splits, so
-the aligned model is scored on exactly what the supervised one was.
+hallucinations written into the reference report, wrong options of closed questions, the supervised model's
+own answers with the lesion evidence noised away, and its wrong answers to the unaltered input. Validation and
+test are the base datamodule's own splits, so the aligned model is scored on exactly what the supervised one
+was.
 
 Pairs are written to ``pairs.jsonl`` in the run directory (study, prompt, chosen, rejected, kind, weight) and can
 be given back with ``pairs: FILE`` to train on the same pairs again.
@@ -27,6 +28,7 @@ from datamodules.loaders import SplitLoaders, split_loader
 from mmclin.checkpoints import own_hyperparameters
 from mmclin.errors import ConfigError, DataError
 from mmclin.preference.pairs import (
+    BY_NAME,
     CONDITIONAL,
     INJECTED,
     KINDS,
@@ -41,7 +43,7 @@ from mmclin.preference.pairs import (
     wrong_option_pairs,
 )
 from mmclin.runs import run_dir
-from mmclin.tasks.qa import model_collator
+from mmclin.tasks.qa import model_collator, parse_choice
 
 log = logging.getLogger(__name__)
 MEDIA_KEYS = ("image", "series", "volume")
@@ -109,9 +111,10 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
             pairs: a ``pairs.jsonl`` to train on instead of building pairs.
             kinds: pair kinds to build (:data:`mmclin.preference.pairs.KINDS`); default every answer kind that
                 applies: the injected report errors, ``other_study`` and ``lesion_noise`` for reports,
-                ``wrong_option`` and ``lesion_noise`` for closed questions. The conditional kinds (one pair per
-                study: its answer given its own input over the same answer given the noised input,
-                ``noised_input``, or another study's, ``other_input``) are asked for by name.
+                ``wrong_option`` and ``lesion_noise`` for closed questions. The supervised model's own wrong
+                generations (``own_answer``) and the conditional kinds (one pair per study: its answer given its own
+                input over the same answer given the noised input, ``noised_input``, or another study's,
+                ``other_input``) are asked for by name.
             pairs_per_study: most pairs per training study (drawn among its kinds).
             noise_sigma: SD of the noise put inside the lesion region (the images are normalised; a record's
                 noise is this times each channel's SD).
@@ -181,11 +184,12 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
 
     # -- building ------------------------------------------------------------------------------------------
     def build_pairs(self, train: Dataset) -> list[Pair]:
-        """Pairs for every training study (see the module docstring); lesion-noise pairs need the model."""
+        """Pairs for every training study (see the module docstring); lesion-noise and own-answer pairs need the
+        model."""
         h = self.hparams
         rng = np.random.default_rng(h.seed)
-        kinds = set(h.kinds or set(KINDS) - set(CONDITIONAL))
-        pairs, noise_jobs = [], []
+        kinds = set(h.kinds or set(KINDS) - set(BY_NAME))
+        pairs = []
         samples = [train[i] for i in range(len(train))]
         reports = [s["answer"] for s in samples if not s.get("choices")]
         by_question: dict[str, list[tuple[str, str]]] = {}  # the same question -> (study, its answer)
@@ -205,8 +209,6 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
                 candidates = [candidates[j] for j in rng.choice(len(candidates), h.pairs_per_study, replace=False)]
             pairs += [Pair(study, sample["question"], answer, rejected, kind,
                            clinical_weight(answer, rejected, choices or None)) for kind, rejected in candidates]
-            if "lesion_noise" in kinds:
-                noise_jobs.append(i)
             if "noised_input" in kinds:
                 if self.noised(sample, i, torch.Generator()) is None:
                     self.skipped["noised_input_no_lesion"] += 1
@@ -219,41 +221,50 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
                     self.skipped["other_input_none_different"] += 1
                 else:
                     pairs.append(Pair(study, sample["question"], answer, answer, "other_input", other[1], other[0]))
-        if noise_jobs:
-            pairs += self._lesion_noise_pairs(samples, noise_jobs)
+        for kind in ("lesion_noise", "own_answer"):
+            if kind in kinds:
+                pairs += self._model_answer_pairs(samples, kind)
         return pairs
 
-    def _lesion_noise_pairs(self, train: list[dict], indices: list[int]) -> list[Pair]:
-        """The supervised model's answer with the evidence noised away, where it differs clinically from the
-        reference (else skipped: ``lesion_noise_same_content``): its report of a photograph with noise inside
-        the lesion boxes (the base's ``lesion_masks``), or for records the data localises nothing in (ECG), its
-        answer to the question about the record with noise over the whole of it. A closed question's answer
-        is the choice the model ranks first; an open one's is its generation."""
+    def _model_answer_pairs(self, train: list[dict], kind: str) -> list[Pair]:
+        """The supervised model's answers where they differ clinically from the reference (else skipped:
+        ``<kind>_same_content``, or ``<kind>_empty`` for an empty answer).
+
+        ``lesion_noise``: with the evidence noised away, its report of a photograph with noise inside the lesion
+        boxes (the base's ``lesion_masks``), or for records the data localises nothing in (ECG) its answer about
+        the record with noise over the whole of it; a closed question's answer is the choice it ranks first, an
+        open one's its generation. ``own_answer``: its generation given the unaltered input, kept for a closed
+        question when it does not state the right choice (a wrong one, or none of them)."""
         model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if model is None or not hasattr(model, "reference_answers"):
-            self.skipped["lesion_noise_unavailable"] += len(indices)
+            self.skipped[f"{kind}_unavailable"] += len(train)
             return []
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        samples = []
-        for i in indices:
-            sample = train[i]  # the split's samples, already read by build_pairs
-            noised = self.noised(sample, i, generator)
-            if noised is None:
-                self.skipped["lesion_noise_no_lesion"] += 1
-                continue
-            samples.append({**sample, next(k for k in MEDIA_KEYS if k in sample): noised})
+        samples = train
+        if kind == "lesion_noise":
+            generator = torch.Generator().manual_seed(self.hparams.seed)
+            samples = []
+            for i, sample in enumerate(train):  # the split's samples, already read by build_pairs
+                noised = self.noised(sample, i, generator)
+                if noised is None:
+                    self.skipped["lesion_noise_no_lesion"] += 1
+                    continue
+                samples.append({**sample, next(k for k in MEDIA_KEYS if k in sample): noised})
         pairs = []
         for start in range(0, len(samples), 32):
             chunk = samples[start:start + 32]
-            for sample, answered in zip(chunk, model.reference_answers(chunk)):
+            for sample, answered in zip(chunk, model.reference_answers(chunk, generate=kind == "own_answer")):
+                answered = (answered or "").strip()
                 choices = list(sample.get("choices") or []) or None
-                weight = clinical_weight(sample["answer"], answered or "", choices)
-                if not (answered or "").strip() or answered.strip().lower() == sample["answer"].strip().lower() \
-                        or (choices is None and weight <= WORDING_WEIGHT):
-                    self.skipped["lesion_noise_same_content"] += 1
+                weight = clinical_weight(sample["answer"], answered, choices)
+                if not answered:  # nothing to prefer the reference to (a pair file refuses an empty side)
+                    self.skipped[f"{kind}_empty"] += 1
                     continue
-                pairs.append(Pair(study_key(sample), sample["question"], sample["answer"], answered, "lesion_noise",
-                                  weight))
+                if answered.lower() == sample["answer"].strip().lower() \
+                        or (choices is None and weight <= WORDING_WEIGHT) \
+                        or (choices is not None and parse_choice(answered, choices) == sample["answer"]):
+                    self.skipped[f"{kind}_same_content"] += 1
+                    continue
+                pairs.append(Pair(study_key(sample), sample["question"], sample["answer"], answered, kind, weight))
         return pairs
 
     def noised(self, sample: dict, index: int, generator: torch.Generator) -> list[torch.Tensor] | None:

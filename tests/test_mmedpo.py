@@ -290,25 +290,36 @@ def test_a_pair_file_naming_an_unknown_other_input_is_refused(sft_checkpoint, tm
     assert len(same_text.train_pairs) == 1
 
 
-def test_ecg_pairs_from_the_models_answer_to_a_noised_record_and_another_record(demo_cache, tmp_path):
-    """Closed questions: the supervised model's ranked choice for the noised record is a wrong option; an
-    ``other_input`` pair's other record answers the same question otherwise."""
-    ckpt = fit_ecg_qa(tmp_path, "ecg-qa-softprompt.yaml")
+def test_ecg_pairs_from_the_models_answers_and_another_record(demo_cache, tmp_path):
+    """Closed questions: the supervised model's ranked choice for the noised record is a wrong option; its own
+    generation for the unaltered record does not state the right choice; an ``other_input`` pair's other record
+    answers the same question otherwise."""
+    from mmclin.tasks.qa import parse_choice
+
+    ckpt = fit_ecg_qa(tmp_path, "ecg-qa-softprompt.yaml", "--trainer.max_epochs", "8")  # it answers "no"
     out = tmp_path / "mmedpo"
     cli = build_cli(["-c", str(CONFIGS / "ecg-qa-mmedpo.yaml"), "--model.init_args.init_from", str(ckpt),
                      "--data.init_args.base.init_args.demo_records", "120", "--data.init_args.kinds",
-                     "[lesion_noise, other_input]", "--trainer.default_root_dir", str(out),
+                     "[lesion_noise, own_answer, other_input]", "--trainer.default_root_dir", str(out),
                      "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false"],
                     run=False)
     _one_step(cli)
     data = cli.datamodule
     train = data.base.datasets["train"]
     kinds = {p.kind for p in data.train_pairs}
-    assert kinds == {"lesion_noise", "other_input"}, (kinds, dict(data.skipped))
+    assert kinds == {"lesion_noise", "own_answer", "other_input"}, (kinds, dict(data.skipped))
+    own = [p for p in data.train_pairs if p.kind == "own_answer"]
+    answered = data.skipped["own_answer_same_content"] + data.skipped["own_answer_empty"]
+    assert len(own) + answered == len(train)  # every question answered once
     for pair in data.train_pairs:
         sample = train[data.index[pair.study]]
+        assert pair.chosen == sample["answer"]
         if pair.kind == "lesion_noise":
-            assert pair.rejected in sample["choices"] and pair.rejected != pair.chosen == sample["answer"]
+            assert pair.rejected in sample["choices"] and pair.rejected != pair.chosen
+        elif pair.kind == "own_answer":
+            assert pair.rejected.strip() and parse_choice(pair.rejected, sample["choices"]) != sample["answer"]
         else:
             other = train[data.index[pair.rejected_study]]
             assert other["question"] == sample["question"] and other["answer"] != sample["answer"]
+    first = train[data.index[own[0].study]]  # the rejected side is what the supervised model generates
+    assert cli.model.reference_answers([first], generate=True)[0].strip() == own[0].rejected

@@ -103,9 +103,9 @@ class MMedPO(L.LightningModule):
         return self.policy, self.policy.lm.disable_adapter()
 
     @torch.no_grad()
-    def reference_answers(self, samples: list[dict]) -> list[str | None]:
-        """The supervised model's answers to QA samples (lesion-noise pairs): the choice it ranks first for a
-        closed question, its generation for an open one."""
+    def reference_answers(self, samples: list[dict], generate: bool = False) -> list[str | None]:
+        """The supervised model's answers to QA samples (lesion-noise and own-answer pairs): the choice it ranks
+        first for a closed question, or with `generate` its generation (as for an open one)."""
         module, context = self._reference()
         device = next(module.parameters()).device
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in module.collator(samples).items()}
@@ -115,11 +115,12 @@ class MMedPO(L.LightningModule):
             with context:
                 media = module.batch_media(batch)
                 unset = [None] * len(batch["choices"])
-                ranked = module.rank_choices(batch, media) if any(batch["choices"]) else unset
-                generated = unset if all(batch["choices"]) else module.generate_answers(batch, media)
+                ranked = module.rank_choices(batch, media) if any(batch["choices"]) and not generate else unset
+                generated = module.generate_answers(batch, media) if generate or not all(batch["choices"]) \
+                    else unset
         finally:
             module.train(was_training)
-        return [r if choices else g for g, r, choices in zip(generated, ranked, batch["choices"])]
+        return [r if choices and not generate else g for g, r, choices in zip(generated, ranked, batch["choices"])]
 
     # -- batches --------------------------------------------------------------------------------------------
     def collator(self, samples: list[dict]) -> dict:

@@ -10,7 +10,11 @@ MMedPO (Zhu et al. 2024, arXiv:2412.06141) builds dispreferred responses two way
   betrays (a grade that contradicts the listed lesions), only the image tells it from the right one;
 - *lesion-region noising*: the model's own answer when noise replaces the evidence inside the lesion region
   of the input (:func:`noise_region`; the whole record, :func:`noise_record`, where the data localises no
-  lesion, as for ECG findings), which shows what it says from priors alone.
+  lesion, as for ECG findings), which shows what it says from priors alone;
+- *the model's own mistakes* (``own_answer``): its greedy answer to the unaltered input where that is wrong,
+  an option it was not offered included (a volume of "280 mL" among 210, 290, 580 and 41 mL), the self-play
+  negatives of SPIN (Chen et al. 2024, arXiv:2401.01335), which target what generation gets wrong rather than
+  a mistake the model would not make.
 
 Two *conditional* kinds keep the answer and change the input instead (the conditional preference of mDPO,
 Wang et al. 2024, arXiv:2406.11839, which finds that DPO on answer pairs alone lets a model keep answering from
@@ -36,8 +40,9 @@ import torch
 from mmclin.tasks.report import GRADE_NAMES, REFERRAL_LEVELS, parse_grade, parse_lesions, parse_referral
 
 KINDS = ("severity", "referral", "false_finding", "omission", "negation", "laterality", "other_study",
-         "wrong_option", "lesion_noise", "noised_input", "other_input")
+         "wrong_option", "lesion_noise", "own_answer", "noised_input", "other_input")
 CONDITIONAL = ("noised_input", "other_input")  # kinds whose two sides are the same answer given two inputs
+BY_NAME = (*CONDITIONAL, "own_answer")  # kinds built only when asked for
 INJECTED = KINDS[:6]  # the kinds written into a reference report
 
 # Wording of an invented lesion (ETDRS terms, as fundus reports state them)
