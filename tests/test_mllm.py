@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -31,12 +32,13 @@ def _samples(n: int, seed: int) -> list[dict]:
     return out
 
 
-def _fit_and_validate(model: MultimodalLM, train: list[dict], val: list[dict], epochs: int) -> dict:
-    """Fit `model` on `train` (batches of 16) and return its validation metrics on `val`."""
+def _fit_and_validate(model: MultimodalLM, train: list[dict], val: list[dict], epochs: int, root: Path) -> dict:
+    """Fit `model` on `train` (batches of 16) and return its validation metrics on `val`; plots go under `root`."""
     train_loader = DataLoader(train, batch_size=16, shuffle=True, collate_fn=model.collator)
     val_loader = DataLoader(val, batch_size=16, collate_fn=model.collator)
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=root)
     trainer.fit(model, train_loader, val_loader)
     (metrics,) = trainer.validate(model, val_loader)
     return metrics
@@ -48,7 +50,7 @@ def test_learns_a_closed_question_about_a_series(fusion, tmp_path):
     encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=32, n_layers=1, n_heads=2)
     tiny_lm = {"tiny": {"hidden_size": 32, "intermediate_size": 64}, "freeze": "none"}  # random init: train it
     model = MultimodalLM({"series": encoder}, lm=tiny_lm, fusion=fusion, lr=3e-3, predictions_dir=str(tmp_path))
-    metrics = _fit_and_validate(model, _samples(64, 0), _samples(32, 1), epochs=40)
+    metrics = _fit_and_validate(model, _samples(64, 0), _samples(32, 1), epochs=40, root=tmp_path)
     assert metrics["val/acc_likelihood"] >= 0.8, metrics  # majority baseline 0.5
     lines = (tmp_path / "val-predictions" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 32 and {"generated", "parsed", "ranked"} <= set(json.loads(lines[0]))
@@ -86,7 +88,7 @@ def test_evaluator_scores_are_logged_beside_accuracy(tmp_path):
     model = MultimodalLM({"series": encoder}, lm={"tiny": {"hidden_size": 16, "intermediate_size": 32}},
                          evaluator=evaluator, predictions_dir=str(tmp_path))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+                        enable_model_summary=False, default_root_dir=tmp_path)
     (metrics,) = trainer.validate(model, DataLoader(_samples(6, 1), batch_size=4, collate_fn=model.collator))
     assert seen == [6] and metrics["val/answered_fast"] == 0.5 and "val/acc_likelihood" in metrics
 
@@ -171,7 +173,7 @@ def test_dense_aux_targets_teach_the_encoder_where_a_finding_is(tmp_path):
     del samples[1]["volume_targets"]
     with pytest.raises(DataError, match="2 volume_targets for 3 volume media"):
         model.collator(samples)
-    metrics = _fit_and_validate(model, _blob_samples(64, 0), _blob_samples(32, 1), epochs=15)
+    metrics = _fit_and_validate(model, _blob_samples(64, 0), _blob_samples(32, 1), epochs=15, root=tmp_path)
     assert metrics["val/aux_auroc_token/blob"] > 0.9, metrics  # chance 0.5: the head finds the cube's patches
     assert metrics["val/aux_auroc/blob"] > 0.9  # and tells the volumes with a cube from those without
     assert metrics["val/aux_loss"] < 0.3

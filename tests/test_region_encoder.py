@@ -131,7 +131,8 @@ def test_region_encoder_learns_which_organ_holds_a_lesion(tmp_path):
                          aux_classes=["left", "right", "left_lesion", "right_lesion"], predictions_dir=str(tmp_path))
     train, val = _organ_samples(96, 0), _organ_samples(48, 1)
     trainer = L.Trainer(accelerator="cpu", max_epochs=30, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=tmp_path)
     trainer.fit(model, DataLoader(train, batch_size=16, shuffle=True, collate_fn=model.collator))
     (metrics,) = trainer.validate(model, DataLoader(val, batch_size=16, collate_fn=model.collator))
     assert metrics["val/aux_auroc/left_lesion"] > 0.9, metrics  # chance 0.5
