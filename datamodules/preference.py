@@ -147,10 +147,12 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
         """The base datamodule, built on first use with its own settings and defaults (see
         :func:`mmclin.checkpoints.own_hyperparameters`)."""
         if self._base is None:
-            spec = self.hparams.base
+            spec = dict(self.hparams.base)
+            # `--data.init_args.base.init_args.X v` on the command line arrives as base["X"], beside init_args
+            init_args = {**(spec.pop("init_args", None) or {}),
+                         **{k: v for k, v in spec.items() if k not in ("class_path", "dict_kwargs")}}
             with own_hyperparameters():
-                self._base = instantiate_class((), {"class_path": spec["class_path"],
-                                                    "init_args": spec.get("init_args") or {}})
+                self._base = instantiate_class((), {"class_path": spec["class_path"], "init_args": init_args})
         return self._base
 
     @property

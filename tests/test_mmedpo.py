@@ -305,6 +305,7 @@ def test_ecg_pairs_from_the_models_answers_and_another_record(demo_cache, tmp_pa
                     run=False)
     _one_step(cli)
     data = cli.datamodule
+    assert data.base.hparams.demo_records == 120  # the command line reaches the base datamodule
     train = data.base.datasets["train"]
     kinds = {p.kind for p in data.train_pairs}
     assert kinds == {"lesion_noise", "own_answer", "other_input"}, (kinds, dict(data.skipped))
