@@ -150,7 +150,7 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
             spec = dict(self.hparams.base)
             # `--data.init_args.base.init_args.X v` on the command line arrives as base["X"], beside init_args
             init_args = {**(spec.pop("init_args", None) or {}),
-                         **{k: v for k, v in spec.items() if k not in ("class_path", "dict_kwargs")}}
+                         **{k: v for k, v in spec.items() if k != "class_path"}}
             with own_hyperparameters():
                 self._base = instantiate_class((), {"class_path": spec["class_path"], "init_args": init_args})
         return self._base
@@ -212,7 +212,7 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
             pairs += [Pair(study, sample["question"], answer, rejected, kind,
                            clinical_weight(answer, rejected, choices or None)) for kind, rejected in candidates]
             if "noised_input" in kinds:
-                if self.noised(sample, i, torch.Generator()) is None:
+                if not self.has_lesion_region(sample, i):
                     self.skipped["noised_input_no_lesion"] += 1
                 else:
                     pairs.append(Pair(study, sample["question"], answer, answer, "noised_input", 1.0))
@@ -256,11 +256,11 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
             chunk = samples[start:start + 32]
             for sample, answered in zip(chunk, model.reference_answers(chunk, generate=kind == "own_answer")):
                 answered = (answered or "").strip()
-                choices = list(sample.get("choices") or []) or None
-                weight = clinical_weight(sample["answer"], answered, choices)
                 if not answered:  # nothing to prefer the reference to (a pair file refuses an empty side)
                     self.skipped[f"{kind}_empty"] += 1
                     continue
+                choices = list(sample.get("choices") or []) or None
+                weight = clinical_weight(sample["answer"], answered, choices)
                 if answered.lower() == sample["answer"].strip().lower() \
                         or (choices is None and weight <= WORDING_WEIGHT) \
                         or (choices is not None and parse_choice(answered, choices) == sample["answer"]):
@@ -269,20 +269,29 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
                 pairs.append(Pair(study_key(sample), sample["question"], sample["answer"], answered, kind, weight))
         return pairs
 
+    def _lesion_mask(self, index: int) -> torch.Tensor | None:
+        """Training sample `index`'s lesion mask (the base's ``lesion_masks``, read once), or None where the base
+        localises no lesions."""
+        if self._masks is None and hasattr(self.base, "lesion_masks"):
+            self._masks = self.base.lesion_masks("train", self.hparams.lesion_classes)
+        return None if self._masks is None else self._masks[index]
+
+    def has_lesion_region(self, sample: dict, index: int) -> bool:
+        """Whether :meth:`noised` has a region to noise in training sample `index`."""
+        mask = self._lesion_mask(index)
+        return bool(mask.any()) if mask is not None else "series" in sample
+
     def noised(self, sample: dict, index: int, generator: torch.Generator) -> list[torch.Tensor] | None:
         """The media of training sample `index` with the evidence noised: Gaussian noise inside its lesion boxes
         (the base's ``lesion_masks``), or over the whole of each record where the data localises none (ECG);
         None when there is no region (no lesion in the photograph, or an image without lesion localisation)."""
+        if not self.has_lesion_region(sample, index):
+            return None
         key = next(k for k in MEDIA_KEYS if k in sample)
-        sigma = self.hparams.noise_sigma
-        if self._masks is None and hasattr(self.base, "lesion_masks"):  # read once, on first use
-            self._masks = self.base.lesion_masks("train", self.hparams.lesion_classes)
-        if self._masks is not None:
-            mask = self._masks[index]
-            return [noise_region(sample[key][0], mask, generator, sigma)] if bool(mask.any()) else None
-        if key == "series":
-            return [noise_record(x, generator, sigma) for x in sample[key]]
-        return None
+        mask, sigma = self._lesion_mask(index), self.hparams.noise_sigma
+        if mask is not None:
+            return [noise_region(sample[key][0], mask, generator, sigma)]
+        return [noise_record(x, generator, sigma) for x in sample[key]]
 
     def _read_pairs(self, path: Path) -> list[Pair]:
         if not path.is_file():
