@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import datamodules  # noqa: F401  (registers datamodules so configs can name them by class)
 import encoders  # noqa: F401
@@ -29,6 +30,20 @@ class MMClinCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="fit only: then test the best checkpoint (the last one without a monitored metric) "
                                  "on the test split and print its figures")
+
+    def before_instantiate_classes(self) -> None:
+        """bf16 on a CPU without bf16 units runs its matrix products ~100x slower than fp32 (docs/benchmarks.md):
+        there, a config's ``bf16-mixed`` becomes ``32-true``, with a warning."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.get("trainer") if config is not None else None
+        if trainer is None or not str(trainer.get("precision") or "").startswith("bf16"):
+            return
+        on_cpu = trainer.get("accelerator") == "cpu" or (trainer.get("accelerator") == "auto" and not (
+            torch.cuda.is_available() or torch.backends.mps.is_available()))
+        if on_cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            rank_zero_warn(f"precision {trainer['precision']}: this CPU has no bf16 units, where bf16 matrix products "
+                           "run far slower than fp32; training in 32-true instead")
+            trainer["precision"] = "32-true"
 
     def _parse_ckpt_path(self) -> None:
         """As LightningCLI's (``--ckpt_path``: the checkpoint's model settings become the config's), but passing on
