@@ -49,6 +49,13 @@ HAM_DX_NAMES = {
     "df": "dermatofibroma",
     "vasc": "vascular lesion",
 }
+# HAM10000 `dx_type`: how the diagnosis was established (Tschandl et al. 2018), as a caption phrase.
+HAM_DX_TYPE_PHRASES = {
+    "histo": "confirmed by histopathology",
+    "follow_up": "stable on digital dermoscopic follow-up",
+    "consensus": "diagnosed by expert consensus",
+    "confocal": "confirmed by reflectance confocal microscopy",
+}
 SPLIT_ALIASES = {
     "train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"
 }
@@ -169,7 +176,10 @@ def read_isic(
             meta = _read_csv(Path(root) / metadata_csv, ["image", "lesion_id"]).set_index("image")["lesion_id"]
             groups = images.map(meta).fillna("")
     rng = np.random.default_rng(seed)
-    captions = [templates[int(rng.integers(len(templates)))].format(name) for name in labels]
+    if "dx" in frame.columns:
+        captions = [ham_caption(row, label, templates, rng) for (_, row), label in zip(frame.iterrows(), labels)]
+    else:
+        captions = [templates[int(rng.integers(len(templates)))].format(name) for name in labels]
     root = Path(root)
     return pd.DataFrame(
         {
@@ -181,6 +191,36 @@ def read_isic(
             "line": np.arange(len(frame)) + 2,
         }
     )
+
+
+def ham_caption(row: pd.Series, classname: str, templates: Sequence[str], rng: np.random.Generator,
+                keep: float = 0.6) -> str:
+    """A caption for one HAM10000 row as DermLIP builds them from the diagnosis and the metadata (Yan et al. 2025).
+
+    A template names the diagnosis; each known metadata field (site, age and sex, how the diagnosis was made) is
+    added with probability `keep`, in a varied phrasing, so that captions differ in length and content while the
+    class name stays the part every caption shares. Unknown values (``unknown``, empty, ``nan``) are left out.
+    E.g. "dermoscopy of melanoma. located on the back. male, aged 55. confirmed by histopathology."
+    """
+    parts = [templates[int(rng.integers(len(templates)))].format(classname)]
+    site = str(row.get("localization", "")).strip()
+    if site and site not in ("unknown", "nan") and rng.random() < keep:
+        parts.append(f"located on the {site}." if rng.random() < 0.5 else f"site: {site}.")
+    age, sex = str(row.get("age", "")).strip(), str(row.get("sex", "")).strip()
+    known_age = age not in ("", "nan", "unknown")
+    known_sex = sex not in ("", "nan", "unknown")
+    if (known_age or known_sex) and rng.random() < keep:
+        if rng.random() < 0.5:
+            who = " ".join(p for p in (f"{int(float(age))}-year-old" if known_age else "", sex if known_sex else "")
+                           if p)
+            parts.append(f"patient: {who}.")
+        else:
+            parts.append(", ".join(p for p in (sex if known_sex else "patient",
+                                               f"aged {int(float(age))}" if known_age else "") if p) + ".")
+    dx_type = HAM_DX_TYPE_PHRASES.get(str(row.get("dx_type", "")).strip())
+    if dx_type and rng.random() < keep:
+        parts.append(dx_type + ".")
+    return " ".join(parts)
 
 
 def check_images(table: pd.DataFrame, source: str, on_missing: Literal["error", "skip"], verify: bool = False):
@@ -304,6 +344,7 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
         demo_image_size: int = 128,
         cache_dir: str | None = None,
         predict: str | None = None,
+        sampling: Literal["shuffle", "balanced", "sqrt"] = "shuffle",
     ):
         """
         Args:
@@ -334,8 +375,14 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
             cache_dir: where the demo is generated (default ``$MMCLIN_CACHE`` or ``~/.cache/mmclin``).
             predict: studies for ``lightning predict`` instead of the test split: a JSONL of ``{"input", "question",
                 "choices"}`` rows (question and choices for QA models), a text file of paths, or one path.
+            sampling: how training images are drawn: ``shuffle`` (each once per epoch), ``balanced`` (with
+                replacement, each class equally often) or ``sqrt`` (class frequency to the power 1/2, between the
+                two). Balanced draws raise the recall of rare classes (balanced accuracy) at some cost in
+                overall accuracy; docs/benchmarks.md measures them on HAM10000.
         """
         super().__init__()
+        if sampling not in ("shuffle", "balanced", "sqrt"):
+            raise ConfigError(f"sampling must be 'shuffle', 'balanced' or 'sqrt', got {sampling!r}")
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ConfigError(f"val_fraction + test_fraction must be in [0, 1); got {val_fraction} + {test_fraction}")
         if format == "csv" and (root is None or csv is None or caption_key is None):
@@ -442,8 +489,32 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
         sizes = {k: len(v) for k, v in self.datasets.items()}
         log.info("%s: %s images (%d skipped)", self.csv_path, sizes, len(self.skipped))
 
+    def eval_dataset(self, split: str) -> ImageTextDataset:
+        """The images of `split` under the evaluation transform (no augmentation), e.g. for a linear probe."""
+        return ImageTextDataset(self.datasets[split].table, self.classnames, self._preprocess()[1], None,
+                                str(self.csv_path))
+
+    def sampling_weights(self, split: str = "train") -> np.ndarray | None:
+        """Per-image draw weights of `split` for the ``sampling`` setting (None: each image once per epoch)."""
+        if self.hparams.sampling == "shuffle":
+            return None
+        labels = self.datasets[split].table["label"]
+        counts = labels.map(labels.value_counts()).to_numpy(dtype=float)
+        return counts ** (-1.0 if self.hparams.sampling == "balanced" else -0.5)
+
+    def baselines(self, split: str) -> dict[str, float]:
+        """What answering without looking scores on `split`: always the most frequent training class (its accuracy;
+        balanced accuracy 1/K over the K classes present, macro AUROC 0.5)."""
+        train = self.datasets["train"].table["label"]
+        truth = self.datasets[split].table["label"]
+        truth = truth[truth.ne("")]
+        if truth.empty or train.empty:
+            return {}
+        majority = train.value_counts().index[0]
+        return {"majority_acc": float((truth == majority).mean()), "majority_bacc": 1.0 / truth.nunique()}
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets[split]
         if len(dataset) == 0:
             raise DataError(f"{self.csv_path}: the '{split}' split is empty")
-        return split_loader(dataset, train, self.trainer, self.hparams)
+        return split_loader(dataset, train, self.trainer, self.hparams, self.sampling_weights(split) if train else None)

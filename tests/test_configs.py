@@ -13,7 +13,7 @@ from mmclin.cli import build_cli
 RUNNABLE = sorted(CONFIGS.glob("*.yaml"))
 OVERLAYS = sorted((CONFIGS / "overlays").glob("*.yaml"))
 BASE_OF_OVERLAY = {name: "derm-clip.yaml" for name in ("derm1m-vitb16.yaml", "fsdp.yaml", "ddp-cpu.yaml",
-                                                        "tensorboard.yaml", "mlflow.yaml")}
+                                                        "tensorboard.yaml", "mlflow.yaml", "ham10000.yaml")}
 BASE_OF_OVERLAY["llm-1b-lora.yaml"] = "ecg-qa-xattn.yaml"
 BASE_OF_OVERLAY["deeptumorvqa.yaml"] = "ct-vqa.yaml"
 BASE_OF_OVERLAY["mmedpo-lora.yaml"] = "fundus-report-mmedpo.yaml"

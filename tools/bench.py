@@ -592,6 +592,12 @@ def run_dpo(args: argparse.Namespace) -> str:
     return bench_dpo.run(args)
 
 
+def run_derm_data(args: argparse.Namespace) -> str:
+    import bench_derm
+
+    return bench_derm.run(args)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -645,6 +651,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ct.add_argument("--fundus-size", type=int, default=224)
     ct.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ct.add_argument("--no-write", action="store_true", help="print the table only; leave docs/benchmarks.md be")
+    derm = sub.add_parser("derm-data", help="HAM10000 derm CLIP: loader rate against training-step rate")
+    derm.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "ham10000_200x150"),
+                      help="the HAM10000 folder (HAM10000_metadata.csv + images/)")
+    derm.add_argument("--batches", type=int, default=10, help="timed batches per rate")
+    derm.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    derm.add_argument("--no-write", action="store_true", help="print the table only; leave docs/benchmarks.md be")
     return p.parse_args(argv)
 
 
@@ -654,7 +666,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=PossibleUserWarning)  # "few dataloader workers": in-memory on purpose
     started = time.perf_counter()
-    report = {"clip": run_clip, "fusion": run_fusion, "ct": run_ct, "dpo": run_dpo}[args.command](args)
+    report = {"clip": run_clip, "fusion": run_fusion, "ct": run_ct, "dpo": run_dpo,
+              "derm-data": run_derm_data}[args.command](args)
     print(report)
     print(f"[bench] {args.command}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if not args.no_write:

@@ -15,14 +15,21 @@ from open_clip.loss import ClipLoss, SigLipLoss
 from sklearn.metrics import confusion_matrix
 from timm.optim import param_groups_weight_decay
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torchvision import transforms
 from transformers import get_cosine_schedule_with_warmup
 
 from mmclin.checkpoints import load_module
 from mmclin.distributed import gather_in_order
 from mmclin.errors import CheckpointError, ConfigError
+from mmclin.models.clip_losses import UniCLLoss
 from mmclin.models.open_clip_build import build_open_clip
 from mmclin.plots import log_figure, plot_confusion_matrix, plot_roc_curves
-from mmclin.tasks.zero_shot import classification_metrics, retrieval_metrics, zero_shot_classifier
+from mmclin.tasks.zero_shot import (
+    classification_metrics,
+    retrieval_metrics,
+    zero_shot_classifier,
+    zero_shot_figures_with_ci,
+)
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100 (Radford et al. 2021)
 
@@ -40,7 +47,7 @@ class CLIPModule(L.LightningModule):
         model_name: str | None = None,
         model_config: dict | None = None,
         pretrained: str | None = None,
-        loss: Literal["clip", "siglip"] = "clip",
+        loss: Literal["clip", "siglip", "unicl"] = "clip",
         local_loss: bool = False,
         gather_with_grad: bool = True,
         lr: float = 5e-4,
@@ -53,13 +60,17 @@ class CLIPModule(L.LightningModule):
         classnames: list[str] | None = None,
         templates: str | list[str] = "derm",
         sdpa_backend: Literal["auto", "default", "math"] = "auto",
+        train_flips: bool = False,
+        binary_aurocs: dict[str, list[str]] | None = None,
     ):
         """
         Args:
             model_name: open_clip registry name (``ViT-B-16``) or ``local-dir:PATH`` with open_clip_config.json.
             model_config: inline open_clip model config instead of a name (random init unless `pretrained`).
             pretrained: local checkpoint file with full CLIP weights.
-            loss: ``clip`` (InfoNCE, open_clip ClipLoss) or ``siglip`` (sigmoid, open_clip SigLipLoss).
+            loss: ``clip`` (InfoNCE, open_clip ClipLoss), ``siglip`` (sigmoid, open_clip SigLipLoss) or ``unicl``
+                (InfoNCE with the pairs that share a class label as positives, :class:`UniCLLoss`; for captions
+                written from a few labels, e.g. HAM10000's).
             local_loss: ClipLoss: each process scores its local batch against all gathered features.
             gather_with_grad: ClipLoss: gathered features carry gradients (needed for exact DDP loss).
             lr: peak AdamW learning rate.
@@ -73,6 +84,11 @@ class CLIPModule(L.LightningModule):
             templates: prompt templates: a set name (``derm``) or a list of strings with one ``{}``.
             sdpa_backend: attention kernel; ``auto`` uses the math kernel for bf16 on CPU, where the
                 fused kernels' backward is slower (see docs/benchmarks.md), and the default elsewhere.
+            train_flips: random horizontal and vertical flips before the training transform, for images without a
+                canonical orientation (dermoscopy, histology).
+            binary_aurocs: two-class AUROCs to log beside the zero-shot figures, e.g.
+                ``{"mel_vs_nv": ["melanoma", "melanocytic nevus"]}`` (positive class first), scored among the
+                images of those two classes by the difference of their zero-shot logits.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -80,6 +96,9 @@ class CLIPModule(L.LightningModule):
         self.model = parts.model
         self.tokenizer = parts.tokenizer
         self.train_transform, self.eval_transform = parts.train_transform, parts.eval_transform
+        if train_flips:
+            flips = [transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip()]
+            self.train_transform = transforms.Compose([*flips, self.train_transform])
         self.model_cfg, self.preprocess_cfg = parts.model_cfg, parts.preprocess_cfg
         if loss == "siglip" and "init_logit_bias" not in self.model_cfg:
             raise ConfigError("loss 'siglip' needs a model with a logit bias: set model_config.init_logit_bias (-10)")
@@ -109,6 +128,9 @@ class CLIPModule(L.LightningModule):
         """Build the loss for this process's place in the job (features are gathered across `world`)."""
         if self.hparams.loss == "siglip":
             self.loss_fn = SigLipLoss(rank=rank, world_size=world)
+        elif self.hparams.loss == "unicl":
+            self.loss_fn = UniCLLoss(local_loss=self.hparams.local_loss, gather_with_grad=self.hparams.gather_with_grad,
+                                     cache_labels=False, rank=rank, world_size=world)
         else:
             self.loss_fn = ClipLoss(local_loss=self.hparams.local_loss, gather_with_grad=self.hparams.gather_with_grad,
                                     cache_labels=True, rank=rank, world_size=world)
@@ -121,12 +143,18 @@ class CLIPModule(L.LightningModule):
             backend = "math" if on_cpu and bf16 else "default"
         return sdpa_kernel([SDPBackend.MATH]) if backend == "math" else contextlib.nullcontext()
 
-    def contrastive_loss(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-        """Loss over the global batch (features gathered across processes by open_clip's loss)."""
+    def contrastive_loss(self, images: torch.Tensor, texts: torch.Tensor,
+                         labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss over the global batch (features gathered across processes by open_clip's loss); `labels` (B,) are
+        the pairs' classes, which the ``unicl`` loss needs (-1 where unknown)."""
         with self._attention_context():
             out = self.model(images, texts)
-        return self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                            **({"logit_bias": out["logit_bias"]} if "logit_bias" in out else {}))
+        extra = {"logit_bias": out["logit_bias"]} if "logit_bias" in out else {}
+        if self.hparams.loss == "unicl":
+            if labels is None:
+                raise ConfigError("loss 'unicl' needs each pair's class label in the batch ('label')")
+            extra["labels"] = labels.to(images.device)
+        return self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], **extra)
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         # Gradient checkpointing recomputes attention in the backward pass: it must use the same kernel.
@@ -134,7 +162,7 @@ class CLIPModule(L.LightningModule):
             super().backward(loss, *args, **kwargs)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.contrastive_loss(batch["image"], batch["text"])
+        loss = self.contrastive_loss(batch["image"], batch["text"], batch.get("label"))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
         self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=len(batch["image"]))
         return loss
@@ -203,6 +231,8 @@ class CLIPModule(L.LightningModule):
         local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in ("image", "text", "label")}
         gathered = gather_in_order(self, local)
         metrics = evaluate_embeddings(self, gathered["image"], gathered["text"], gathered["label"])
+        if prefix == "test":
+            metrics.update(test_figures(self, gathered["image"], gathered["label"]))
         if not self.trainer.sanity_checking:
             zero_shot_figures(self, prefix, gathered["image"], gathered["label"])
         # Every process holds the gathered split, so all compute (and log) the same figures; callbacks such
@@ -224,6 +254,18 @@ def zero_shot_figures(module: CLIPModule, prefix: str, image: torch.Tensor, labe
     log_figure(module, f"{prefix}/zero_shot_confusion", plot_confusion_matrix(matrix, names, None,
                                                                              f"{prefix}: zero-shot"))
     log_figure(module, f"{prefix}/zero_shot_roc", plot_roc_curves(scores, truth, names, f"{prefix}: zero-shot ROC"))
+
+
+def test_figures(module: CLIPModule, image: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+    """Zero-shot balanced accuracy, macro AUROC and the configured two-class AUROCs with bootstrap 95% intervals,
+    and each class's recall (:func:`mmclin.tasks.zero_shot.zero_shot_figures_with_ci`)."""
+    names, has_label = module.hparams.classnames, label >= 0
+    if not names or not has_label.any():
+        return {}
+    classifier = zero_shot_classifier(module.model, module.tokenizer, names, module.hparams.templates,
+                                      module.device).float()
+    return zero_shot_figures_with_ci(image[has_label] @ classifier, label[has_label], names,
+                                     module.hparams.binary_aurocs)
 
 
 def evaluate_embeddings(module: CLIPModule, image: torch.Tensor, text: torch.Tensor, label: torch.Tensor) -> dict:

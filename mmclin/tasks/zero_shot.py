@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from open_clip import build_zero_shot_classifier
 from open_clip_train.train import get_clip_metrics
@@ -92,6 +93,63 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, classname
         },
         "confusion_matrix": multiclass_confusion_matrix(scores, labels, k).tolist(),
     }
+
+
+def binary_auroc_between(scores: torch.Tensor, labels: torch.Tensor, positive: int, negative: int) -> float:
+    """AUROC of telling class `positive` from class `negative` among the rows of those two classes, scored by the
+    difference of their logits (e.g. melanoma against melanocytic nevus); NaN without rows of both."""
+    rows = (labels == positive) | (labels == negative)
+    target = (labels[rows] == positive).long()
+    if not 0 < int(target.sum()) < len(target):
+        return float("nan")
+    return float(binary_auroc((scores[rows, positive] - scores[rows, negative]).float(), target))
+
+
+def zero_shot_figures_with_ci(scores: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
+                              binary_pairs: dict[str, Sequence[str]] | None = None, n_boot: int = 500,
+                              seed: int = 0) -> dict[str, float]:
+    """Headline zero-shot figures with percentile bootstrap 95% intervals over the images.
+
+    Returns ``zs_bacc``, ``zs_auroc`` (macro one-vs-rest), ``zs_auroc_<pair>`` for each named pair of classes
+    (``{"mel_vs_nv": ["melanoma", "melanocytic nevus"]}``) and each with ``_ci_low``/``_ci_high``, plus
+    ``zs_recall/<class>`` per class.
+    """
+    scores, labels = scores.float().cpu(), labels.long().cpu()
+    index = {name: i for i, name in enumerate(classnames)}
+    pairs = {}
+    for name, (positive, negative) in (binary_pairs or {}).items():
+        missing = [c for c in (positive, negative) if c not in index]
+        if missing:
+            raise ValueError(f"binary AUROC {name!r}: class(es) {missing} not among {list(classnames)}")
+        pairs[name] = (index[positive], index[negative])
+
+    probabilities = scores.softmax(-1)
+    k = len(classnames)
+
+    def figures(rows: np.ndarray) -> dict[str, float]:
+        s, y = scores[rows], labels[rows]
+        support = torch.bincount(y, minlength=k)
+        hits = torch.bincount(y[s.argmax(-1) == y], minlength=k)
+        present = support > 0
+        aurocs = [float(binary_auroc(probabilities[rows][:, c], (y == c).long())) for c in range(k)
+                  if 0 < int(support[c]) < len(y)]
+        out = {"zs_bacc": float((hits[present] / support[present]).mean()),
+               "zs_auroc": float(np.mean(aurocs)) if aurocs else float("nan")}
+        out.update({f"zs_auroc_{n}": binary_auroc_between(s, y, p, q) for n, (p, q) in pairs.items()})
+        return out
+
+    everything = np.arange(len(labels))
+    result = figures(everything)
+    report = classification_metrics(scores, labels, classnames)
+    result.update({f"zs_recall/{name}": v["recall"] for name, v in report["per_class"].items() if v["support"]})
+    rng = np.random.default_rng(seed)
+    draws = [figures(rng.integers(0, len(labels), len(labels))) for _ in range(n_boot)]
+    for key in list(figures(everything)):
+        values = np.array([d[key] for d in draws], dtype=float)
+        values = values[~np.isnan(values)]
+        if values.size:
+            result[f"{key}_ci_low"], result[f"{key}_ci_high"] = (float(v) for v in np.percentile(values, [2.5, 97.5]))
+    return result
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, float]:
