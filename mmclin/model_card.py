@@ -48,7 +48,9 @@ def _metric_lines(figures: dict[str, float]) -> list[str]:
     lines = ["| split | metric | value [95% CI] |", "|---|---|---:|", *rows] if rows else [
         "No validation or test figures were found beside the checkpoint (the run logged elsewhere)."]
     if baselines:
-        lines += ["", "What a trivial answerer scores on the same split:", "",
+        lines += ["", "What a trivial answerer scores on the same split; `shuffled_media_*` and `blank_media_*`: this "
+                  "model with each study's medium replaced by another study's or by zeros (a model that does not "
+                  "look at its input scores the same; `*_minus_shuffled_media` above is the paired difference):", "",
                   "| split | baseline | value |", "|---|---|---:|", *baselines]
     return lines
 

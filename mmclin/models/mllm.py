@@ -28,6 +28,14 @@ from mmclin.metrics.f1 import macro_f1
 from mmclin.models.optim import adamw_cosine
 from mmclin.plots import log_figure, log_text, plot_confusion_matrix
 from mmclin.runs import run_dir
+from mmclin.tasks.blind import (
+    BLIND_VARIANTS,
+    PREDICTION_KEYS,
+    other_media_index,
+    paired_accuracy_differences,
+    recent_distinct,
+    variant_rows,
+)
 from mmclin.tasks.qa import QACollator, parse_choice
 
 
@@ -60,6 +68,7 @@ class MultimodalLM(L.LightningModule):
         aux_level: Literal["token", "medium"] = "token",
         aux_loss_weight: float = 1.0,
         aux_tokens: bool = False,
+        blind_splits: list[Literal["val", "test"]] | None = None,
     ):
         """
         Args:
@@ -105,6 +114,11 @@ class MultimodalLM(L.LightningModule):
                 highest over the tokens), so that the LM reads what the head found without having to find it in
                 the patch tokens (segmentation-aware tokens, as MAIRA-Seg, Sharma et al. 2024). Needs
                 ``aux_classes``; works at inference without targets.
+            blind_splits: the evaluation splits also scored with each medium replaced by another study's
+                (``shuffled_media``) and by zeros (``blank_media``), reported as ``baseline/shuffled_media_*`` and
+                ``baseline/blank_media_*`` with the paired difference of accuracy and its bootstrap interval
+                (:mod:`mmclin.tasks.blind`): a model that does not look at its media scores the same. Default
+                ``["test"]`` (each costs two more passes of generation and ranking); ``[]`` turns it off.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -132,6 +146,9 @@ class MultimodalLM(L.LightningModule):
         self.region_loss = DiceCELoss(sigmoid=True, batch=True) if self._region_channels else None
         self.evaluator = evaluator
         self._predictions: list[dict] = []
+        # the last evaluation batch's media (and lengths), from which shuffled_media also draws
+        self._previous_media: torch.Tensor | None = None
+        self._previous_lengths: torch.Tensor | None = None
         self._fitted_tokenizer: str | None = None  # the BPE of `tokenizer_vocab` as JSON, once fitted
         self._media_shapes: dict[str, list[int]] = {}  # one medium's shape per key, as trained (for export checks)
 
@@ -408,19 +425,49 @@ class MultimodalLM(L.LightningModule):
         self.log(f"{split}/loss", self.eval_loss[split], batch_size=len(batch["input_ids"]))
         if aux_loss is not None:
             self.log(f"{split}/aux_loss", aux_loss, batch_size=len(batch["input_ids"]), sync_dist=True)
-        self._predictions += self.answer_rows(batch, media)
+        rows = self.answer_rows(batch, media)
+        if split in (["test"] if self.hparams.blind_splits is None else self.hparams.blind_splits):
+            self._add_blind_predictions(batch, rows)
+        self._predictions += rows
 
     test_step = validation_step
 
     @torch.no_grad()
+    def _add_blind_predictions(self, batch: dict, rows: list[dict]) -> None:
+        """Each row's predictions with its media replaced by another study's and by zeros (``row["blind"]``)."""
+        key = next(k for k in self.encoders if k in batch)
+        media, lengths = batch[key], batch.get(f"{key}_lengths")
+        previous = self._previous_media
+        same_shape = previous is not None and previous.shape[1:] == media.shape[1:]
+        pool = torch.cat([media, previous]) if same_shape else media
+        length_pool = None if lengths is None else torch.cat([lengths, self._previous_lengths]) if same_shape \
+            else lengths
+        index = other_media_index(media, previous if same_shape else None)
+        taken = torch.tensor([i if j is None else j for i, j in enumerate(index)], device=media.device)
+        swapped = {key: pool[taken]} | ({f"{key}_lengths": length_pool[taken]} if length_pool is not None else {})
+        # The most recent distinct media, this batch's first: a batch holding one study's questions only still
+        # finds the study before it.
+        kept = torch.tensor(recent_distinct(pool), device=media.device)
+        self._previous_media = pool[kept].detach().clone()
+        self._previous_lengths = None if length_pool is None else length_pool[kept]
+        variants = {"shuffled_media": {**batch, **swapped}, "blank_media": {**batch, key: torch.zeros_like(media)}}
+        for variant, altered in variants.items():
+            altered_rows = self.answer_rows(altered, self.batch_media(altered))
+            for i, (row, other) in enumerate(zip(rows, altered_rows)):
+                usable = variant != "shuffled_media" or index[i] is not None
+                row.setdefault("blind", {})[variant] = {k: other[k] for k in PREDICTION_KEYS} if usable else None
+
+    @torch.no_grad()
     def answer_rows(self, batch: dict, media) -> list[dict]:
         """The evaluation rows of a batch: question, reference answer, greedy generation, the choice it parses to
-        (the stripped text for open questions), the most likely choice, the choices and the sample's metadata."""
+        (the stripped text for open questions), the most likely choice, every choice's log-likelihood, the choices
+        and the sample's metadata."""
         generated = self.generate_answers(batch, media)
-        ranked = self.rank_choices(batch, media)
+        scores = self.choice_scores(batch, media)
         return [{"question": batch["question"][i], "answer": batch["answer"][i], "generated": text,
                  "parsed": parse_choice(text, batch["choices"][i]) if batch["choices"][i] else text.strip(),
-                 "ranked": ranked[i], "choices": batch["choices"][i], "meta": batch["meta"][i]}
+                 "ranked": max(scores[i], key=scores[i].get) if scores[i] else None, "choice_loglik": scores[i],
+                 "choices": batch["choices"][i], "meta": batch["meta"][i]}
                 for i, text in enumerate(generated)]
 
     @torch.no_grad()
@@ -442,6 +489,7 @@ class MultimodalLM(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._predictions = []
+        self._previous_media, self._previous_lengths = None, None
 
     on_test_epoch_start = on_validation_epoch_start
 
@@ -473,11 +521,13 @@ class MultimodalLM(L.LightningModule):
                         metrics[f"{prefix}/aux_auroc{level}/{name}"] = float(binary_auroc(scores, truth))
                     auroc.reset()
         closed = [r for r in rows if r["choices"]]  # open answers (reports) are scored by the evaluator only
-        for name, key in (("generation", "parsed"), ("likelihood", "ranked")) if closed else ():
-            metrics[f"{prefix}/acc_{name}"] = sum(r[key] == r["answer"] for r in closed) / len(closed)
-            metrics[f"{prefix}/macro_f1_{name}"] = macro_f1([r["answer"] for r in closed], [r[key] for r in closed])
-        if self.evaluator is not None:
-            metrics.update(self.evaluator(rows, prefix))
+        metrics.update(self._score_rows(rows, prefix))
+        if any("blind" in r for r in rows):  # the same model with other studies' and blank media
+            for variant in BLIND_VARIANTS:
+                blind = self._score_rows(variant_rows(rows, variant), prefix)
+                metrics.update({f"{prefix}/baseline/{variant}_{k.removeprefix(prefix + '/')}": v
+                                for k, v in blind.items() if "_ci_" not in k})
+            metrics.update(paired_accuracy_differences(rows, prefix))
         self.log_dict(metrics)
         if not self.trainer.sanity_checking:
             self._log_figures(prefix, rows, closed)
@@ -485,6 +535,17 @@ class MultimodalLM(L.LightningModule):
             tmp = directory / "predictions.jsonl.tmp"
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
             os.replace(tmp, directory / "predictions.jsonl")
+
+    def _score_rows(self, rows: list[dict], prefix: str) -> dict[str, float]:
+        """Accuracy and macro-F1 of the closed questions by generation and by likelihood, then the evaluator's."""
+        metrics = {}
+        closed = [r for r in rows if r["choices"]]
+        for name, key in (("generation", "parsed"), ("likelihood", "ranked")) if closed else ():
+            metrics[f"{prefix}/acc_{name}"] = sum(r[key] == r["answer"] for r in closed) / len(closed)
+            metrics[f"{prefix}/macro_f1_{name}"] = macro_f1([r["answer"] for r in closed], [r[key] for r in closed])
+        if self.evaluator is not None and rows:
+            metrics.update(self.evaluator(rows, prefix))
+        return metrics
 
     def _log_figures(self, prefix: str, rows: list[dict], closed: list[dict]) -> None:
         """Confusion matrix of the likelihood-ranked answers of closed questions (up to 20 answer classes) and
