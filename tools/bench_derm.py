@@ -62,8 +62,10 @@ def run(args: argparse.Namespace) -> str:
     loader = rows[-2][1]
     verdict = ("the loader is not the bottleneck" if loader > 2 * step else
                "the loader is close to the step rate: more workers or cached decoding would help")
+    size = "x".join(map(str, model.preprocess_cfg["size"])) if isinstance(model.preprocess_cfg["size"], (list, tuple)) \
+        else model.preprocess_cfg["size"]
     return "\n".join([*table, "", f"- Training split of HAM10000 ({len(dataset)} photographs, 200x150 JPEG), the "
-                      f"overlay's transforms at {model.preprocess_cfg['size']} px and batch {batch_size}; "
+                      f"overlay's transforms at {size} px and batch {batch_size}; "
                       f"{args.batches} timed batches after 2 warm-up ones.",
                       f"- The config's loader delivers {loader / step:.1f}x the images a training step consumes: "
                       f"{verdict}.", "- Reproduce: `python tools/bench.py derm-data`."])

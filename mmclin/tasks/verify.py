@@ -88,6 +88,7 @@ class VerifyEvaluator:
             baccs = [_balanced_accuracy(truth[~np.isnan(said[:, j]), j], said[~np.isnan(said[:, j]), j])
                      for j in range(len(attributes))]
             for name, auroc, bacc in zip(attributes, aurocs, baccs):
+                name = name.replace("/", "-")  # "st/t change": one level of the metric's name
                 where = name if group in self.shown else f"{group}/{name}"
                 metrics[f"{prefix}/auroc/{where}"], metrics[f"{prefix}/bacc/{where}"] = auroc, bacc
             if np.isnan(aurocs).all():
