@@ -156,3 +156,17 @@ def test_a_trained_model_is_tested_on_another_ptbxl_tree_with_one_command(demo_c
     rows = [json.loads(line) for line in next(run.rglob("test-predictions/predictions.jsonl")).read_text().splitlines()]
     assert len(rows) == 10 * 24 and {r["meta"]["ecg_id"] for r in rows} == set(range(6000, 6010))
     assert all(set(r["choice_loglik"]) == {"no", "yes"} and "blind" in r for r in rows)
+
+
+def test_ptbxl_qa_settings_and_codes_are_checked(tmp_path):
+    from mmclin.errors import ConfigError, DataError
+
+    with pytest.raises(ConfigError, match="strat_fold values 1-10"):
+        PTBXLQADataModule(root=str(tmp_path), test_folds=[11])
+    with pytest.raises(ConfigError, match="min_likelihood"):
+        PTBXLQADataModule(root=str(tmp_path), min_likelihood=150)
+    with pytest.raises(ConfigError, match="sampling must be"):
+        DermDataModule(root=str(tmp_path), sampling="oversample")
+    root = shared_data("ptbxl_1-500")
+    with pytest.raises(DataError, match=r"scp_statements.csv: SCP code\(s\) \['NOPE'\] not listed"):
+        ptbxl_attributes(root / "scp_statements.csv", ["SR", "NOPE"])
