@@ -146,7 +146,7 @@ class MultimodalLM(L.LightningModule):
         self.region_loss = DiceCELoss(sigmoid=True, batch=True) if self._region_channels else None
         self.evaluator = evaluator
         self._predictions: list[dict] = []
-        # the last evaluation batch's media (and lengths), from which shuffled_media also draws
+        # the most recent distinct media (and lengths) of the evaluation so far, from which shuffled_media also draws
         self._previous_media: torch.Tensor | None = None
         self._previous_lengths: torch.Tensor | None = None
         self._fitted_tokenizer: str | None = None  # the BPE of `tokenizer_vocab` as JSON, once fitted
