@@ -138,13 +138,13 @@ def zero_shot_figures_with_ci(scores: torch.Tensor, labels: torch.Tensor, classn
         out.update({f"zs_auroc_{n}": binary_auroc_between(s, y, p, q) for n, (p, q) in pairs.items()})
         return out
 
-    everything = np.arange(len(labels))
-    result = figures(everything)
+    result = figures(np.arange(len(labels)))
+    headline = list(result)
     report = classification_metrics(scores, labels, classnames)
     result.update({f"zs_recall/{name}": v["recall"] for name, v in report["per_class"].items() if v["support"]})
     rng = np.random.default_rng(seed)
     draws = [figures(rng.integers(0, len(labels), len(labels))) for _ in range(n_boot)]
-    for key in list(figures(everything)):
+    for key in headline:
         values = np.array([d[key] for d in draws], dtype=float)
         values = values[~np.isnan(values)]
         if values.size:
