@@ -235,7 +235,7 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
             from datamodules.reports import read_iu_xray
 
             reports = read_iu_xray(root / REPORTS_CSV, image_root=self._image_root(root) if self.with_images else None,
-                                   on_error=h.on_error).reports
+                                   on_error=h.on_error, skip_hint="--data.init_args.on_error skip").reports
             split_of = self._split_of([r.id for r in reports], [r.split for r in reports],
                                       [content_key(r.sections) for r in reports])
             for split in SPLITS:

@@ -60,17 +60,21 @@ class ReadResult:
         return self.reports[i]
 
 
+# How the caller's user says "skip bad reports"; a datamodule passes its own option's spelling.
+SKIP_HINT = "--on-error skip / on_error='skip'"
+
+
 class _Collector:
     """Collects reports; a report-level fault raises or is recorded as skipped."""
 
-    def __init__(self, source: Path, on_error: str):
+    def __init__(self, source: Path, on_error: str, skip_hint: str = SKIP_HINT):
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.source, self.on_error, self.result = source, on_error, ReadResult()
+        self.source, self.on_error, self.skip_hint, self.result = source, on_error, skip_hint, ReadResult()
 
     def fault(self, where: str, why: str) -> None:
         if self.on_error == "raise":
-            raise DataError(f"{where}: {why} (--on-error skip / on_error='skip' leaves such reports out, counted)")
+            raise DataError(f"{where}: {why} ({self.skip_hint} leaves such reports out, counted)")
         self.result.skipped.append((where, why))
 
     def done(self) -> ReadResult:
@@ -130,7 +134,7 @@ def _checked(sections: dict[str, str | None]) -> str | None:
 
 def read_iu_xray(reports_csv: str | os.PathLike, projections_csv: str | os.PathLike | None = None,
                  image_root: str | os.PathLike | None = None,
-                 on_error: Literal["raise", "skip"] = "raise") -> ReadResult:
+                 on_error: Literal["raise", "skip"] = "raise", skip_hint: str = SKIP_HINT) -> ReadResult:
     """IU-Xray reports from ``indiana_reports.csv`` with their images from ``indiana_projections.csv``.
 
     Args:
@@ -138,6 +142,7 @@ def read_iu_xray(reports_csv: str | os.PathLike, projections_csv: str | os.PathL
         projections_csv: ``indiana_projections.csv``; default: beside the reports CSV when it is there.
         image_root: folder of the PNGs (``images/images_normalized``); given, every image must exist there.
         on_error: a bad report raises ``DataError`` ("raise") or is left out and listed ("skip").
+        skip_hint: the option that skips bad reports, as the caller's user spells it (named in the error).
 
     Returns:
         Reports in CSV order with id = uid, text = the sections under their headers (`compose_report`),
@@ -152,7 +157,7 @@ def read_iu_xray(reports_csv: str | os.PathLike, projections_csv: str | os.PathL
         projections = _read_csv(Path(projections_csv), IU_PROJECTION_COLUMNS, keep_bad_bytes=True)
         for row in projections.itertuples():
             images.setdefault(row.uid.strip(), []).append(row.filename.strip())
-    out = _Collector(reports_csv, on_error)
+    out = _Collector(reports_csv, on_error, skip_hint)
     seen = set()
     for i, row in enumerate(table.to_dict("records"), start=1):
         uid = row["uid"].strip()
