@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mmclin.reports.errors import (
+    COMPARISON_WORDS,
     FINE_TYPES,
     KNOWN_WORDS,
     MEASUREMENT,
@@ -24,11 +25,15 @@ from mmclin.reports.errors import (
     NO_PRIOR,
     UNIT_CM,
     english_words,
+    only_comparison,
 )
 from mmclin.reports.sections import (
+    _HEART,
+    _RECOMMENDATION,
     ACUTE_FINDINGS,
     FINDING_FAMILY,
     MASK,
+    SEVERITY_CLASS,
     Mention,
     body_regions,
     find_mentions,
@@ -40,14 +45,49 @@ _NORMAL_IMPRESSION = re.compile(
     r"\bno\s+(?:acute|active|evidence\s+of\s+(?:acute|active))\s+(?:\w+\s+){0,2}?(?:process|disease|abnormality|"
     r"abnormalities|findings?|pathology)\b|\bnormal\s+(?:chest|radiograph|study|examination|exam)\b|"
     r"^\s*(?:negative|normal)\b", re.IGNORECASE)
-_GENERIC_DISEASE = re.compile(r"\b(?:acute|active)\s+(?:\w+\s+){0,2}?(?:process|disease|abnormality|abnormalities|"
-                              r"findings?|pathology)\b", re.IGNORECASE)
+# The stock phrase "no acute cardiopulmonary process" with its generic words only: "acute airspace disease" names one.
+_GENERIC_DISEASE = re.compile(r"\b(?:acute|active)\s+(?:(?:cardiopulmonary|cardiac|pulmonary|intrathoracic|thoracic|"
+                              r"osseous|bony|skeletal|chest|radiographic|lung|bone|or|and|chronic)\s+){0,3}?(?:process|"
+                              r"disease|abnormality|abnormalities|findings?|pathology)\b", re.IGNORECASE)
+_HEDGE = re.compile(r"\b(?:may|might|could|possibl[ey]|probabl[ey]|likely|questionable|suspicious|concern\w*|"
+                    r"versus|vs|differential|secondary\s+to|suggest\w*|worrisome|favou?r\w*)\b", re.IGNORECASE)
+# A finding called old, stable or explained away ("blunting ..., unchanged, may be secondary to scarring").
+_CHRONIC = re.compile(r"\b(?:unchanged|stable|chronic|scar|scarring|old|healed|remote|calcified|thickening)\b",
+                      re.IGNORECASE)
+# Qualifier scope: "no suspicious nodules" / "no acute fracture" / "no focal consolidation" say nothing against
+# "calcified nodules" / "healed rib fractures" / "streaky basilar opacities".
+_RESTRICTED_NEGATION = re.compile(r"\b(?:suspicious|infectious|acute|new|displaced|dominant|discrete|confluent|"
+                                  r"definite|lobar|focal|large|significant|worrisome|pulmonary|non-?calcified|"
+                                  r"resolution|resolved|near)\b", re.IGNORECASE)
+_CHRONIC_OR_DIFFUSE = re.compile(r"\b(?:calcified|calcific|granulomatous|granulomas?|chronic|old|healed|healing|remote|"
+                                 r"scarring|scar|streaky|linear|interstitial|diffuse|reticular|subsegmental|discoid|"
+                                 r"plate-?like|nondisplaced|non-displaced|stable|known|bibasilar|bilateral|prominent|"
+                                 r"markings|sternotomy|wires?|leads?|hardware|residual|trace|minimal|persists?)\b",
+                                 re.IGNORECASE)
 _NEGATION = re.compile(r"\b(?:no|not|without|negative)\b", re.IGNORECASE)
-# Words that compare with a prior study. "Increased"/"decreased" alone describe ("increased interstitial markings",
-# "decreased lung volumes"); they compare only with "since", "from" or "compared".
-_CHANGE_OVER_TIME = re.compile(r"\b(?:unchanged|stable|improved|improving|worsened|worsening|interval|again|"
-                               r"redemonstrat\w*|previously|prior|compared|comparison|since|no\s+new|(?:increased|decreased|"
-                               r"increase|decrease)\s+(?:\w+\s+){0,3}?(?:since|from|compared))\b", re.IGNORECASE)
+# Words that can only compare with a prior study. Not on their own: "stable" and "unchanged" ("stable mediastinal
+# contours" is stock phrasing of reports without a comparison), "prior"/"previous" of history or surgery ("prior
+# granulomatous disease", "previous CABG"), "compared to the left" (within the study), "increased"/"decreased"
+# ("increased interstitial markings", "decreased lung volumes").
+# (radiographs: a prior CT or another body part's study may be quoted in a report without a comparison radiograph)
+_STUDY = r"(?:stud(?:y|ies)|exams?|examinations?|films?|radiographs?|x-?rays?|images?|chest|comparisons?|one)"
+_CHANGE_OVER_TIME = re.compile(
+    r"\b(?:(?:compared|comparison)\s+(?:to|with)|relative\s+to|since|from|than|on|as\s+of|versus)\s+(?:the\s+|a\s+)?"
+    r"(?:most\s+recent\s+|recent\s+|last\s+)?(?:prior|previous|earlier|preceding)(?:\s+(?:[\w-]+\s+)?" + _STUDY +
+    r"\b|\s*[.,;]|\s*$)|"
+    r"\b(?:prior|previous|earlier)\s+" + _STUDY + r"\b|\bsince\s+(?:the\s+)?(?:last|XXXX|\d)|"
+    r"\bin\s+the\s+interval\b|\binterval(?:ly)?\s+(?:\w+\s+)?(?:change|increase|decrease|development|improvement|"
+    r"worsening|resolution|enlargement|placement|removal|progression|growth|appearance|clearing|\w+ed)\b|"
+    r"\bagain\s+(?:\w+\s+)?(?:seen|noted|demonstrated|identified|visualized|visible|evident)\b|\bredemonstrat\w*|"
+    r"\bpreviously\s+(?:seen|noted|described|demonstrated|identified|visualized|reported)\b|"
+    r"\bno\s+(?:significant\s+|appreciable\s+|definite\s+)?(?:interval\s+)?change\b|"
+    r"\b(?:has|have)\s+(?:\w+\s+)?(?:resolved|cleared|improved|worsened|progressed|decreased|increased)\b|"
+    r",\s*(?:unchanged|stable)\s*\.?\s*$", re.IGNORECASE)
+# Sentences that may speak of a prior study without comparing with one.
+_NO_COMPARISON = re.compile(r"\b(?:absence|without|lack)\s+of\s+(?:a\s+)?(?:prior|previous|comparison)|"
+                            r"\bno\s+(?:prior|previous|comparison)\s+" + _STUDY + r"?|\bnot\s+available\b",
+                            re.IGNORECASE)
+_NO_CHANGE = re.compile(r"\bno\s+(?:\w+\s+){0,2}?change\b|\bunchanged\b|\bstable\b", re.IGNORECASE)
 _INTERVAL_CONFLICTS = {frozenset(p) for p in (("same", "up"), ("same", "down"), ("same", "new"), ("up", "down"),
                                               ("new", "down"))}
 # No left middle lobe; the lingula belongs to the left upper lobe.
@@ -56,14 +96,16 @@ _DEVICES = {
     "airway": re.compile(r"\b(?:endotracheal|ET\s+tube|ETT|tracheostomy)\b", re.IGNORECASE),
     "gastric": re.compile(r"\b(?:nasogastric|orogastric|NG\s+tube|OG\s+tube|enteric\s+tube|feeding\s+tube|"
                           r"dobhoff)\b", re.IGNORECASE),
-    "venous": re.compile(r"\b(?:PICC|central\s+venous|internal\s+jugular|subclavian|swan-ganz)\b", re.IGNORECASE),
+    "venous": re.compile(r"\b(?:PICC|central\s+venous|internal\s+jugular|subclavian)\b", re.IGNORECASE),
+    "pulmonary artery": re.compile(r"\b(?:swan-ganz|pulmonary\s+artery\s+catheter)\b", re.IGNORECASE),
 }
 _POSITIONS = {
     "airway": re.compile(r"\b(?:carina|trachea|thoracic\s+inlet|clavicular\s+heads?)\b", re.IGNORECASE),
     "gastric": re.compile(r"\b(?:stomach|duodenum|esophag\w*|gastroesophageal|diaphragm|gastric\s+fundus)\b",
                           re.IGNORECASE),
-    "venous": re.compile(r"\b(?:vena\s+cava|SVC|cavoatrial|atrium|brachiocephalic|pulmonary\s+artery)\b",
-                         re.IGNORECASE),
+    "venous": re.compile(r"\b(?:vena\s+cava|SVC|cavoatrial|atrium|brachiocephalic)\b", re.IGNORECASE),
+    "pulmonary artery": re.compile(r"\bpulmonary\s+(?:artery|outflow)|\b(?:right|left|main)\s+pulmonary\b",
+                                   re.IGNORECASE),
 }
 _HOMOPHONE_MISUSE = (  # real words in the wrong place (speech recognition): pattern, the word meant
     (re.compile(r"\bplural\b", re.IGNORECASE), "pleural"),
@@ -76,7 +118,7 @@ _HOMOPHONE_MISUSE = (  # real words in the wrong place (speech recognition): pat
     (re.compile(r"\bcallous\b", re.IGNORECASE), "callus"),
 )
 _QUALIFIED = ("sides", "severity", "zones")
-_DESCRIBED_OTHERWISE = {"emphysema", "edema"}
+_DESCRIBED_OTHERWISE = {"emphysema", "edema", "mass"}
 _SIDED_DEVICES = {
     "PICC": re.compile(r"\bPICC\b|peripherally\s+inserted", re.IGNORECASE),
     "jugular line": re.compile(r"\b(?:internal\s+jugular|IJ)\b", re.IGNORECASE),
@@ -168,21 +210,31 @@ class RuleChecker:
         normal impression over positive findings, omitted findings."""
         mentions = find_mentions(text)
         return (self._contradictions(text, mentions) + self._cross_section(text, mentions)
-                + self._comparison(text) + self._measurements(text, mentions) + self._devices(text)
-                + self._devices_sides(text) + self._typos(text) + self._normal_impression(text, mentions)
-                + self._omissions(text, mentions))
+                + self._no_change(text, mentions) + self._comparison(text) + self._measurements(text, mentions)
+                + self._devices(text) + self._devices_sides(text) + self._typos(text)
+                + self._normal_impression(text, mentions) + self._omissions(text, mentions))
 
     # ------------------------------------------------------------------------------------------------ rules
 
     def _contradictions(self, text: str, mentions: list[Mention]) -> list[Flag]:
+        """A finding negated and asserted. Typed by how it reads: both in one section, or a bare "No X." against a
+        qualified X of the other section, is a sentence that says the opposite of another (contradiction); a
+        negation with size or side ("no small left effusion") was added to a finding, and an unqualified assertion
+        is a "No X" that lost its "No" (negation flips)."""
         flags = []
         for a in (m for m in mentions if m.polarity == "asserted" and not m.masked):
             for n in (m for m in mentions if m.polarity == "negated" and m.term == a.term and not m.masked):
                 if a.sides and n.sides and not (a.sides & n.sides) and "bilateral" not in a.sides | n.sides:
                     continue  # "no right effusion" and "small left effusion" agree
-                # A negated finding with size or side is not how reports are written: the negation was added.
-                # An asserted finding without them is the flipped "no X"; one with them was inserted.
-                kind = "negation_flip" if _qualified(n) or not _qualified(a) else "finding_insertion"
+                if _RESTRICTED_NEGATION.search(text, n.sentence[0], n.span[0]) and \
+                        _CHRONIC_OR_DIFFUSE.search(text, *a.sentence):
+                    continue  # "no suspicious nodules" and "calcified nodules" agree
+                if a.sentence == n.sentence:
+                    continue  # one sentence: a dictation slip the other rules read ("clear airspace disease")
+                if a.section == n.section or not _qualified(n) and _qualified(a):
+                    kind = "contradiction"
+                else:
+                    kind = "negation_flip"
                 flags.append(Flag(kind, f"{a.term} negated in {_quote(text, n.sentence)} but asserted in "
                                         f"{_quote(text, a.sentence)}"))
                 break
@@ -214,14 +266,28 @@ class RuleChecker:
             zones_f, zones_i = union(found, "zones"), union(said, "zones")
             if zones_f and zones_i and all(frozenset((a, b)) in _ZONE_CONFLICTS for a in zones_f for b in zones_i):
                 flags.append(Flag("anatomical_location", f"{sorted(zones_f)} vs {sorted(zones_i)} for {where}"))
-            sev_f, sev_i = union(found, "severity"), union(said, "severity")
+            sev_f = {SEVERITY_CLASS[r] for r in union(found, "severity")}
+            sev_i = {SEVERITY_CLASS[r] for r in union(said, "severity")}
             if sev_f and sev_i and not sev_f & sev_i:
-                flags.append(Flag("severity_change", f"size/severity rank {sorted(sev_f)} vs {sorted(sev_i)} "
+                flags.append(Flag("severity_change", f"size/severity {sorted(sev_f)} vs {sorted(sev_i)} "
                                                      f"for {where}"))
             int_f, int_i = union(found, "interval"), union(said, "interval")
-            if any(frozenset((a, b)) in _INTERVAL_CONFLICTS for a in int_f for b in int_i):
+            if not int_f & int_i and any(frozenset((a, b)) in _INTERVAL_CONFLICTS for a in int_f for b in int_i):
                 flags.append(Flag("interval_change", f"{sorted(int_f)} vs {sorted(int_i)} for {where}"))
         return flags
+
+    def _no_change(self, text: str, mentions: list[Mention]) -> list[Flag]:
+        """A report that says nothing has changed ("No interval change.") and calls a finding new, increased or
+        decreased."""
+        for _, lo, hi in body_regions(text):
+            for s, e in sentence_spans(text, lo, hi):
+                if only_comparison(text[s:e]) and _NO_CHANGE.search(text, s, e):
+                    for m in mentions:
+                        if m.polarity == "asserted" and m.interval & {"up", "down", "new"}:
+                            change = "/".join(sorted(m.interval))
+                            return [Flag("interval_change", f"{_quote(text, (s, e))} but {m.term} {change} in "
+                                                            f"{_quote(text, m.sentence)}")]
+        return []
 
     def _comparison(self, text: str) -> list[Flag]:
         """A comparison with a prior study in a report that has none to compare with."""
@@ -229,9 +295,15 @@ class RuleChecker:
         if not comparison or not NO_PRIOR.search(comparison):
             return []
         for _, lo, hi in body_regions(text):
-            m = _CHANGE_OVER_TIME.search(text, lo, hi)
-            if m:
-                return [Flag("comparison_insertion", f"{_quote(text, m.span())} but comparison is '{comparison}'")]
+            for s, e in sentence_spans(text, lo, hi):
+                sentence = text[s:e]
+                if _RECOMMENDATION.search(sentence) or _NO_COMPARISON.search(sentence):
+                    continue
+                m = _CHANGE_OVER_TIME.search(sentence) or (only_comparison(sentence)
+                                                            and COMPARISON_WORDS.search(sentence))
+                if m:
+                    return [Flag("comparison_insertion", f"'{m.group().strip(' ,.')}' in {_quote(text, (s, e))} but "
+                                                         f"comparison is '{comparison}'")]
         return []
 
     def _measurements(self, text: str, mentions: list[Mention]) -> list[Flag]:
@@ -296,7 +368,7 @@ class RuleChecker:
         for section, lo, hi in body_regions(text):
             for s, e in sentence_spans(text, lo, hi):
                 m = _GENERIC_DISEASE.search(text, s, e)
-                if m and not _NEGATION.search(text, s, m.start()):
+                if m and not _NEGATION.search(text, s, m.start()) and not _HEDGE.search(text, s, e):
                     return [Flag("negation_flip", f"{section} {_quote(text, (s, e))} states disease without "
                                                   "naming it (the stock phrase is negated)")]
         impression = parse_sections(text, headerless=None)["impression"]
@@ -306,21 +378,27 @@ class RuleChecker:
             return []
         for m in mentions:
             if m.section == "findings" and m.polarity == "asserted" and m.term in ACUTE_FINDINGS and \
-                    "same" not in m.interval:
+                    "same" not in m.interval and not _CHRONIC.search(text, *m.sentence) and \
+                    not _HEDGE.search(text, *m.sentence):
                 kind = "finding_insertion" if _qualified(m) else "negation_flip"
                 return [Flag(kind, f"normal impression '{impression}' but {m.term} in {_quote(text, m.sentence)}")]
         return []
 
     def _omissions(self, text: str, mentions: list[Mention]) -> list[Flag]:
         """A finding asserted in the impression that the findings never mention, or an acute finding asserted
-        (and not called stable) in the findings that an impression naming other findings leaves out. Emphysema
-        and edema are left to the reader: findings describe them in other words (hyperinflation, interstitial
-        markings)."""
+        (and not called stable, nor small or mild: minor findings are often left out) in the findings that an
+        impression naming other findings leaves out. Emphysema,
+        edema and masses are left to the reader: findings describe them in other words (hyperinflation,
+        interstitial markings, a rounded opacity or a widened mediastinum); the heart is mentioned by any
+        sentence about it."""
         sections = parse_sections(text, headerless=None)
         if not sections["findings"] or not sections["impression"]:
             return []
         family = {sec: {FINDING_FAMILY.get(m.term, m.term) for m in mentions if m.section == sec}
                   for sec in ("findings", "impression")}
+        if _HEART.search(sections["findings"]):  # the heart described in any words ("cardiothoracic ratio 0.6")
+            family["findings"].add("cardiomegaly")
+        mentions = [m for m in mentions if not m.masked]  # "XXXX" may hide a hedge or the words that name it
         for m in mentions:
             if m.section == "impression" and m.polarity == "asserted" and m.term not in _DESCRIBED_OTHERWISE and \
                     FINDING_FAMILY.get(m.term, m.term) not in family["findings"]:
@@ -329,7 +407,8 @@ class RuleChecker:
         names_findings = any(m.section == "impression" and m.polarity == "asserted" for m in mentions)
         for m in mentions:
             if m.section == "findings" and m.polarity == "asserted" and m.term in ACUTE_FINDINGS and names_findings \
-                    and "same" not in m.interval and FINDING_FAMILY.get(m.term, m.term) not in family["impression"]:
+                    and "same" not in m.interval and FINDING_FAMILY.get(m.term, m.term) not in family["impression"] \
+                    and not (m.severity and {SEVERITY_CLASS[r] for r in m.severity} == {"low"}):
                 return [Flag("finding_omission", f"{m.term} in {_quote(text, m.sentence)} is missing from the "
                                                  f"impression '{sections['impression']}'")]
         return []

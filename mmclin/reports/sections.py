@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SECTION_NAMES = ("indication", "comparison", "findings", "impression")
 
@@ -149,17 +149,19 @@ def sentence_spans(text: str, start: int = 0, end: int | None = None) -> list[tu
 # most specific spelling first: "nodular opacity" is a nodule, not an opacity.
 FINDING_PATTERNS: dict[str, str] = {
     "nodule": r"nodules?|nodular\s+(?:opacit(?:y|ies)|densit(?:y|ies))",
-    "effusion": r"(?:pleural\s+)?effusions?",
-    "pneumothorax": r"(?:hydro)?pneumothora(?:x|ces)",
+    "effusion": r"(?:pleural\s+)?effusions?|pleural\s+fluid|blunting\s+of\s+(?:the\s+)?(?:\w+\s+){0,2}?costophrenic|"
+                r"costophrenic\s+(?:angles?|sulc(?:us|i)|recess(?:es)?|XXXX)\s+(?:is\s+|are\s+)?(?:\w+\s+)?blunted|"
+                r"fluid\s+(?:in|at|along|within)\s+the\s+(?:\w+\s+){0,2}?(?:costophrenic|pleural|fissure|base)",
+    "pneumothorax": r"(?:hydro)?pneumothora(?:x|ces)|pleural\s+air(?:\s+collection)?",
     "consolidation": r"consolidations?|consolidative\s+opacit(?:y|ies)|airspace\s+(?:disease|consolidation)",
     "pneumonia": r"pneumonias?",
     "edema": r"(?:(?:pulmonary|interstitial|alveolar)\s+)?edema",
-    "cardiomegaly": r"cardiomegaly|(?:enlarged|enlargement\s+of\s+the)\s+(?:heart|cardiac\s+silhouette)|"
-                    r"(?:heart|cardiac\s+silhouette)\s+is\s+(?:(?!not\b)\w+\s+)?enlarged",
+    "cardiomegaly": r"cardiomegaly|(?:enlarged|enlargement\s+of\s+the)\s+(?:heart|cardiac\s+silhouette|"
+                    r"cardiomediastinal\s+silhouette)|cardiac\s+enlargement",
     "atelectasis": r"atelectas[ie]s|atelectatic",
-    "mass": r"mass(?:es)?",
-    "opacity": r"opacit(?:y|ies)|opacification|infiltrates?",
-    "fracture": r"fractures?",
+    "mass": r"mass(?:es)?(?!\s+effect)",
+    "opacity": r"opacit(?:y|ies)|opacification|infiltrates?|haziness",
+    "fracture": r"fractures?|compression\s+deformit(?:y|ies)",
     "emphysema": r"emphysema(?:tous)?",
     "granuloma": r"granulomas?|granulomata",
 }
@@ -170,15 +172,19 @@ FINDING_FAMILY = {"consolidation": "airspace", "pneumonia": "airspace", "opacity
 ACUTE_FINDINGS = ("effusion", "pneumothorax", "consolidation", "pneumonia", "edema", "mass")
 
 SIDE_WORDS = {"left": "left", "right": "right", "bilateral": "bilateral", "bilaterally": "bilateral",
-              "bibasilar": "bilateral", "bibasal": "bilateral", "both": "bilateral"}
+              "bibasilar": "bilateral", "bibasal": "bilateral", "both": "bilateral", "lingula": "left",
+              "lingular": "left"}
 ZONE_WORDS = {"upper": "upper", "lower": "lower", "middle": "middle", "apical": "apical", "apex": "apical",
               "apices": "apical", "basilar": "basilar", "basal": "basilar", "base": "basilar", "bases": "basilar",
               "bibasilar": "basilar", "bibasal": "basilar", "lingula": "lingula", "lingular": "lingula",
               "retrocardiac": "retrocardiac", "perihilar": "perihilar"}
 # Severity / size words -> rank (0 trace ... 3 large).
 SEVERITY_RANK = {"trace": 0, "tiny": 0, "minimal": 0, "minimally": 0, "small": 1, "mild": 1, "mildly": 1,
-                 "moderate": 2, "moderately": 2, "large": 3, "severe": 3, "severely": 3, "marked": 3,
-                 "markedly": 3, "extensive": 3, "massive": 3}
+                 "slight": 1, "slightly": 1, "borderline": 0, "moderate": 2, "moderately": 2, "large": 3,
+                 "severe": 3, "severely": 3, "marked": 3, "markedly": 3, "extensive": 3, "massive": 3}
+# Ranks radiologists use for one another ("minimal" / "small amount" / "mild" effusion; "large" / "extensive"):
+# two severities disagree only when their classes do.
+SEVERITY_CLASS = {0: "low", 1: "low", 2: "moderate", 3: "high"}
 INTERVAL_WORDS = {"new": "new", "unchanged": "same", "stable": "same", "persistent": "same", "increased": "up",
                   "increasing": "up", "worsened": "up", "worsening": "up", "enlarging": "up", "larger": "up",
                   "decreased": "down", "decreasing": "down", "improved": "down", "improving": "down",
@@ -203,7 +209,13 @@ _RADIOLOGY_NEGATIONS = {
                             "not appreciated", "not demonstrated", "not evident", "not detected", "not noted",
                             "no longer", "has resolved", "have resolved", "has cleared", "have cleared", "resolved",
                             "absent"],
-    "termination": [";", "there is", "there are", "otherwise", "whereas"],
+    "termination": [";", "there is", "there are", "otherwise", "whereas", "despite", "although", "though", "which"],
+    # a negation about the prior study says the finding is new: "nodule, not seen on prior exams"
+    "pseudo_negations": [f"not {seen} on {the}{prior}" for seen in ("seen", "present", "visualized", "identified",
+                                                                     "evident", "visible", "appreciated")
+                         for the in ("", "the ") for prior in ("prior", "previous", "comparison", "earlier")]
+                        + [f"not {seen} previously" for seen in ("seen", "present", "visualized", "identified")]
+                        + [f"not previously {seen}" for seen in ("seen", "present", "visualized", "identified")],
 }
 _HEDGE_TERMSET = {
     "pseudo_negations": ["no doubt", "without doubt"],
@@ -213,7 +225,8 @@ _HEDGE_TERMSET = {
                             "evaluate for", "assess for", "rule out", "r/o", "concern for", "concerning for",
                             "differential", "differential includes", "likely", "suggest", "suggests", "suggesting",
                             "suggestive of", "question of", "equivocal", "presumed", "presumably",
-                            "worrisome for", "doubt", "not excluded", "may represent", "could represent"],
+                            "worrisome for", "doubt", "not excluded", "may represent", "could represent", "and/or",
+                            "history of", "favoring", "favor"],
     # after the finding only phrases that end on it: in "effusion with basilar opacity, likely atelectasis" the
     # "likely" is about the atelectasis
     "following_negations": ["not excluded", "cannot be excluded", "can not be excluded", "not be excluded",
@@ -224,11 +237,42 @@ _HEDGE_TERMSET = {
 }
 # De-identification markers: IU-Xray "XXXX", MIMIC-CXR "___".
 MASK = re.compile(r"\bX{2,}\b|_{2,}")
-_HEART = re.compile(r"\b(?:heart|cardiac|cardiomediastinal)\b", re.IGNORECASE)
+_HEART = re.compile(r"\b(?:heart|cardiac|cardiomediastinal|cardiothoracic)\b", re.IGNORECASE)
 _HEART_NORMAL = re.compile(r"\bnormal\b|within\s+normal\s+limits|not\s+enlarged|unremarkable", re.IGNORECASE)
-_HEART_ABNORMAL = re.compile(r"cardiomegaly|(?<!not )enlarged|enlargement|top[- ]normal|upper\s+limits?\s+of\s+"
-                             r"normal|borderline|prominent", re.IGNORECASE)
-_CLEAR_LUNGS = re.compile(r"\blungs?\b[^.;]*?\bclear\b|\bclear\s+lungs?\b", re.IGNORECASE)
+_HEART_ABNORMAL = re.compile(r"cardiomegaly|(?<!not )enlarged|enlargement|(?:upper|first|high|top)(?:\s+"
+                             r"limits?\s+of|[- ])\s*normal|borderline|prominent", re.IGNORECASE)
+# The heart called large in other words than the finding term: "heart size is mildly enlarged", "the heart is
+# slightly large", "heart size at the upper limits of normal" (borderline: rank 0).
+_HEART_ENLARGED = re.compile(
+    r"\b(?:heart|cardiac\s+(?:silhouette|size|contour)|cardiomediastinal\s+silhouette)\b(?P<gap>(?:[\s,]+"
+    r"(?!and\b|but\b|with\b|normal\b|within\b)[\w-]+){0,5}?)[\s,]+(?P<cue>enlarged|large|borderline|"
+    r"(?:upper|first|high|top)(?:\s+limits?\s+of|[- ])\s*normal)\b", re.IGNORECASE)
+_BORDERLINE = re.compile(r"borderline|normal", re.IGNORECASE)
+# Sentences that mention a finding without reporting it (ConText's "hypothetical", Harkema et al. 2009): a
+# recommendation ("consider oblique views to exclude a nodule") over what follows its cue, a disclaimer ("fractures
+# may not be demonstrated", "evaluation for pneumothorax is limited") over its whole clause.
+_RECOMMENDATION = re.compile(
+    r"\b(?:recommend\w*|consider(?:ed)?|follow[- ]?up|followup|(?:further|additional)\s+(?:evaluation|imaging|"
+    r"assessment|views?)|correlat(?:e|ion)\s+(?:clinically\s+)?with|clinical(?:ly)?\s+correlat\w*|if\s+(?:clinically|there\s+is|the\s+"
+    r"patient|symptoms)|would\s+be\s+(?:helpful|useful|reasonable|recommended)|could\s+be\s+(?:performed|obtained|"
+    r"considered)|can\s+be\s+(?:performed|obtained)|to\s+(?:exclude|rule\s+out|evaluate|assess|document|ensure|confirm|"
+    r"identify)|dedicated\s+(?:\w+\s+)?(?:views?|films?|radiographs?|imaging)|please)\b", re.IGNORECASE)
+_DISCLAIMER = re.compile(
+    r"\b(?:may|might|can|could)\s+not\s+be\s+(?:\w+\s+)?(?:demonstrated|visualized|seen|detected|evident|apparent|"
+    r"identified|excluded)\b|\b(?:may|might|can|could)\s+be\s+(?:\w+\s+)?(?:obscured|missed|hidden|masked)\b|\blimited\s+(?:exam|examination|study|evaluation|assessment|views?|films?)\b|"
+    r"\b(?:is|are)\s+(?:\w+\s+)?limited\b|\b(?:not|poorly)\s+(?:well\s+)?(?:evaluated|assessed)\b|\binsensitive\b|"
+    r"\boccult\b|\bcannot\s+be\s+(?:fully\s+|adequately\s+)?(?:evaluated|assessed|determined)\b|\babsence\s+of\s+"
+    r"(?:a\s+)?(?:prior|previous|comparison)", re.IGNORECASE)
+
+
+def hypothetical(text: str, sentence: tuple[int, int], span: tuple[int, int]) -> bool:
+    """The finding at `span` is only spoken of: after a recommendation cue of its sentence, or in the clause of a
+    disclaimer."""
+    if any(m.start() < span[0] for m in _RECOMMENDATION.finditer(text, *sentence)):
+        return True
+    lo, hi = _bounds(text, span[0], *sentence, _CLAUSE_END)
+    return bool(_DISCLAIMER.search(text, min(lo, span[0]), max(hi, span[1])))
+_CLEAR_LUNGS = re.compile(r"\blungs?\b[^.;]*?\bclear\b(?!\s+(?:space|zone))|\bclear\s+lungs?\b", re.IGNORECASE)
 _CLEAR_EXCEPT = re.compile(r"\b(?:otherwise|except|aside|but|however|exception)\b", re.IGNORECASE)
 
 
@@ -283,6 +327,17 @@ def _negex():
     return nlp, negation, hedge
 
 
+# A device's own fracture ("lead fracture", "fracture of a sternotomy wire") is no bone's.
+_DEVICE_PART = r"(?:leads?|wires?|hardware|rods?|screws?|plate|catheter)"
+_DEVICE_BEFORE = re.compile(r"\b(?:" + _DEVICE_PART + r"|line|device)\s*$", re.IGNORECASE)
+_DEVICE_AFTER = re.compile(r"\s+of\s+(?:the\s+|a\s+|an\s+|one\s+of\s+the\s+)?(?:[\w-]+\s+){0,3}?"
+                           + _DEVICE_PART + r"\b", re.IGNORECASE)
+
+
+def _device_fracture(text: str, start: int, end: int) -> bool:
+    return bool(_DEVICE_BEFORE.search(text[max(0, start - 30):start]) or _DEVICE_AFTER.match(text, end))
+
+
 def _polarities(sentence: str, spans: list[tuple[int, int]]) -> list[str]:
     """NegEx polarity of each character span of one sentence: asserted, negated, uncertain (a hedge's scope
     wins over a negation's) or weak (negated through a qualifier: "no large effusion")."""
@@ -308,13 +363,27 @@ def _polarities(sentence: str, spans: list[tuple[int, int]]) -> list[str]:
     return out
 
 
+def phrase_span(text: str, mention: Mention) -> tuple[int, int]:
+    """The span of a mention's own phrase: its clause cut at commas, "and" and "with" ("small left effusion" in
+    "small left effusion with atelectasis in the left lower lobe")."""
+    start, end = mention.span
+    c_lo, c_hi = _bounds(text, start, *mention.sentence, _CLAUSE_END)
+    k_lo, k_hi = _bounds(text, start, min(c_lo, start), max(c_hi, end), _CHUNK_END)
+    return min(k_lo, start), max(k_hi, end)
+
+
 def _mention(text: str, term: str, start: int, end: int, section: str, sentence: tuple[int, int],
-             polarity: str) -> Mention:
+             polarity: str, stop: int | None = None) -> Mention:
+    """`stop`: where the next finding term of the sentence starts; a change word after it is that finding's."""
     c_lo, c_hi = _bounds(text, start, *sentence, _CLAUSE_END)
     c_lo, c_hi = min(c_lo, start), max(c_hi, end)
     k_lo, k_hi = _bounds(text, start, c_lo, c_hi, _CHUNK_END)
     k_lo, k_hi = min(k_lo, start), max(k_hi, end)
-    phrase, clause, after = text[k_lo:k_hi], text[c_lo:c_hi], text[end:c_hi]
+    phrase, clause = text[k_lo:k_hi], text[c_lo:c_hi]
+    after = text[end:c_hi if stop is None else max(end, min(c_hi, stop))]
+    after = re.split(r"\b(?:and|with)\b", after, maxsplit=1, flags=re.IGNORECASE)[0]  # the next finding's words
+    if hypothetical(text, sentence, (start, end)):
+        polarity = "uncertain"
     # the interval is often appended to the clause: "1.5 cm nodule in the right upper lobe, unchanged"
     interval = _word_set(phrase, INTERVAL_WORDS) or _word_set(after, INTERVAL_WORDS)
     # the side is often stated once for the clause: "consolidation in the right lower lobe ..., consistent with
@@ -342,12 +411,25 @@ def _mentions(text: str) -> tuple[Mention, ...]:
     for section, lo, hi in body_regions(text):
         for sentence in sentence_spans(text, lo, hi):
             s_text = text[slice(*sentence)]
-            found = list(_FINDING.finditer(text, *sentence))
-            polarities = _polarities(s_text, [(m.start() - sentence[0], m.end() - sentence[0]) for m in found])
-            for m, polarity in zip(found, polarities):
-                mentions.append(_mention(text, m.lastgroup, m.start(), m.end(), section, sentence, polarity))
+            found = [(m.lastgroup, m.start(), m.end()) for m in _FINDING.finditer(text, *sentence)
+                     if not (m.lastgroup == "fracture" and _device_fracture(text, m.start(), m.end()))]
+            enlarged = _HEART_ENLARGED.search(s_text)
+            if enlarged and re.search(r"\bnot?\b", enlarged.group("gap"), re.IGNORECASE):
+                enlarged = None  # "heart size is not enlarged": the stock normal phrase below
+            if enlarged and not any(term == "cardiomegaly" for term, _, _ in found):
+                found.append(("cardiomegaly", sentence[0] + enlarged.start("cue"), sentence[0] + enlarged.end("cue")))
+                found.sort(key=lambda f: f[1])
+            polarities = _polarities(s_text, [(a - sentence[0], b - sentence[0]) for _, a, b in found])
+            for i, ((term, start, end), polarity) in enumerate(zip(found, polarities)):
+                stop = found[i + 1][1] if i + 1 < len(found) else None
+                mention = _mention(text, term, start, end, section, sentence, polarity, stop)
+                if enlarged and start == sentence[0] + enlarged.start("cue"):  # the cue word is no size
+                    cue = enlarged.group("cue")
+                    mention = replace(mention, severity=frozenset(_word_set(enlarged.group("gap"), SEVERITY_RANK)
+                                                                  | ({0} if _BORDERLINE.search(cue) else set())))
+                mentions.append(mention)
             heart = _HEART.search(s_text)
-            if heart and _HEART_NORMAL.search(s_text) and not _HEART_ABNORMAL.search(s_text):
+            if heart and not enlarged and _HEART_NORMAL.search(s_text) and not _HEART_ABNORMAL.search(s_text):
                 at = sentence[0] + heart.start()
                 mentions.append(_mention(text, "cardiomegaly", at, at + len(heart.group()), section, sentence,
                                          polarity="negated"))
