@@ -426,8 +426,12 @@ def test_corpus_is_seeded_balanced_and_keeps_clean_reports_clean():
     assert records != inject_corpus(reports, error_rate=0.65, seed=4)
     assert sum(r["has_error"] for r in records) == 26
     counts = corpus_summary(records)["per_type"]
-    assert {t: c["injected"] for t, c in counts.items()} == {t: 0 if t == "comparison_insertion" else 2
-                                                             for t in FINE_TYPES}
+    # RICH has a prior study (no comparison to add), and forty copies of one report lend no finding sentence in
+    # the corpus's own words: those two types have no site; the others take turns
+    without_site = {"comparison_insertion", "finding_insertion"}
+    assert {t for t, c in counts.items() if not c["injected"]} == without_site
+    injected = [c["injected"] for t, c in counts.items() if t not in without_site]
+    assert sum(injected) == 26 and max(injected) - min(injected) <= 1
     for r in records:
         if r["has_error"]:
             a, b = r["original_span"]
@@ -449,7 +453,7 @@ def test_rule_checker_passes_clean_reports_and_catches_contradictions():
         assert checker.check(clean) == {"has_error": False, "coarse_type": None, "fine_type": None, "evidence": ""}
     both = "FINDINGS: There is no pleural effusion. Small left pleural effusion is present.\nIMPRESSION: Normal."
     got = checker.check(both)
-    assert got["has_error"] and got["coarse_type"] == "insert" and got["fine_type"] == "finding_insertion"
+    assert got["has_error"] and got["coarse_type"] == "insert" and got["fine_type"] == "contradiction"
     assert "effusion negated in 'There is no pleural effusion.'" in got["evidence"]
     flipped = IU_NORMAL.replace("There is no focal consolidation.", "There is focal consolidation.")
     assert checker.check(flipped)["fine_type"] == "negation_flip"

@@ -38,7 +38,17 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from mmclin.reports.sections import Report, body_regions, find_mentions, parse_sections, sentence_spans
+from mmclin.reports.sections import (
+    MASK,
+    SEVERITY_CLASS,
+    SEVERITY_RANK,
+    Report,
+    body_regions,
+    find_mentions,
+    parse_sections,
+    phrase_span,
+    sentence_spans,
+)
 
 COARSE_TYPES = ("insert", "remove", "substitute")
 FINE_TYPES: dict[str, str] = {
@@ -96,7 +106,7 @@ drains junction atrium superior cavoatrial brachiocephalic appropriate standard 
 evidence acute active process disease minimally unremarkable calcifications granulomas nodules opacities lungs
 mildly hyperlucent lucency lucent underlying adjacent partially partial component cardiomediastinum heart sized
 density densities vertebral bodies height heights spurring spondylosis thoracolumbar degenerative arthritic
-healing healed remote deformity deformities""".split())
+healing healed remote deformity deformities osteopenic""".split())
 HOMOPHONES: dict[str, tuple[str, ...]] = {  # real-word confusions of transcription (speech recognition)
     # ("pleural" -> "plural" is left to the keystroke typos: one word repeated over a corpus is a marker)
     "ileum": ("ilium",), "ilium": ("ileum",), "perineal": ("peroneal",),
@@ -228,7 +238,7 @@ _ZONE_SWAP = {"upper": ("lower",), "lower": ("upper",), "middle": ("upper", "low
               "base": ("apex",), "bases": ("apices",), "anterior": ("posterior",), "posterior": ("anterior",)}
 _ZONES = tuple(re.compile(p, re.IGNORECASE) for p in (
     r"\b(?P<w>upper|lower|middle)(?=\s+(?:(?:left|right)\s+)?(?:lobes?|zones?|lungs?|lung\s+(?:zones?|fields?)|"
-    r"thoracic|lumbar|abdomen|quadrant|hemithorax|mediastinum|pole)\b)",
+    r"thoracic|lumbar|hemithorax|mediastinum)\b)",
     r"\b(?P<w>apical|basilar|basal)\b(?!\s+ganglia)", r"\b(?P<w>apex|apices)\b",
     r"\b(?:lung|left|right|both|the)\s+(?P<w>bases?)\b", r"\b(?P<w>anterior|posterior)\b"))
 _SEVERITY_SWAP = {"trace": ("large",), "tiny": ("large",), "small": ("large", "moderate"),
@@ -245,19 +255,58 @@ _INTERVAL_SWAP = {"new": ("unchanged", "stable"), "unchanged": ("increased", "de
                   "improved": ("increased",), "worsened": ("improved",), "improving": ("increasing",),
                   "worsening": ("improving",), "improvement": ("worsening",)}
 _INTERVAL = re.compile(r"\b(?P<w>" + "|".join(_INTERVAL_SWAP) + r")\b", re.IGNORECASE)
-_DEVICE_SWAP = {"endotracheal tube": ("nasogastric tube", "orogastric tube", "PICC"),
+# Devices and the device each may be mistaken for: always another kind of device (a tube of another tract, a
+# catheter of another course, another access vein), never a synonym, a superclass or a subclass (a PICC is a
+# central venous catheter; an AICD paces too).
+_DEVICE_SWAP = {"endotracheal tube": ("nasogastric tube", "orogastric tube"),
                 "nasogastric tube": ("endotracheal tube",), "orogastric tube": ("endotracheal tube",),
-                "enteric tube": ("endotracheal tube",),
-                "feeding tube": ("endotracheal tube",), "tracheostomy tube": ("nasogastric tube",),
-                "chest tube": ("nasogastric tube",), "ET tube": ("NG tube",), "NG tube": ("ET tube",),
-                "OG tube": ("ET tube",), "PICC line": ("Swan-Ganz catheter", "central venous catheter"),
-                "PICC": ("Swan-Ganz catheter", "central venous catheter", "nasogastric tube"),
-                "Swan-Ganz catheter": ("PICC",), "central venous catheter": ("PICC",),
+                "enteric tube": ("endotracheal tube",), "feeding tube": ("endotracheal tube",),
+                "tracheostomy tube": ("nasogastric tube",), "chest tube": (), "ET tube": ("NG tube",),
+                "NG tube": ("ET tube",), "OG tube": ("ET tube",), "PICC line": ("Swan-Ganz catheter",),
+                "PICC": ("Swan-Ganz catheter",), "Swan-Ganz catheter": ("PICC",),
+                "central venous catheter": ("Swan-Ganz catheter",),
                 "internal jugular": ("subclavian",), "subclavian": ("internal jugular",),
-                "pacemaker": ("defibrillator",), "defibrillator": ("pacemaker",), "AICD": ("pacemaker",)}
+                "pacemaker": ("defibrillator",), "defibrillator": (), "AICD": ()}
 _DEVICE = re.compile(r"\b(?P<w>" + "|".join(re.escape(k).replace(r"\ ", r"\s+") for k in sorted(
     _DEVICE_SWAP, key=len, reverse=True)) + r")\b", re.IGNORECASE)
 _DEVICE_KEYS = {k.lower(): k for k in _DEVICE_SWAP}
+# Devices as reports name them (lines, tubes, cardiac devices, post-surgical material), for telling which devices a
+# report has; the key is the lower-case name with its course ("ij catheter", "surgical clips").
+_DEVICE_NAME = re.compile(
+    r"\b(?:(?:left|right)[- ]sided\s+)?(?P<w>(?:(?:IJ|jugular|subclavian|femoral|tunneled|dialysis|central\s+venous|"
+    r"indwelling|mediport|port-?a-?cath|Swan-Ganz|pulmonary\s+artery)\s+)?(?:catheter|line)|PICC(?:\s+line)?|"
+    r"(?:endotracheal|tracheostomy|nasogastric|orogastric|enteric|feeding|chest|ET|NG|OG)\s+tube|Dobhoff|pacemaker|"
+    r"pacer|AICD|defibrillator|cardiac\s+device|(?:monitor\s+)?leads|port|mediport|sternotomy(?:\s+wires)?|"
+    r"(?:surgical|cholecystectomy|mediastinal)\s+clips|clips|stents?|drains?)\b", re.IGNORECASE)
+
+
+def device_names(text: str) -> set[str]:
+    """Keys of the devices `text` names (see _DEVICE_NAME)."""
+    return {re.sub(r"\s+", " ", m.group("w")).lower() for m in _DEVICE_NAME.finditer(text)}
+
+
+# Where a new device is plausible: a study that already has one, or an inpatient, intensive-care or post-operative
+# one. An outpatient's normal film gets no endotracheal tube.
+_DEVICE_CONTEXT = re.compile(
+    r"\b(?:portable|supine|ICU|intensive\s+care|intubat\w*|ventilat\w*|post-?op\w*|s/p|status\s+post|"
+    r"(?:line|tube|catheter)\s+placement|sternotomy|CABG|pacemaker|AICD|defibrillator|leads?|catheters?|lines|"
+    r"tubes?|drains?|wires)\b", re.IGNORECASE)
+_NO_DEVICES = re.compile(r"\bno\s+(?:\w+\s+)?(?:lines|tubes|devices|catheters)\b", re.IGNORECASE)
+# A report of the chest: it speaks of lungs, heart, pleura or mediastinum (chest findings go into no other).
+_CHEST = re.compile(r"\b(?:lungs?|heart|cardiac|cardiomediastinal|pleura|pleural|pneumothorax|effusions?|"
+                    r"mediastin\w*|hil(?:ar|um|a))\b", re.IGNORECASE)
+
+
+def chest_report(text: str) -> bool:
+    """Findings or impression speak of the chest's organs (not only ribs, shoulder, spine or abdomen)."""
+    return any(_CHEST.search(text, lo, hi) for _, lo, hi in body_regions(text))
+
+
+def device_plausible(text: str) -> bool:
+    """A device may be added to this study: it has a device or an inpatient / post-operative context, and does
+    not say it has no lines or tubes."""
+    return bool(_DEVICE_CONTEXT.search(text) or device_names(text)) and not _NO_DEVICES.search(text) and \
+        chest_report(text)
 _TIP_SWAP = {"superior vena cava": ("right atrium",), "svc": ("right atrium",),
              "cavoatrial junction": ("right atrium",), "right atrium": ("superior vena cava",),
              "stomach": ("esophagus",), "esophagus": ("stomach",),
@@ -268,12 +317,26 @@ _TIP_CONTEXT = re.compile(r"\b(?:tip|terminat\w*|ends?|projects?|positioned|posi
                           re.IGNORECASE)
 
 
+# Sides a structure does not have on the other side: the middle lobe is right, the lingula left; leads and lines end
+# in the right heart chambers.
+_ONE_SIDED = re.compile(r"\s+(?:middle\s+lobe|lingula|lingular|atri(?:um|al)|ventric\w*)\b", re.IGNORECASE)
+
+
 def _laterality_sites(text: str, regions) -> list[_Edit]:
-    return _word_edits(text, regions, _LATERALITY, {"left": ("right",), "right": ("left",)})
+    return _word_edits(text, regions, _LATERALITY, {"left": ("right",), "right": ("left",)},
+                       keep=lambda m: not _ONE_SIDED.match(text, m.end()))
+
+
+# Pleural fluid lies where gravity puts it: the words of an effusion's phrase are not moved to the apex (nor is a
+# lung zone's word moved into the abdomen, which a chest film does not show).
 
 
 def _anatomy_sites(text: str, regions) -> list[_Edit]:
-    return [e for pattern in _ZONES for e in _word_edits(text, regions, pattern, _ZONE_SWAP)]
+    fluid = [phrase_span(text, m) for m in find_mentions(text) if m.term == "effusion"]
+
+    def possible(m: re.Match) -> bool:
+        return not any(lo <= m.start() < hi for lo, hi in fluid)
+    return [e for pattern in _ZONES for e in _word_edits(text, regions, pattern, _ZONE_SWAP, keep=possible)]
 
 
 def _asserted_finding_at(text: str, mentions: list, pos: int) -> bool:
@@ -436,21 +499,15 @@ def finding_sentences(reports: Sequence[Report]) -> list[tuple[str, str, str]]:
 
 
 def _insertion_sites(text: str, regions, pool: Sequence[tuple[str, str]] | None = None) -> list[_Edit]:
-    """Before any sentence of the findings, or after the last: a finding sentence of `pool` ((term, sentence)
-    pairs; default INSERTION_TEMPLATES) whose finding the report does not assert. Repeats are kept, so a sentence
-    is drawn as often as the corpus writes it and the inserted words follow the corpus's own frequencies."""
-    asserted = {m.term for m in find_mentions(text) if m.polarity == "asserted"}
-    sentences = tuple(s for term, s in (INSERTION_TEMPLATES if pool is None else pool) if term not in asserted)
-    if not sentences:
+    """Before any sentence of the findings, or after the last, in a report of the chest: a finding sentence of
+    `pool` ((term, sentence) pairs; default INSERTION_TEMPLATES) whose finding the report does not speak of (one
+    it negates would make a contradiction, the type of its own). Repeats are kept, so a sentence is drawn as often
+    as the corpus writes it and the inserted words follow the corpus's own frequencies."""
+    if not chest_report(text):
         return []
-    targets = [r for r in regions if r[0] == "findings"] or regions
-    edits = []
-    for _, lo, hi in targets:
-        spans = sentence_spans(text, lo, hi)
-        edits += [_Edit(s, s, tuple(f"{x} " for x in sentences)) for s, _ in spans]
-        if spans and text[spans[-1][1] - 1] in ".!?":
-            edits.append(_Edit(spans[-1][1], spans[-1][1], tuple(f" {x}" for x in sentences)))
-    return edits
+    spoken = {m.term for m in find_mentions(text) if m.polarity in ("asserted", "negated")}
+    sentences = tuple(s for term, s in (INSERTION_TEMPLATES if pool is None else pool) if term not in spoken)
+    return _between_sentences(text, regions, sentences)
 
 
 _ITEM_NUMBER = re.compile(r"(?P<n>\d{1,2})(?P<dot>[.)])\s")
@@ -458,20 +515,23 @@ _ITEM_NUMBER = re.compile(r"(?P<n>\d{1,2})(?P<dot>[.)])\s")
 
 # Sentences that other corpora of the same layout write, for a corpus too small to lend its own (fewer than
 # MIN_POOL distinct sentences of a kind): used as the pools of `corpus_sentences`.
-MIN_POOL = 5
+MIN_POOL = 10
 SENTENCE_TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
     "device": (("endotracheal tube", "Endotracheal tube tip is 4 cm above the carina."),
                ("PICC", "Right PICC with tip in the SVC."),
                ("nasogastric tube", "Nasogastric tube tip projects over the stomach."),
                ("pacemaker", "Left-sided pacemaker with leads in the right atrium and right ventricle.")),
     "comparison": (),  # none: a stock comparison sentence is a marker; the appended changes stay
+    "change": tuple(("", change) for change in (", unchanged", ", stable compared to prior",
+                                                ", new since the prior study", ", increased from prior",
+                                                ", decreased from prior")),
     "negation": tuple((term, f"No {name}.") for term, name in (
         ("effusion", "pleural effusion"), ("pneumothorax", "pneumothorax"), ("consolidation", "focal consolidation"),
         ("edema", "pulmonary edema"), ("cardiomegaly", "cardiomegaly"), ("nodule", "pulmonary nodule"),
         ("atelectasis", "atelectasis"), ("opacity", "focal opacity"), ("fracture", "acute fracture"))),
 }
 # Words that compare with a prior study.
-COMPARISON_WORDS = re.compile(r"\b(?:unchanged|stable|improved|improving|worsened|worsening|interval|again|"
+COMPARISON_WORDS = re.compile(r"\b(?:no\s+change|unchanged|stable|improved|improving|worsened|worsening|interval|again|"
                               r"redemonstrat\w*|previously|prior|compared|since|new|similar)\b", re.IGNORECASE)
 
 
@@ -487,15 +547,21 @@ def corpus_sentences(reports: Sequence[Report]) -> dict[str, list[tuple[str, str
 
     - ``finding``: asserts exactly one finding (key: its term) and nothing else (`finding_sentences`);
     - ``negation``: negates exactly one finding (key: its term) and asserts none ("No pleural effusion.");
-    - ``device``: names a device (key: its name) with no change word ("Right PICC with tip in the SVC.");
-    - ``comparison``: compares with a prior study and asserts no finding ("No interval change.").
+    - ``device``: names a device (key: a name of `device_names`) and no finding, with no change word ("Right PICC
+      with tip in the SVC.");
+    - ``comparison``: compares with a prior study and says nothing else (`only_comparison`: "No interval change.");
+    - ``change``: a change appended to a finding in a report with a prior study (", unchanged from prior exam").
 
     A kind with fewer than MIN_POOL distinct sentences falls back to SENTENCE_TEMPLATES (report id ""); for
     comparisons there is none, and a comparison is then only appended to a finding sentence.
     """
     pools: dict[str, list[tuple[str, str, str]]] = {"finding": finding_sentences(reports), "negation": [],
-                                                     "device": [], "comparison": []}
+                                                     "device": [], "comparison": [], "change": []}
     for report in reports:
+        if has_comparison(report.text):
+            pools["change"] += [(report.id, "", m.group()) for _, lo, hi in body_regions(report.text)
+                                for m in _TRAILING_CHANGE.finditer(report.text, lo, hi)
+                                if "\n" not in m.group() and only_comparison(m.group())]
         mentions = find_mentions(report.text)
         for _, lo, hi in body_regions(report.text):
             for span in sentence_spans(report.text, lo, hi):
@@ -503,15 +569,13 @@ def corpus_sentences(reports: Sequence[Report]) -> dict[str, list[tuple[str, str
                 if not _plain(sentence):
                     continue
                 inside = [m for m in mentions if m.sentence == span]
-                device = _DEVICE.search(sentence)
+                device = device_names(sentence)
                 if device and not COMPARISON_WORDS.search(sentence) and not inside:
-                    pools["device"].append((report.id, _DEVICE_KEYS.get(re.sub(r"\s+", " ", device.group("w")).lower(),
-                                                                        device.group("w")), sentence))
+                    pools["device"].append((report.id, min(device), sentence))
                 elif len({m.term for m in inside}) == 1 and all(m.polarity == "negated" for m in inside) and \
                         not COMPARISON_WORDS.search(sentence) and _NEGATION_CUE.match(sentence):
                     pools["negation"].append((report.id, inside[0].term, sentence))
-                elif COMPARISON_WORDS.search(sentence) and has_comparison(report.text) and not device and \
-                        all(m.polarity in ("negated", "weak") for m in inside):
+                elif has_comparison(report.text) and only_comparison(sentence) and not device:
                     pools["comparison"].append((report.id, "", sentence))
     for kind, templates in SENTENCE_TEMPLATES.items():
         if len({sentence for _, _, sentence in pools[kind]}) < MIN_POOL:
@@ -519,48 +583,81 @@ def corpus_sentences(reports: Sequence[Report]) -> dict[str, list[tuple[str, str
     return pools
 
 
+def _topics(sentence: str) -> set[str]:
+    """What a sentence speaks of: its finding terms, "comparison" and the devices it names."""
+    topics = {m.term for m in find_mentions(sentence)}
+    topics |= {"comparison"} if COMPARISON_WORDS.search(sentence) else set()
+    return topics | device_names(sentence)
+
+
 def _between_sentences(text: str, regions, sentences: Sequence[str], sections=("findings",)) -> list[_Edit]:
-    """Before any sentence of the named sections (all regions when the report has none of them), or after the
-    last: each of `sentences`."""
+    """Before any sentence of the named sections (all regions when the report has none of them) that is no list
+    item, or after the last: each of `sentences` that does not speak of what a neighbouring sentence speaks of (an
+    insertion that restates or answers its neighbour reads as written twice)."""
     if not sentences:
         return []
+    topics = {x: _topics(x) for x in sentences}
     edits = []
     for _, lo, hi in [r for r in regions if r[0] in sections] or regions:
         spans = sentence_spans(text, lo, hi)
-        edits += [_Edit(s, s, tuple(f"{x} " for x in sentences)) for s, _ in spans if not _ITEM_NUMBER.match(text, s)]
-        if spans and text[spans[-1][1] - 1] in ".!?" and not _ITEM_NUMBER.match(text, spans[-1][0]):
-            edits.append(_Edit(spans[-1][1], spans[-1][1], tuple(f" {x}" for x in sentences)))
+        near = [_topics(text[a:b]) for a, b in spans]
+        for i, (s, _) in enumerate(spans + [(spans[-1][1], None)] if spans else []):
+            last = i == len(spans)
+            if _ITEM_NUMBER.match(text, spans[min(i, len(spans) - 1)][0]) or \
+                    last and text[s - 1] not in ".!?":
+                continue
+            around = (near[i - 1] if i else set()) | (near[i] if not last else set())
+            fits = tuple(f" {x}" if last else f"{x} " for x in sentences if not topics[x] & around)
+            if fits:
+                edits.append(_Edit(s, s, fits))
     return edits
 
 
 def _device_insertion_sites(text: str, regions, pool: Sequence[tuple[str, str]]) -> list[_Edit]:
-    """A device sentence of another study, of a device the report does not name."""
-    named = {_DEVICE_KEYS.get(re.sub(r"\s+", " ", m.group("w")).lower(), m.group("w")) for m in _DEVICE.finditer(text)}
-    return _between_sentences(text, regions, tuple(s for key, s in pool if key not in named))
+    """A device sentence of another study, of a device the report does not name, where a device is plausible
+    (`device_plausible`)."""
+    if not device_plausible(text):
+        return []
+    named = device_names(text)
+    return _between_sentences(text, regions, tuple(s for _, s in pool if not device_names(s) & named))
 
 
-def _comparison_insertion_sites(text: str, regions, pool: Sequence[tuple[str, str]]) -> list[_Edit]:
+def _comparison_insertion_sites(text: str, regions, pool: Sequence[tuple[str, str]],
+                                changes: Sequence[tuple[str, str]]) -> list[_Edit]:
     """A comparison with a prior study in a report whose COMPARISON says there is none ("None."; a report without
-    the section may have had one): another study's comparison sentence, or a change appended to a sentence that
-    asserts a finding ("Small left effusion, unchanged.")."""
+    the section may have had one): another study's comparison sentence (`pool`), or a change as other studies
+    append one (`changes`) after a sentence that asserts a finding ("Small left effusion, unchanged.")."""
     comparison = parse_sections(text, headerless=None)["comparison"]
     if not comparison or not NO_PRIOR.search(comparison):
         return []
     edits = _between_sentences(text, regions, tuple(s for _, s in pool), sections=("findings", "impression"))
+    changes = tuple(dict.fromkeys(change for _, change in changes))
     mentions = find_mentions(text)
     for m in mentions:
         s, e = m.sentence
         if m.polarity == "asserted" and not m.interval and text[e - 1] == "." and _inside(regions, s, e) and \
                 not COMPARISON_WORDS.search(text, s, e) and not _NEGATION_CUE.search(text, s, e):
-            edits.append(_Edit(e - 1, e - 1, _APPENDED_CHANGES))
+            edits.append(_Edit(e - 1, e - 1, changes))
     return edits
 
-
-_APPENDED_CHANGES = (", unchanged", ", stable compared to prior", ", new since the prior study",
-                     ", increased from prior", ", decreased from prior")
 # A change stated at the end of a sentence: "..., unchanged." "..., increased in size since the prior study."
 _TRAILING_CHANGE = re.compile(r",\s*(?:(?:which\s+is|now)\s+)?(?:unchanged|stable|increased|decreased|improved|"
                               r"worsened|new|slightly\s+\w+|mildly\s+\w+)\b[^.;,]*(?=\.)", re.IGNORECASE)
+
+
+# Words of a sentence that only compares ("No significant interval change in the appearance of the chest.").
+_COMPARISON_ONLY_WORDS = frozenset("""
+no not any significant appreciable definite interval change changes changed unchanged stable similar since prior
+previous study studies exam examination film films radiograph radiographs comparison compared to with from the a an
+of in is are has have been there overall appearance chest findings again essentially grossly otherwise
+""".split())
+
+
+def only_comparison(sentence: str) -> bool:
+    """The sentence compares with a prior study and says nothing else (no finding, structure or device), so
+    leaving it out omits a comparison, not a finding."""
+    words = re.findall(r"[a-z]+", MASK.sub(" ", sentence.lower()))
+    return bool(COMPARISON_WORDS.search(sentence)) and all(w in _COMPARISON_ONLY_WORDS for w in words)
 
 
 def _comparison_omission_sites(text: str, regions) -> list[_Edit]:
@@ -577,7 +674,7 @@ def _comparison_omission_sites(text: str, regions) -> list[_Edit]:
             if any(m.polarity == "asserted" for m in inside):
                 edits += [_Edit(*m.span(), ("",)) for m in _TRAILING_CHANGE.finditer(text, s, e)]
             elif COMPARISON_WORDS.search(text, s, e) and len(spans) >= 2 and not _ITEM_NUMBER.match(text, s) \
-                    and not _DEVICE.search(text, s, e) and all(m.polarity in ("negated", "weak") for m in inside):
+                    and only_comparison(text[s:e]):
                 edits.append(_Edit(spans[i - 1][1], e, ("",)) if i + 1 == len(spans)
                              else _Edit(s, spans[i + 1][0], ("",)))
     return edits
@@ -592,8 +689,6 @@ def _contradiction_sites(text: str, regions, pools: dict[str, Sequence[tuple[str
     sentences = tuple(s for term, s in pools["negation"] if term in asserted - negated)
     sentences += tuple(s for term, s in pools["finding"] if term in negated)
     return _between_sentences(text, regions, sentences, sections=("findings", "impression"))
-
-
 
 
 def _renumbered(text: str, start: int, end: int, first: int) -> str:
@@ -643,11 +738,12 @@ _SITES: dict[str, Callable[[str, list], list[_Edit]]] = {
 }
 
 
-# Substitutions whose replacement words must be words of the corpus when a vocabulary is given: a word the corpus
-# never uses ("Swan-Ganz" in an outpatient corpus, "below the carina") would mark the edit for a string match.
-# Typos are new words by nature; measurements change numbers.
+# Errors whose new words must be words of the corpus when a vocabulary is given: a word the corpus never uses
+# ("Swan-Ganz" or "endotracheal" in an outpatient corpus, "below the carina") would mark the edit for a string
+# match. Typos are new words by nature; measurements change numbers.
 CORPUS_WORD_TYPES = ("negation_flip", "laterality_swap", "anatomical_location", "severity_change",
-                     "interval_change", "device_change")
+                     "interval_change", "device_change", "finding_insertion", "device_insertion",
+                     "comparison_insertion", "contradiction")
 
 
 def report_words(text: str) -> set[str]:
@@ -683,7 +779,7 @@ def error_sites(report_text: str, fine_type: str, insertions: Sequence[tuple[str
     elif fine_type == "device_insertion":
         found = _device_insertion_sites(report_text, regions, pools["device"])
     elif fine_type == "comparison_insertion":
-        found = _comparison_insertion_sites(report_text, regions, pools["comparison"])
+        found = _comparison_insertion_sites(report_text, regions, pools["comparison"], pools["change"])
     elif fine_type == "contradiction":
         found = _contradiction_sites(report_text, regions, pools)
     else:
@@ -699,7 +795,8 @@ def inject(report_text: str, fine_type: str, rng: np.random.Generator | int,
            insertions: Sequence[tuple[str, str]] | None = None,
            vocabulary: frozenset[str] | None = None,
            pools: dict[str, Sequence[tuple[str, str]]] | None = None,
-           avoid: Sequence[tuple[int, int]] = ()) -> InjectedError | None:
+           avoid: Sequence[tuple[int, int]] = (),
+           site_odds: Callable[[str], float] | None = None) -> InjectedError | None:
     """Inject one error of `fine_type` at a site drawn with `rng`; None when the report offers no site.
 
     Args:
@@ -708,10 +805,13 @@ def inject(report_text: str, fine_type: str, rng: np.random.Generator | int,
         rng: numpy Generator (or a seed) that picks the site and the replacement.
         insertions, vocabulary, pools: see :func:`error_sites`.
         avoid: spans of earlier errors in `report_text`; a site touching one is no site.
+        site_odds: maps the text a site would replace to the chance (0-1) that the site is kept.
     """
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     sites = [(a, b, c) for a, b, c in error_sites(report_text, fine_type, insertions, vocabulary, pools)
              if not any(a <= hi and lo <= b for lo, hi in avoid)]
+    if site_odds is not None:
+        sites = [(a, b, c) for a, b, c in sites if rng.random() < site_odds(report_text[a:b])]
     if not sites:
         return None
     start, end, choices = sites[int(rng.integers(len(sites)))]
@@ -719,6 +819,23 @@ def inject(report_text: str, fine_type: str, rng: np.random.Generator | int,
     modified = report_text[:start] + new + report_text[end:]
     return InjectedError(fine_type=fine_type, coarse_type=FINE_TYPES[fine_type], span=(start, start + len(new)),
                          original_span=(start, end), original=report_text[start:end], new=new, modified=modified)
+
+
+def severity_odds(counts: Counter) -> Callable[[str], float]:
+    """Chance to keep a severity site, by the class of its word (SEVERITY_CLASS of sections): the square root of
+    the rarest class's count over the word's class count in the corpus (document frequencies `counts`). Most
+    findings are mild, so without it nearly every change goes mild -> moderate and the added "moderate" gives the
+    error away; with it changes from the rarer classes are drawn more often."""
+    per_class: Counter = Counter()
+    for word, rank in SEVERITY_RANK.items():
+        per_class[SEVERITY_CLASS[rank]] += counts.get(word, 0)
+    rarest = min(per_class.values())
+
+    def odds(word: str) -> float:
+        rank = SEVERITY_RANK.get(word.lower())
+        return 1.0 if rank is None or not per_class[SEVERITY_CLASS[rank]] else \
+            (max(rarest, 1) / per_class[SEVERITY_CLASS[rank]]) ** 0.5
+    return odds
 
 
 def _error_fields(error: InjectedError, span: tuple[int, int], original_span: tuple[int, int]) -> dict:
@@ -761,6 +878,7 @@ def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int 
     # substitutions use words the corpus already has (in at least 3 reports), so they add no new word
     counts = Counter(w for report in reports for w in report_words(report.text))
     vocabulary = frozenset(w for w, n in counts.items() if n >= 3)
+    odds = severity_odds(counts)
     with_error = set(rng.permutation(len(reports))[:round(error_rate * len(reports))].tolist())
     order = [types[i] for i in rng.permutation(len(types))]
     used: Counter = Counter()
@@ -779,7 +897,8 @@ def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int 
                 if len(done) == n_errors:
                     break
                 error = inject(text, fine_type, rng, vocabulary=vocabulary, pools=others,
-                               avoid=[span for _, span, _ in done])
+                               avoid=[span for _, span, _ in done],
+                               site_odds=odds if fine_type == "severity_change" else None)
                 if error is None:
                     if not done:
                         record["no_site"].append(fine_type)
