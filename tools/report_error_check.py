@@ -35,7 +35,12 @@ from mmclin.errors import CheckpointError, ConfigError, DataError, run_entry_poi
 from mmclin.reports.audit import audit, audit_lines
 from mmclin.reports.errors import FINE_TYPES, corpus_summary, inject_corpus
 from mmclin.reports.rules import RuleChecker
-from mmclin.reports.scoring import image_dependent_difference, score_checker, write_confusion_matrices
+from mmclin.reports.scoring import (
+    clean_version_scores,
+    image_dependent_difference,
+    score_checker,
+    write_confusion_matrices,
+)
 
 # The trained checker a checkpoint without a recorded class (no LightningCLI "_class_path") is taken to be.
 DEFAULT_CHECKER_CLASS = "mmclin.models.report_checker.ReportChecker"
@@ -271,12 +276,10 @@ def comparison_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_one(args: argparse.Namespace, records: list[dict], spec: str, out: Path) -> tuple[dict, list[dict]]:
-    """Run checker `spec` on `records` (read from ``args.data``), write its metrics, predictions and plots to `out`
-    and print them; returns the metrics and the predictions."""
-    checker = load_checker(spec)
-    predictions = checker([{"id": r["id"], "modified": r["modified"], "text": r["modified"],
-                            "images": r.get("images", [])} for r in records])
+def _check(checker: Callable[[list[dict]], list[dict]], spec: str, records: list[dict], field: str) -> list[dict]:
+    """The checker's predictions on each record's `field` text ("modified", or "original": its clean version)."""
+    predictions = checker([{"id": r["id"], "modified": r[field], "text": r[field], "images": r.get("images", [])}
+                           for r in records])
     if not isinstance(predictions, list) or len(predictions) != len(records):
         raise ValueError(f"checker {spec!r} returned {len(predictions)} predictions for {len(records)} "
                          "reports")
@@ -284,7 +287,19 @@ def evaluate_one(args: argparse.Namespace, records: list[dict], spec: str, out: 
         if prediction.setdefault("id", record["id"]) != record["id"]:
             raise ValueError(f"checker {spec!r}: prediction {i} is for id {prediction['id']!r}, "
                              f"record {i} is {record['id']!r}")
+    return predictions
+
+
+def evaluate_one(args: argparse.Namespace, records: list[dict], spec: str, out: Path) -> tuple[dict, list[dict]]:
+    """Run checker `spec` on `records` (read from ``args.data``), write its metrics, predictions and plots to `out`
+    and print them; returns the metrics and the predictions."""
+    checker = load_checker(spec)
+    predictions = _check(checker, spec, records, "modified")
     scores = score_checker(records, predictions, n_boot=args.n_boot, seed=args.seed)
+    if all("original" in r for r in records):  # errors.jsonl of `inject` has them; hand-made records may not
+        scores["clean_versions"] = clean_version_scores(records, predictions, _check(checker, spec, records,
+                                                                                     "original"),
+                                                        n_boot=args.n_boot, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     truth = {r["id"]: r for r in records}
     _write_jsonl(out / "predictions.jsonl", [
@@ -306,9 +321,19 @@ def evaluate_one(args: argparse.Namespace, records: list[dict], spec: str, out: 
         print(f"IMAGE-DEPENDENT types (clean vs {image['n_error']} reports with such an error): sensitivity "
               f"{_ci(image, 'sensitivity')}  balanced accuracy {_ci(image, 'balanced_accuracy')}  "
               f"F1 {_ci(image, 'f1')}")
-    print(f"  {'true type':<22}{'n':>5}{'detected':>10}{'type F1':>9}")
+    clean = scores.get("clean_versions")
+    beyond = clean["beyond_clean"] if clean else {"per_type": {}}
+    if clean:
+        longest = clean["longest"]
+        print(f"CLEAN VERSIONS of all {clean['n']} reports flagged {_ci(clean, 'clean_flagged')}; longest tenth "
+              f"(>= {longest['min_chars']} characters, n={longest['n']}) {_ci(longest, 'clean_flagged')}")
+        print(f"BEYOND THE CLEAN VERSION ({beyond['n']} erroneous reports whose original passes): sensitivity "
+              f"{_ci(beyond, 'sensitivity')}")
+    print(f"  {'true type':<22}{'n':>5}{'detected':>10}{'type F1':>9}  beyond clean")
     for name, row in s["sensitivity_by_fine_type"].items():
-        print(f"  {name:<22}{row['n']:>5}{row['sensitivity']:>10.3f}{f['per_type'][name]['f1']:>9.3f}")
+        new = beyond["per_type"].get(name)
+        new = f"{new['sensitivity']:.3f} ({new['detected']}/{new['n']})" if new else "-"
+        print(f"  {name:<22}{row['n']:>5}{row['sensitivity']:>10.3f}{f['per_type'][name]['f1']:>9.3f}  {new}")
     print(f"wrote {out}/metrics.json, predictions.jsonl, confusion_simple.png, confusion_coarse.png, "
           "confusion_fine.png")
     return metrics, predictions

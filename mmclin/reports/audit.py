@@ -78,8 +78,29 @@ def bag_of_words_predictions(train: Sequence[dict], test: Sequence[dict] | None 
     return [{"id": r["id"], "has_error": bool(p)} for r, p in zip(rows, predicted)]
 
 
+def per_type_detection(records: Sequence[dict], predictions: Sequence[dict], max_detection: float = 0.8,
+                       min_n: int = 5) -> dict:
+    """Share of each fine type's erroneous reports that `predictions` flag; types above `max_detection` (with at
+    least `min_n` reports) are listed under "above": surface words alone give them away.
+
+    Returns:
+        ``{"per_type": {type: {"n", "detected", "rate"}}, "max_detection", "above": [types]}``.
+    """
+    flagged = {p["id"]: bool(p["has_error"]) for p in predictions}
+    per_type: dict[str, dict] = {}
+    for r in records:
+        if r["has_error"]:
+            row = per_type.setdefault(r["fine_type"], {"n": 0, "detected": 0})
+            row["n"] += 1
+            row["detected"] += flagged[r["id"]]
+    for row in per_type.values():
+        row["rate"] = row["detected"] / row["n"]
+    above = sorted(t for t, row in per_type.items() if row["n"] >= min_n and row["rate"] > max_detection)
+    return {"per_type": per_type, "max_detection": max_detection, "above": above}
+
+
 def audit(records: Sequence[dict], train: Sequence[dict] | None = None, n_boot: int = 1000, seed: int = 0,
-          min_reports: int = 5, min_ratio: float = 5.0) -> dict:
+          min_reports: int = 5, min_ratio: float = 5.0, max_type_detection: float = 0.8) -> dict:
     """Marker words and the bag-of-words baseline of `records` (see the module docstring).
 
     Args:
@@ -89,10 +110,12 @@ def audit(records: Sequence[dict], train: Sequence[dict] | None = None, n_boot: 
         seed: bootstrap and fold seed.
         min_reports: see :func:`marker_words`.
         min_ratio: see :func:`marker_words`.
+        max_type_detection: a fine type whose erroneous reports the bag of words finds more often than this is
+            flagged (``per_type["above"]``).
 
     Returns:
         ``{"markers": [...], "bag_of_words": score_checker(...) of its predictions (None when too few reports
-        to fit it, with the reason under "skipped"), "protocol": str}``.
+        to fit it, with the reason under "skipped"), "per_type": per_type_detection(...), "protocol": str}``.
     """
     result = {"markers": marker_words(records, min_reports, min_ratio), "bag_of_words": None,
               "protocol": f"fit on {len(train)} training reports" if train is not None else "5-fold cross-validation"}
@@ -101,7 +124,8 @@ def audit(records: Sequence[dict], train: Sequence[dict] | None = None, n_boot: 
                                                records if train is not None else None, seed=seed)
     except ValueError as err:
         return result | {"skipped": str(err)}
-    return result | {"bag_of_words": score_checker(records, predictions, n_boot=n_boot, seed=seed)}
+    return result | {"bag_of_words": score_checker(records, predictions, n_boot=n_boot, seed=seed),
+                     "per_type": per_type_detection(records, predictions, max_type_detection)}
 
 
 def audit_lines(result: dict, most: int = 10) -> list[str]:
@@ -117,6 +141,13 @@ def audit_lines(result: dict, most: int = 10) -> list[str]:
         low, high = image["balanced_accuracy_ci"]
         lines.append(f"  bag-of-words image-dependent balanced accuracy {image['balanced_accuracy']:.3f} "
                      f"[{low:.3f}, {high:.3f}]")
+    per_type = result.get("per_type")
+    if per_type:
+        rows = sorted(per_type["per_type"].items(), key=lambda kv: -kv[1]["rate"])
+        lines.append("  bag-of-words detection per type: " + ", ".join(
+            f"{t} {row['rate']:.2f} ({row['detected']}/{row['n']})" for t, row in rows))
+        lines.append(f"  types above {per_type['max_detection']:g}: " + (
+            "WORD-LEVEL GIVE-AWAY: " + ", ".join(per_type["above"]) if per_type["above"] else "none"))
     markers = result["markers"]
     lines.append(f"  marker words: {len(markers)}" + (": " + ", ".join(
         f"{m['word']} ({m['n_error']} vs {m['n_clean']})" for m in markers[:most]) if markers else " (none)"))

@@ -241,6 +241,56 @@ def image_dependent_difference(records: Sequence[dict], reference: Sequence[dict
     return out
 
 
+def _rate(flags: np.ndarray) -> float:
+    return float(flags.mean()) if flags.size else float("nan")
+
+
+def clean_version_scores(records: Sequence[dict], predictions: Sequence[dict], on_originals: Sequence[dict],
+                         n_boot: int = 1000, level: float = 0.95, seed: int = 0, longest: float = 0.1) -> dict:
+    """What a checker says of every report's clean version, and what it finds beyond it.
+
+    A checker that flags a report's original already (a false alarm on real phrasing) gets no credit for
+    "detecting" the error injected into it: ``beyond_clean`` scores detection on the erroneous reports whose
+    original passes, overall and per fine type.
+
+    Args:
+        records: injected records (``original``, ``modified``, ``has_error``, ``fine_type``).
+        predictions: the checker's predictions on the modified reports, one per record, in order.
+        on_originals: its predictions on the originals, one per record, in order.
+        n_boot, level, seed: bootstrap of the intervals.
+        longest: the share of longest originals (characters) scored apart: false alarms gather in long reports.
+
+    Returns:
+        ``{"clean_flagged", "clean_flagged_ci", "longest": {"min_chars", "n", "clean_flagged", ...},
+        "beyond_clean": {"n", "sensitivity", "sensitivity_ci", "per_type": {type: {"n", "detected",
+        "sensitivity"}}}}``.
+    """
+    flagged = np.array([bool(p.get("has_error")) for p in on_originals])
+    detected = np.array([bool(p.get("has_error")) for p in predictions])
+    lengths = np.array([len(r["original"]) for r in records])
+    cut = float(np.quantile(lengths, 1 - longest)) if len(lengths) else 0.0
+    top = lengths >= cut
+
+    def rate_with_ci(values: np.ndarray) -> tuple[float, list[float]]:
+        if not values.size:
+            return float("nan"), [float("nan"), float("nan")]
+        return _rate(values), list(bootstrap_ci(_rate, values, n_boot=n_boot, level=level, seed=seed))
+
+    out = {"n": len(records)}
+    out["clean_flagged"], out["clean_flagged_ci"] = rate_with_ci(flagged)
+    out["longest"] = {"share": longest, "min_chars": int(cut), "n": int(top.sum())}
+    out["longest"]["clean_flagged"], out["longest"]["clean_flagged_ci"] = rate_with_ci(flagged[top])
+    erroneous = np.array([bool(r["has_error"]) for r in records]) & ~flagged
+    beyond = {"n": int(erroneous.sum())}
+    beyond["sensitivity"], beyond["sensitivity_ci"] = rate_with_ci(detected[erroneous])
+    types = np.array([r.get("fine_type") or "" for r in records])
+    beyond["per_type"] = {t: {"n": int((erroneous & (types == t)).sum()),
+                              "detected": int((detected & erroneous & (types == t)).sum()),
+                              "sensitivity": _rate(detected[erroneous & (types == t)])}
+                          for t in FINE_TYPES if (erroneous & (types == t)).any()}
+    return out | {"beyond_clean": beyond}
+
+
 def write_confusion_matrices(scores: dict, out_dir: str | os.PathLike, prefix: str = "confusion") -> list[Path]:
     """PNG confusion matrices (rows = truth) of `score_checker` output: ``{prefix}_simple.png``,
     ``{prefix}_coarse.png`` and ``{prefix}_fine.png``. Fine classes absent from truth and predictions are
