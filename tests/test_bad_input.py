@@ -133,7 +133,7 @@ def test_fit_on_a_report_folder_with_an_empty_report_names_it_in_one_line(tmp_pa
                             "--data.init_args.root", str(root), "--trainer.max_epochs", "1",
                             "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "run")],
                            demo_cache, rows[3]["uid"])
-    assert "indiana_reports.csv" in line
+    assert "indiana_reports.csv" in line and "--data.init_args.on_error skip" in line  # the fit's own option
 
 
 def test_debug_shows_the_traceback(tmp_path, demo_cache):

@@ -14,11 +14,15 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_clean_hand_written_reports_are_rarely_flagged():
-    """The 60 clean hand-written IU-layout reports (XXXX, hedges, "clear of", numbered impressions, devices)."""
+    """The 420 clean hand-written IU-layout reports (tests/fixtures/iu_realistic/README.md): at most 3 % flagged,
+    and at most 5 % of the longest tenth, where real phrasing's long tail gathers."""
     reports = read_reports(FIXTURES / "iu_realistic", "iu-csv").reports
+    assert len(reports) >= 400
     checker = RuleChecker(corpus=[r.text for r in reports])
     flagged = {r.id: checker.check(r.text)["evidence"] for r in reports if checker.check(r.text)["has_error"]}
     assert len(flagged) <= 0.03 * len(reports), flagged
+    longest = sorted(reports, key=lambda r: len(r.text))[-len(reports) // 10:]
+    assert sum(r.id in flagged for r in longest) <= 0.05 * len(longest), flagged
 
 
 def _flags(text: str) -> list[str]:

@@ -384,7 +384,9 @@ def _device_sites(text: str, regions) -> list[_Edit]:
             continue
         key = _DEVICE_KEYS[re.sub(r"\s+", " ", m.group("w")).lower()]
         acronym = key.split()[0].isupper()  # "PICC", "ET tube": write the replacement as spelled
-        edits.append(_Edit(*m.span("w"), tuple(o if acronym else _cased(m.group("w"), o) for o in _DEVICE_SWAP[key])))
+        if _DEVICE_SWAP[key]:
+            edits.append(_Edit(*m.span("w"), tuple(o if acronym else _cased(m.group("w"), o)
+                                                   for o in _DEVICE_SWAP[key])))
     for _, lo, hi in regions:
         for s, e in sentence_spans(text, lo, hi):
             if _TIP_CONTEXT.search(text, s, e):
