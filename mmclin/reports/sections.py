@@ -151,7 +151,8 @@ FINDING_PATTERNS: dict[str, str] = {
     "nodule": r"nodules?|nodular\s+(?:opacit(?:y|ies)|densit(?:y|ies))",
     "effusion": r"(?:pleural\s+)?effusions?|pleural\s+fluid|blunting\s+of\s+(?:the\s+)?(?:\w+\s+){0,2}?costophrenic|"
                 r"costophrenic\s+(?:angles?|sulc(?:us|i)|recess(?:es)?|XXXX)\s+(?:is\s+|are\s+)?(?:\w+\s+)?blunted|"
-                r"fluid\s+(?:in|at|along|within)\s+the\s+(?:\w+\s+){0,2}?(?:costophrenic|pleural|fissure|base)",
+                r"fluid\s+(?:in|at|along|within)\s+the\s+(?:\w+\s+){0,2}?(?:costophrenic|pleural|fissure|base)|"
+                r"(?:costophrenic|sulc(?:us|i))\s+(?:XXXX\s+)?blunting",
     "pneumothorax": r"(?:hydro)?pneumothora(?:x|ces)|pleural\s+air(?:\s+collection)?",
     "consolidation": r"consolidations?|consolidative\s+opacit(?:y|ies)|airspace\s+(?:disease|consolidation)",
     "pneumonia": r"pneumonias?",
