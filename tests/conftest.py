@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ import pytest
 from mmclin.cli import main as cli_main
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 # A CLIP small enough for a test step in well under a second on a laptop CPU.
 TINY_CLIP = {
@@ -25,6 +28,18 @@ def shared_data(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} not present (real sample data lives in ../shared/data beside the repository)")
     return path
+
+
+def one_line_error(args: list[str], cache: Path, expected: str) -> str:
+    """Run ``python *args`` in a fresh process from the repository root; assert exit code 2, no traceback and a
+    single ``error: ...`` line on stderr that contains `expected`; return that line."""
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MMCLIN_CACHE": str(cache), "MMCLIN_DEBUG": ""})
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(errors) == 1 and expected in errors[0], done.stderr[-3000:]
+    return errors[0]
 
 
 @pytest.fixture(scope="session")

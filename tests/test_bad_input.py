@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 import shutil
 import subprocess
@@ -19,23 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, TINY_CLIP
+from conftest import CONFIGS, ROOT, TINY_CLIP, one_line_error
 
 from mmclin.errors import CheckpointError, ConfigError, DataError, error_line
 
-ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-
-def _one_line_error(args: list[str], cache: Path, expected: str) -> str:
-    """Run a command; assert exit code 2 and a single ``error: ...`` line on stderr that contains `expected`."""
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MMCLIN_CACHE": str(cache), "MMCLIN_DEBUG": ""})
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert len(errors) == 1 and expected in errors[0], done.stderr[-3000:]
-    return errors[0]
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -82,7 +69,7 @@ def test_tools_refuse_bad_checkpoints_in_one_line(tool, tmp_path, demo_cache):
     for case in ("random bytes", "unsafe pickle", "another model's checkpoint"):
         path, words = cases[case]
         flag = ["--model"] if tool == "zero_shot" else ["--format", "open_clip", "--checkpoint"]
-        line = _one_line_error([f"tools/{tool}.py", *flag, str(path), "--out", str(tmp_path / "out")], demo_cache,
+        line = one_line_error([f"tools/{tool}.py", *flag, str(path), "--out", str(tmp_path / "out")], demo_cache,
                                words)
         assert str(path) in line, (case, line)
 
@@ -93,7 +80,7 @@ def test_report_checker_tool_refuses_a_bad_checkpoint_in_one_line(tmp_path, demo
                     str(FIXTURES / "iu_realistic"), "--format", "iu-csv", "--out", str(data), "--on-error", "skip"],
                    cwd=ROOT, check=True, capture_output=True)
     path, words = _bad_checkpoints(tmp_path)["unsafe pickle"]
-    _one_line_error(["tools/report_error_check.py", "evaluate", "--data", str(data), "--checker", f"ckpt:{path}",
+    one_line_error(["tools/report_error_check.py", "evaluate", "--data", str(data), "--checker", f"ckpt:{path}",
                      "--out", str(tmp_path / "eval")], demo_cache, words)
 
 
@@ -110,7 +97,7 @@ def test_fit_on_a_truncated_jpeg_names_the_file_in_one_line(tmp_path, demo_cache
     shutil.copytree(demo.root, root)
     for image in root.rglob("*.jpg"):  # truncated downloads: the first one read names itself
         image.write_bytes(image.read_bytes()[:300])
-    line = _one_line_error(
+    line = one_line_error(
         ["-m", "mmclin", "fit", "-c", str(CONFIGS / "derm-clip.yaml"), "--data.init_args.root", str(root),
          "--data.init_args.num_workers", "1", "--data.init_args.batch_size", "4",
          "--model.init_args.model_config", str(TINY_CLIP).replace("'", '"'), "--trainer.max_epochs", "1",
@@ -129,7 +116,7 @@ def test_fit_on_a_report_folder_with_an_empty_report_names_it_in_one_line(tmp_pa
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    line = _one_line_error(["-m", "mmclin", "fit", "-c", str(CONFIGS / "cxr-error-check-text.yaml"),
+    line = one_line_error(["-m", "mmclin", "fit", "-c", str(CONFIGS / "cxr-error-check-text.yaml"),
                             "--data.init_args.root", str(root), "--trainer.max_epochs", "1",
                             "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "run")],
                            demo_cache, rows[3]["uid"])
