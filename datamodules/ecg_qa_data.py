@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.ecg import STANDARD_LEADS, ptbxl_record_path, read_ptbxl_database, read_wfdb_record
 from datamodules.ecg_qa import read_ecg_qa
 from datamodules.loaders import SplitLoaders
+from datamodules.series_length import WindowedStudies, check_duration_settings, fit_dataset_record, fit_duration
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.ecg import generate_ecg_demo
 from mmclin.errors import ConfigError, DataError
@@ -48,12 +49,14 @@ class ECGQADataset(Dataset):
         }
 
 
-class ECGQADataModule(SplitLoaders, L.LightningDataModule):
+class ECGQADataModule(WindowedStudies, SplitLoaders, L.LightningDataModule):
     """ECG-QA (Oh et al., NeurIPS 2023) questions on PTB-XL (Wagner et al., Sci Data 2020) ECGs.
 
     With ``root`` unset a demo PTB-XL tree with ECG-QA-layout questions is generated once into the cache
     (``$MMCLIN_CACHE`` or ``~/.cache/mmclin``). Splits are ECG-QA's (train / valid / test, i.e. PTB-XL folds
-    1-8 / 9 / 10). Signals are read once with wfdb, in mV, in the order of `leads`, and kept in memory.
+    1-8 / 9 / 10). Signals are read once with wfdb, in mV, in the order of `leads`, and kept in memory. Every
+    record, of the dataset or to predict, meets ``duration_s`` through ``duration_policy``
+    (:mod:`datamodules.series_length`).
     """
 
     def __init__(
@@ -64,6 +67,9 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
         version: Literal["paraphrased", "template"] = "paraphrased",
         sampling_rate: Literal[100, 500] = 100,
         leads: list[str] | None = None,
+        duration_s: float | None = 10.0,
+        duration_policy: Literal["refuse", "crop", "window", "pad"] = "refuse",
+        crop_at: Literal["start", "centre"] = "start",
         question_types: list[str] | None = None,
         on_missing: Literal["error", "skip"] = "error",
         batch_size: int = 16,
@@ -81,6 +87,11 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
             version: ECG-QA question wording: ``paraphrased`` or ``template``.
             sampling_rate: PTB-XL record set: 100 Hz (``records100``) or 500 Hz (``records500``).
             leads: lead names in model order (default the 12 standard leads).
+            duration_s: duration of the records the model takes, s (PTB-XL's 10 s); None takes any duration.
+            duration_policy: a record of another duration: ``refuse`` (DataError), ``crop`` a longer one to
+                `duration_s`, ``window`` a longer study to predict into `duration_s` windows (one prediction each),
+                ``pad`` a shorter one (of at least half `duration_s`) with zeros; see :mod:`datamodules.series_length`.
+            crop_at: where ``crop`` takes its window: the ``start`` or the ``centre`` of the record.
             question_types: keep only these ECG-QA question types (e.g. ``[single-verify]``).
             on_missing: a question whose ECG is not in the database: ``error`` or ``skip`` (counted).
             batch_size: training batch size.
@@ -92,6 +103,7 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
                 "choices"}`` rows (question and choices for QA models), a text file of paths, or one path.
         """
         super().__init__()
+        check_duration_settings(duration_s, duration_policy, crop_at)
         self.save_hyperparameters()
         self.demo = root is None
         self.datasets: dict[str, ECGQADataset] = {}
@@ -127,36 +139,73 @@ class ECGQADataModule(SplitLoaders, L.LightningDataModule):
         signals = {}
         for ecg_id in sorted({e for ids in table["ecg_ids"] for e in ids}):
             path = ptbxl_record_path(self.ptbxl_root, ecg_id, database.loc[ecg_id], fs=h.sampling_rate)
-            signals[ecg_id] = read_wfdb_record(path, leads=leads, target_fs=h.sampling_rate).signal
+            signal = read_wfdb_record(path, leads=leads, target_fs=h.sampling_rate).signal
+            signals[ecg_id] = fit_dataset_record(signal, h.sampling_rate, h.duration_s, h.duration_policy, str(path),
+                                                 h.crop_at)
         for split in ("train", "val", "test"):
             self.datasets[split] = ECGQADataset(table[table["split"] == split], signals)
         log.info("ECG-QA %s: %s questions, %d ECGs, %d skipped (ECG not in the database)", self.root,
                  {k: len(v) for k, v in self.datasets.items()}, len(signals), self.n_skipped)
 
-    def study_item(self, path: str | os.PathLike, question: str | None, choices: list[str] | None = None) -> dict:
+    def study_items(self, path: str | os.PathLike, question: str | None,
+                    choices: list[str] | None = None) -> list[dict]:
         """One WFDB record of a user's (``path`` without extension, or its ``.hea``) and a question, as the model
-        was trained to take it: the model's leads in its order, resampled to its `sampling_rate`.
+        was trained to take it: the model's leads in its order, resampled to its `sampling_rate`, fitted to its
+        `duration_s` by `duration_policy`. One sample, or under ``window`` one per window of a longer record
+        (``meta.window`` of ``meta.n_windows``); each names the stretch of the record it holds, ``meta.span_s`` =
+        [start, end] in s, and under ``pad`` the zeros after it, ``meta.padded_s``.
 
         Raises:
-            DataError: the record is unreadable, lacks one of the model's leads, or holds NaN.
+            DataError: the record is unreadable, lacks one of the model's leads, holds NaN, or has another
+                duration than the policy takes.
         """
         if not question:
             raise ConfigError("an ECG-QA model answers a question about the record: give one (--question)")
+        h = self.hparams
         record = str(path)[:-4] if str(path).endswith((".hea", ".dat")) else str(path)
-        leads = self.hparams.leads or list(STANDARD_LEADS)
+        leads = h.leads or list(STANDARD_LEADS)
         try:
-            signal = read_wfdb_record(record, leads=leads, target_fs=self.hparams.sampling_rate).signal
+            signal = read_wfdb_record(record, leads=leads, target_fs=h.sampling_rate).signal
         except DataError as err:
-            raise DataError(f"{err}; the model takes the leads {leads}, resampled to {self.hparams.sampling_rate} "
-                            "Hz") from None
-        return {"series": [torch.from_numpy(signal)], "question": question, "answer": "",
-                "choices": list(choices or []), "meta": {"record": record}}
+            raise DataError(f"{err}; the model takes the leads {leads}, resampled to {h.sampling_rate} Hz") from None
+        windows = fit_duration(signal, h.sampling_rate, h.duration_s, h.duration_policy, record, h.crop_at)
+        duration = signal.shape[-1] / h.sampling_rate
+        items = []
+        for k, (start, part) in enumerate(windows):
+            end = min(start + part.shape[-1] / h.sampling_rate, duration)
+            meta = {"record": record, "span_s": [start, end]}
+            if len(windows) > 1:
+                meta |= {"window": k, "n_windows": len(windows)}
+            if end - start < part.shape[-1] / h.sampling_rate:  # `pad`: zeros after the record's end
+                meta["padded_s"] = part.shape[-1] / h.sampling_rate - (end - start)
+            items.append({"series": [torch.from_numpy(part)], "question": question, "answer": "",
+                          "choices": list(choices or []), "meta": meta})
+        return items
 
-    def read_study(self, study: dict) -> dict:
+    def study_item(self, path: str | os.PathLike, question: str | None, choices: list[str] | None = None) -> dict:
+        """The one sample of a record (:meth:`study_items`).
+
+        Raises:
+            DataError: as :meth:`study_items`, or a record that ``window`` splits into several samples.
+        """
+        items = self.study_items(path, question, choices)
+        if len(items) > 1:
+            raise DataError(f"{path}: {len(items)} windows under duration_policy 'window'; predict them with "
+                            "study_items (mmclin predict and lightning predict do)")
+        return items[0]
+
+    def read_study_items(self, study: dict) -> list[dict]:
         if not study.get("question"):
             raise DataError(f"{study['input']}: a study to predict needs a 'question'")
-        item = self.study_item(study["input"], study["question"], study.get("choices"))
-        return item | {"meta": {**item["meta"], "input": study["input"]}}
+        items = self.study_items(study["input"], study["question"], study.get("choices"))
+        return [item | {"meta": {**item["meta"], "input": study["input"]}} for item in items]
+
+    def read_study(self, study: dict) -> dict:
+        items = self.read_study_items(study)
+        if len(items) > 1:
+            raise DataError(f"{study['input']}: {len(items)} windows under duration_policy 'window'; read them with "
+                            "read_study_items")
+        return items[0]
 
     def study_collate(self):
         return model_collator(self.trainer, type(self).__name__)

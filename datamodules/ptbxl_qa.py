@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.ecg import STANDARD_LEADS, ptbxl_record_path, read_ptbxl_database, read_wfdb_record
 from datamodules.ecg_qa import read_ecg_qa
 from datamodules.loaders import SplitLoaders
+from datamodules.series_length import WindowedStudies, check_duration_settings, fit_dataset_record
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.ecg import generate_ecg_demo
 from mmclin.errors import ConfigError, DataError
@@ -138,7 +139,7 @@ class PTBXLQADataset(Dataset):
                          "source": row["source"]}}
 
 
-class PTBXLQADataModule(SplitLoaders, L.LightningDataModule):
+class PTBXLQADataModule(WindowedStudies, SplitLoaders, L.LightningDataModule):
     """Yes/no questions on the superclasses and frequent statements of every record of a PTB-XL tree.
 
     With ``root`` unset the demo PTB-XL tree (``datamodules.synthetic.ecg``) is generated once into the cache.
@@ -149,6 +150,9 @@ class PTBXLQADataModule(SplitLoaders, L.LightningDataModule):
         root: str | None = None,
         sampling_rate: Literal[100, 500] = 100,
         leads: list[str] | None = None,
+        duration_s: float | None = 10.0,
+        duration_policy: Literal["refuse", "crop", "window", "pad"] = "refuse",
+        crop_at: Literal["start", "centre"] = "start",
         statements: list[str] | None = None,
         min_likelihood: float = 0.0,
         train_folds: list[int] | None = None,
@@ -169,6 +173,10 @@ class PTBXLQADataModule(SplitLoaders, L.LightningDataModule):
             sampling_rate: the model's rate, 100 or 500 Hz: the record set read (at 100 Hz, a tree with only 500 Hz
                 records is read from those, resampled).
             leads: lead names in model order (default the 12 standard leads).
+            duration_s: duration of the records the model takes, s (PTB-XL's 10 s); None takes any duration.
+            duration_policy: a record of another duration: ``refuse``, ``crop``, ``window`` (studies to predict) or
+                ``pad`` (see ``ECGQADataModule`` and :mod:`datamodules.series_length`).
+            crop_at: where ``crop`` takes its window: the ``start`` or the ``centre`` of the record.
             statements: SCP codes asked about besides the five superclasses (default :data:`DEFAULT_STATEMENTS`).
                 Their names are the model's ``aux_classes`` after the superclasses' (see the config).
             min_likelihood: a diagnostic statement counts when listed with at least this likelihood (%).
@@ -187,6 +195,7 @@ class PTBXLQADataModule(SplitLoaders, L.LightningDataModule):
             predict: studies for ``lightning predict`` instead of the test split (see ``ECGQADataModule``).
         """
         super().__init__()
+        check_duration_settings(duration_s, duration_policy, crop_at)
         if sampling_rate not in (100, 500):
             raise ConfigError(f"sampling_rate: PTB-XL ships 100 and 500 Hz records, got {sampling_rate}")
         if not 0 <= min_likelihood <= 100:
@@ -259,7 +268,9 @@ class PTBXLQADataModule(SplitLoaders, L.LightningDataModule):
                     raise
                 # a tree with 500 Hz records only (e.g. CinC 2021's HR*.mat): read those, resampled to 100 Hz
                 path = ptbxl_record_path(self.root, ecg_id, row, fs=500)
-            signals[ecg_id] = read_wfdb_record(path, leads=leads, target_fs=h.sampling_rate).signal
+            signal = read_wfdb_record(path, leads=leads, target_fs=h.sampling_rate).signal
+            signals[ecg_id] = fit_dataset_record(signal, h.sampling_rate, h.duration_s, h.duration_policy, str(path),
+                                                 h.crop_at)
             targets[ecg_id] = label
         questions = [{"ecg_id": ecg_id, "split": split, "question": a.question, "attribute": a.name,
                       "group": a.group, "answer": CHOICES[int(label[j])], "choices": CHOICES, "source": "ptbxl"}
@@ -299,18 +310,27 @@ class PTBXLQADataModule(SplitLoaders, L.LightningDataModule):
         guess = other["question"].map(top).fillna("no")
         return {"majority_answer_acc": float((guess == other["answer"]).mean())}
 
-    def study_item(self, path, question: str | None, choices: list[str] | None = None) -> dict:
-        """One WFDB record of a user's and a question, read as the training records are."""
+    def _reader(self):
         from datamodules.ecg_qa_data import ECGQADataModule
 
-        reader = ECGQADataModule(sampling_rate=self.hparams.sampling_rate, leads=self.hparams.leads)
-        return reader.study_item(path, question, choices)
+        h = self.hparams
+        return ECGQADataModule(sampling_rate=h.sampling_rate, leads=h.leads, duration_s=h.duration_s,
+                               duration_policy=h.duration_policy, crop_at=h.crop_at)
+
+    def study_items(self, path, question: str | None, choices: list[str] | None = None) -> list[dict]:
+        """One WFDB record of a user's and a question, read as the training records are (one sample per window
+        under ``duration_policy: window``); choices default to yes/no."""
+        return self._reader().study_items(path, question, choices or CHOICES)
+
+    def study_item(self, path, question: str | None, choices: list[str] | None = None) -> dict:
+        """The one sample of a record (:meth:`study_items`)."""
+        return self._reader().study_item(path, question, choices or CHOICES)
+
+    def read_study_items(self, study: dict) -> list[dict]:
+        return self._reader().read_study_items({**study, "choices": study.get("choices") or CHOICES})
 
     def read_study(self, study: dict) -> dict:
-        if not study.get("question"):
-            raise DataError(f"{study['input']}: a study to predict needs a 'question'")
-        item = self.study_item(study["input"], study["question"], study.get("choices") or CHOICES)
-        return item | {"meta": {**item["meta"], "input": study["input"]}}
+        return self._reader().read_study({**study, "choices": study.get("choices") or CHOICES})
 
     def study_collate(self):
         from mmclin.tasks.qa import model_collator

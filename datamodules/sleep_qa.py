@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.loaders import SplitLoaders, read_studies, split_loader
+from datamodules.series_length import DURATION_TOLERANCE, MIN_PAD_SHARE
 from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_psg, read_scored_psg
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.sleep import generate_sleep_demo
@@ -150,6 +151,7 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         on_unscored: Literal["skip", "error"] = "skip",
+        duration_policy: Literal["window", "pad", "refuse"] = "window",
         trim_wake_min: float | None = 30.0,
         question: str | None = None,
         balance_train: bool = False,
@@ -172,6 +174,11 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
             eval_batch_size: validation/test batch size (default: batch_size).
             num_workers: DataLoader worker processes.
             on_unscored: ``skip`` drops and counts unscored/movement epochs; ``error`` raises naming the file.
+            duration_policy: a night to stage (:meth:`study_items`) is cut into `epoch_s` epochs from its start; its
+                last part shorter than an epoch is, under ``window``, left unstaged (its length logged and in every
+                row's ``meta.unstaged_s``), under ``pad`` zero-padded into a last epoch when it holds at least half
+                of one (that row's ``meta.padded_s``), under ``refuse`` a DataError naming the file and its
+                duration.
             trim_wake_min: keep only wake within this many minutes of the first/last sleep epoch (Sleep-EDF
                 Sleep Cassette files span ~20 h, mostly wake; 30 min is the usual choice); None keeps all wake.
             question: question text; default asks for W, N1, N2, N3 or R (``{epoch_s}``/``{window_s}`` fill in).
@@ -193,6 +200,8 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
             raise ConfigError(f"need epoch_s > 0, context_epochs >= 0; got {epoch_s}, {context_epochs}")
         if on_unscored not in ("skip", "error"):
             raise ConfigError(f"on_unscored must be 'skip' or 'error', got {on_unscored!r}")
+        if duration_policy not in ("window", "pad", "refuse"):
+            raise ConfigError(f"duration_policy={duration_policy!r}: expected 'window', 'pad' or 'refuse'")
         self.save_hyperparameters()
         self.demo = root is None
         self.nights: list[SleepNight] = []
@@ -294,26 +303,51 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
 
     def study_items(self, path: str | os.PathLike, question: str | None = None, choices=None) -> list[dict]:
         """A whole night of a user's (an EDF PSG, no hypnogram needed) as one QA sample per 30-s epoch, with the
-        model's channels resampled to its rate and its context: predicting them stages the night.
+        model's channels resampled to its rate and its context: predicting them stages the night. Its last part
+        shorter than an epoch follows `duration_policy`.
 
         Raises:
-            DataError: the file is unreadable, lacks one of the model's channels, or is shorter than an epoch.
+            DataError: the file is unreadable, lacks one of the model's channels, or is shorter than an epoch (under
+                ``pad``, than half of one), or (``refuse``) is not a whole number of epochs.
         """
         h = self.hparams
         try:
             record = read_psg(path, h.channels, h.target_fs)
         except DataError as err:
             raise DataError(f"{err}; the model takes the channels {list(h.channels)} at {h.target_fs} Hz") from None
-        epoch_len = round(h.epoch_s * h.target_fs)
-        n = record.signal.shape[1] // epoch_len
-        if n == 0:
-            raise DataError(f"{path}: {record.signal.shape[1] / h.target_fs:.0f} s, shorter than one {h.epoch_s}-s "
-                            "epoch")
-        night = SleepNight(record.signal[:, :n * epoch_len], np.full(n, -1, np.int64), 0, Path(path).stem, "",
-                           str(path))
+        signal, unstaged_s, padded_s = self._whole_epochs(record.signal, path)
+        n = signal.shape[1] // round(h.epoch_s * h.target_fs)
+        night = SleepNight(signal, np.full(n, -1, np.int64), 0, Path(path).stem, "", str(path))
         epochs = SleepEpochQA([night], np.array([(0, e) for e in range(n)], dtype=np.int64), h.channels,
                               float(h.target_fs), h.epoch_s, h.context_epochs, question or self.question)
-        return [epochs[i] for i in range(n)]
+        items = [epochs[i] for i in range(n)]
+        for item in items:
+            item["meta"]["unstaged_s"] = unstaged_s
+        if padded_s:
+            items[-1]["meta"]["padded_s"] = padded_s
+        return items
+
+    def _whole_epochs(self, signal: np.ndarray, path) -> tuple[np.ndarray, float, float]:
+        """`signal` (C, L) cut (or, under ``pad``, padded) to whole epochs; the seconds left unstaged and padded."""
+        h = self.hparams
+        epoch_len = round(h.epoch_s * h.target_fs)
+        n, tail = divmod(signal.shape[1], epoch_len)
+        if tail <= DURATION_TOLERANCE * epoch_len:  # a sample or two of rounding: not a part of an epoch
+            tail = 0
+        duration = f"{path}: {signal.shape[1] / h.target_fs:.1f} s"
+        if tail and h.duration_policy == "refuse":
+            raise DataError(f"{duration}, not a whole number of {h.epoch_s:g}-s epochs ({tail / h.target_fs:.1f} s "
+                            "over; duration_policy 'window' leaves that part unstaged, 'pad' pads it)")
+        if tail and h.duration_policy == "pad" and tail >= MIN_PAD_SHARE * epoch_len:
+            return np.pad(signal, [(0, 0), (0, epoch_len - tail)]), 0.0, (epoch_len - tail) / h.target_fs
+        if n == 0:
+            raise DataError(f"{duration}, shorter than one {h.epoch_s:g}-s epoch"
+                            + (" (duration_policy 'pad' pads half an epoch or more)" if h.duration_policy == "pad"
+                               else ""))
+        if tail:
+            log.warning("%s: its last %.1f s, shorter than one %g-s epoch, are not staged", path, tail / h.target_fs,
+                        h.epoch_s)
+        return signal[:, :n * epoch_len], tail / h.target_fs, 0.0
 
     def predict_dataloader(self) -> DataLoader:
         """Every epoch of the nights listed in ``predict`` (see :func:`datamodules.loaders.read_studies`), else the

@@ -384,7 +384,7 @@ def test_checker_learns_to_flag_errors_and_round_trips(demo, tmp_path, one_threa
     predicted = model.predict_reports(records, batch_size=8, progress=False)
     assert len(predicted) == len(records)
     for p in predicted:
-        assert set(p) == {"has_error", "fine_type", "coarse_type", "p_error"} and 0 <= p["p_error"] <= 1
+        assert set(p) == {"has_error", "fine_type", "coarse_type", "p_error", "n_windows"} and 0 <= p["p_error"] <= 1
         assert p["has_error"] == (p["p_error"] >= 0.5) == (p["fine_type"] is not None)
         assert p["coarse_type"] == (FINE_TYPES[p["fine_type"]] if p["fine_type"] else None)
     via_trainer = [p for batch in trainer.predict(model, datamodule=dm) for p in batch]  # test split

@@ -6,7 +6,10 @@ those of Wu, Kim et al. 2023, "Exploring Multimodal Large Language Models for Ra
 
 ``inject`` writes ``errors.jsonl`` (one report per line: id, original, modified, has_error, coarse_type,
 fine_type, span, ...) and ``summary.json`` (errors injected and "no site" counts per type, reports skipped).
-``evaluate`` writes ``metrics.json``, ``predictions.jsonl`` and ``confusion_{simple,coarse,fine}.png``.
+``evaluate`` writes ``metrics.json``, ``predictions.jsonl`` and ``confusion_{simple,coarse,fine}.png``. The checkers
+read English reports only: a report that is not English (:func:`mmclin.reports.language.non_english_reason`) stops
+``evaluate`` with its id, or with ``--on-non-english skip`` is left out of every checker's scores and counted
+(``n_refused`` and ``refused`` in metrics.json).
 
 Examples:
     python tools/report_error_check.py inject --reports iu_xray/indiana_reports.csv --format iu-csv \
@@ -34,6 +37,7 @@ from datamodules.reports import FORMATS, read_reports
 from mmclin.errors import CheckpointError, ConfigError, DataError, run_entry_point
 from mmclin.reports.audit import audit, audit_lines
 from mmclin.reports.errors import FINE_TYPES, corpus_summary, inject_corpus
+from mmclin.reports.language import non_english_reason
 from mmclin.reports.rules import RuleChecker
 from mmclin.reports.scoring import (
     clean_version_scores,
@@ -79,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "into its own folder of --out, and compared side by side")
     ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ev.add_argument("--on-non-english", choices=["error", "skip"], default="error",
+                    help="a report not in English: stop naming it, or leave it unchecked (counted in metrics.json)")
     ev.add_argument("--out", required=True, help="output directory")
     return p.parse_args(argv)
 
@@ -217,9 +223,7 @@ def evaluate_main(args: argparse.Namespace) -> dict:
     """Score each checker; with several, also a side-by-side table (comparison.md / comparison.json in --out)
     with the last checker's paired difference to each other one on the image-dependent error types."""
     specs = [args.checker] if isinstance(args.checker, str) else list(args.checker)
-    records = read_jsonl(args.data)
-    if not records:
-        raise DataError(f"{args.data}: no reports")
+    records, args.refused = english_records(read_jsonl(args.data), args.data, args.on_non_english)
     shortcut = audit(records, n_boot=args.n_boot, seed=args.seed)  # what surface words alone score here
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "audit.json").write_text(json.dumps(_finite(shortcut), indent=2))
@@ -239,6 +243,32 @@ def evaluate_main(args: argparse.Namespace) -> dict:
     Path(args.out, "comparison.md").write_text(table + "\n")
     Path(args.out, "comparison.json").write_text(json.dumps(runs, indent=2))
     return runs
+
+
+def english_records(records: list[dict], source: str, on_non_english: str = "error") -> tuple[list[dict], list[dict]]:
+    """The records whose report (``modified``) is English, and ``[{"id", "why"}]`` of those left out.
+
+    Raises:
+        DataError: no records, none left, or a report not in English with ``on_non_english="error"``.
+    """
+    if not records:
+        raise DataError(f"{source}: no reports")
+    kept, refused = [], []
+    for record in records:
+        reason = non_english_reason(record["modified"])
+        if reason and on_non_english != "skip":
+            raise DataError(f"{source}: report {record['id']}: {reason}; the checkers read English reports only "
+                            "(--on-non-english skip leaves such reports out, counted)")
+        if reason:
+            refused.append({"id": record["id"], "why": reason})
+        else:
+            kept.append(record)
+    if refused:
+        print(f"{len(refused)} of {len(records)} reports not in English left out of every checker's scores "
+              f"(--on-non-english skip), e.g. {refused[0]['id']}: {refused[0]['why']}")
+    if not kept:
+        raise DataError(f"{source}: none of the {len(records)} reports is in English")
+    return kept, refused
 
 
 def comparison_table(runs: dict[str, dict]) -> str:
@@ -306,11 +336,14 @@ def evaluate_one(args: argparse.Namespace, records: list[dict], spec: str, out: 
         {**p, "true_has_error": truth[p["id"]]["has_error"], "true_coarse_type": truth[p["id"]]["coarse_type"],
          "true_fine_type": truth[p["id"]]["fine_type"]} for p in predictions])
     write_confusion_matrices(scores, out)
-    metrics = _finite({**scores, "checker": spec, "data": str(args.data)})
+    refused = getattr(args, "refused", [])
+    metrics = _finite({**scores, "checker": spec, "data": str(args.data), "n_refused": len(refused),
+                       "refused": refused})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     s, c, f = scores["simple"], scores["complex_coarse"], scores["complex_fine"]
-    print(f"{args.data}: n={scores['n']} ({scores['n_error']} with an error), checker {spec}")
+    print(f"{args.data}: n={scores['n']} ({scores['n_error']} with an error), checker {spec}"
+          + (f"; {len(refused)} not in English left out" if refused else ""))
     print(f"SIMPLE   accuracy {_ci(s, 'accuracy')}  F1 {_ci(s, 'f1')}")
     print(f"         sensitivity {_ci(s, 'sensitivity')}  specificity {_ci(s, 'specificity')}  "
           f"clean reports flagged {1 - s['specificity']:.3f} [{1 - s['specificity_ci'][1]:.3f}, "

@@ -12,6 +12,13 @@ the checkpoint's hyper-parameters, so ``ReportChecker.load_from_checkpoint(path)
 Word tokens make reports ~5x shorter than bytes and give each side, severity or number word its own token; a
 misspelled word reads as ``[UNK]``. ``tokenizer="byte"`` uses :func:`mmclin.llm.byte_tokenizer` instead, whose
 vocabulary does not depend on the data (any text, no unknown words) at the price of long sequences.
+
+Long reports: a report longer than the encoder's window (``max_length`` tokens) is read whole, in overlapping
+windows of that length (the tokenizer's own overflow, :data:`WINDOW_OVERLAP` of the window shared), never cut
+short. A report's logits are those of its window with the highest SIMPLE logit (multiple-instance max pooling:
+the report has an error when any window shows one), in training as in prediction; predictions give the number of
+windows read as ``n_windows``. English only: :meth:`ReportChecker.predict_reports` refuses a report that is not
+English (:func:`mmclin.reports.language.non_english_reason`) rather than give it a verdict.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from mmclin.errors import ConfigError, DataError
 from mmclin.llm import byte_tokenizer
 from mmclin.models.optim import adamw_cosine
 from mmclin.reports.errors import IMAGE_DEPENDENT_TYPES
+from mmclin.reports.language import non_english_reason
 
 NO_ERROR = "none"
 
@@ -53,6 +61,10 @@ TINY_BERT: dict[str, Any] = {
     "max_position_embeddings": 512,
 }
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+# Share of a window's length that overlaps the previous window of a long report, so that an error at a window
+# edge is read whole in one of them.
+WINDOW_OVERLAP = 1 / 8
+WINDOWS_PER_PASS = 32  # encoder passes take at most this many windows: memory stays bounded for a 1 MB report
 
 
 def word_tokenizer(
@@ -102,23 +114,33 @@ def vocabulary(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 
 
 class ReportCollator:
-    """Turns report samples into a batch: ``input_ids``/``attention_mask`` (right-padded, truncated to
-    `max_length`), ``has_error`` (B,) float and ``fine_label`` (B,) long (index in ``classes``) when the samples
-    carry labels, and ``meta``.
+    """Turns report samples into a batch: the windows of every report (:meth:`encode`), ``has_error`` (B,) float
+    and ``fine_label`` (B,) long (index in ``classes``) when the samples carry labels, and ``meta``.
 
     A sample is ``{"text": str, "has_error": bool, "fine_type": str | None, "meta": dict}``.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, classes: Sequence[str], max_length: int):
+        if not tokenizer.is_fast:  # the windows of a long report come from the fast tokenizers' overflow
+            raise ConfigError(f"{type(tokenizer).__name__} is a slow tokenizer; the report checker needs a fast one "
+                              "(a tokenizer.json beside the encoder) to read long reports in windows")
         self.tokenizer = tokenizer
         self.classes = list(classes)
         self.index = {name: i for i, name in enumerate(self.classes)}
         self.max_length = max_length
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Every text in windows of at most `max_length` tokens, special tokens included.
+
+        Returns:
+            ``input_ids``, ``attention_mask`` (W, T) right-padded, and ``window_report`` (W,) long: the text each
+            window belongs to (W = len(texts) when every text fits one window).
+        """
         encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                 stride=int(self.max_length * WINDOW_OVERLAP), return_overflowing_tokens=True,
                                  return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                "window_report": encoded["overflow_to_sample_mapping"].long()}
 
     def label(self, sample: dict) -> int:
         if not sample["has_error"]:
@@ -289,8 +311,25 @@ class ReportChecker(L.LightningModule):
         pooled = self.dropout(pooled)
         return self.simple_head(pooled).squeeze(-1), self.complex_head(pooled)
 
+    def report_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SIMPLE (R,) and COMPLEX (R, 1 + n_fine_types) logits per report of a :meth:`ReportCollator.encode`
+        batch, each report's those of its window with the highest SIMPLE logit, and its number of windows (R,)."""
+        ids, mask, owner = batch["input_ids"], batch["attention_mask"], batch["window_report"]
+        passes = [self(ids[i:i + WINDOWS_PER_PASS], mask[i:i + WINDOWS_PER_PASS])
+                  for i in range(0, len(ids), WINDOWS_PER_PASS)]
+        simple, fine = torch.cat([p[0] for p in passes]), torch.cat([p[1] for p in passes])
+        n_reports = int(owner.max()) + 1
+        with torch.no_grad():  # which window speaks for each report; the gradient flows through that window
+            top = torch.full((n_reports,), -torch.inf, device=simple.device, dtype=simple.dtype)
+            top = top.scatter_reduce(0, owner, simple.detach(), "amax")
+            index = torch.arange(len(simple), device=simple.device)
+            candidates = torch.where(simple.detach() == top[owner], index, len(simple))
+            pick = torch.full((n_reports,), len(simple), device=simple.device).scatter_reduce(0, owner, candidates,
+                                                                                              "amin")
+        return simple[pick], fine[pick], torch.bincount(owner, minlength=n_reports)
+
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        simple, fine = self(batch["input_ids"], batch["attention_mask"])
+        simple, fine, _ = self.report_logits(batch)
         loss = F.binary_cross_entropy_with_logits(simple, batch["has_error"]) + \
             self.hparams.complex_weight * F.cross_entropy(fine, batch["fine_label"])
         return loss, simple, fine
@@ -305,13 +344,13 @@ class ReportChecker(L.LightningModule):
     # -- training and evaluation -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, _ = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["has_error"]))
         return loss
 
     def _evaluate(self, batch: dict, prefix: str, metrics: MetricCollection) -> None:
         loss, simple, fine = self._loss(batch)
         p_error, decided = self.decide(simple, fine)
-        n = len(batch["input_ids"])
+        n = len(batch["has_error"])
         metrics["simple_acc"].update(p_error >= self.hparams.threshold, batch["has_error"].long())
         metrics["simple_f1"].update(p_error >= self.hparams.threshold, batch["has_error"].long())
         metrics["complex_acc"].update(decided, batch["fine_label"])
@@ -334,43 +373,64 @@ class ReportChecker(L.LightningModule):
 
     # -- inference ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_reports(self, records: Sequence[dict], batch_size: int = 32, progress: bool = True) -> list[dict]:
+    def predict_reports(self, records: Sequence[dict], batch_size: int = 32, progress: bool = True,
+                        on_non_english: Literal["error", "skip"] = "error") -> list[dict]:
         """Check reports: for each ``{"modified": text, ...}`` record (e.g. from ``inject_corpus`` or an
         errors.jsonl), ``{"has_error": bool, "fine_type": str | None, "coarse_type": str | None,
-        "p_error": float}`` in the same order.
+        "p_error": float, "n_windows": int}`` in the same order (``n_windows`` > 1: a long report read in windows,
+        flagged when any window is; see the module docstring).
 
         Args:
             records: dicts with the report text under ``modified``; other keys are ignored.
-            batch_size: reports per forward pass.
+            batch_size: reports per forward pass (a long report's windows go in passes of ``WINDOWS_PER_PASS``).
             progress: show a tqdm progress bar.
+            on_non_english: a report that is not English (:func:`mmclin.reports.language.non_english_reason`):
+                ``error`` raises; ``skip`` gives it no verdict: ``has_error`` None and the reason under
+                ``refused``.
+
+        Raises:
+            DataError: a record without its text, or a report not in English (unless skipped).
         """
         if self.collator is None:
             raise RuntimeError("ReportChecker is not built yet: fit it with a datamodule, or load a checkpoint")
-        texts = []
+        if on_non_english not in ("error", "skip"):
+            raise ConfigError(f"on_non_english must be 'error' or 'skip', got {on_non_english!r}")
+        texts, refused = [], {}
         for i, record in enumerate(records):
             text = record.get("modified") if isinstance(record, dict) else None
+            name = record.get("id", i) if isinstance(record, dict) else i
             if not isinstance(text, str):
-                name = record.get("id", i) if isinstance(record, dict) else i
                 raise DataError(f"record {name}: expected a dict with the report text under 'modified'")
+            reason = non_english_reason(text)
+            if reason and on_non_english == "error":
+                raise DataError(f"report {name}: {reason}; the checker reads English reports only and gives this "
+                                "one no verdict")
             texts.append(text)
+            if reason:
+                refused[i] = reason
+        checked = [i for i in range(len(texts)) if i not in refused]
         was_training = self.training
         self.eval()
-        results = []
+        results = {i: {"has_error": None, "fine_type": None, "coarse_type": None, "p_error": None, "n_windows": 0,
+                       "refused": reason} for i, reason in refused.items()}
         try:
-            for start in tqdm(range(0, len(texts), batch_size), desc="Checking reports", unit="batch",
+            for start in tqdm(range(0, len(checked), batch_size), desc="Checking reports", unit="batch",
                               disable=not progress):
-                batch = {k: v.to(self.device) for k, v in self.collator.encode(texts[start:start + batch_size]).items()}
-                results += self.predict_step(batch, 0)
+                chunk = checked[start:start + batch_size]
+                batch = {k: v.to(self.device) for k, v in self.collator.encode([texts[i] for i in chunk]).items()}
+                results.update(zip(chunk, self.predict_step(batch, 0)))
         finally:
             self.train(was_training)
-        return results
+        return [results[i] for i in range(len(texts))]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """The :meth:`predict_reports` dicts of a batch (``trainer.predict`` on the datamodule's test split)."""
-        p_error, decided = self.decide(*self(batch["input_ids"], batch["attention_mask"]))
+        simple, fine, n_windows = self.report_logits(batch)
+        p_error, decided = self.decide(simple, fine)
         results = []
-        for p, c in zip(p_error.tolist(), decided.tolist()):
-            fine = None if c == 0 else self.classes[c]
-            results.append({"has_error": fine is not None, "fine_type": fine,
-                            "coarse_type": self.coarse_of[fine] if fine else None, "p_error": p})
+        for p, c, n in zip(p_error.tolist(), decided.tolist(), n_windows.tolist()):
+            fine_type = None if c == 0 else self.classes[c]
+            results.append({"has_error": fine_type is not None, "fine_type": fine_type,
+                            "coarse_type": self.coarse_of[fine_type] if fine_type else None, "p_error": p,
+                            "n_windows": n})
         return results
