@@ -56,7 +56,7 @@ from monai.transforms import (
 from pydicom.errors import InvalidDicomError
 
 from mmclin.errors import ConfigError, DataError
-from mmclin.tasks.ct_questions import check_hu
+from mmclin.tasks.ct_questions import MIN_CT_SLICES, check_hu, check_volume_shape
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,8 @@ class LoadCTd(MapTransform):
 
 
 class CheckCTd(MapTransform):
-    """After loading: one finite 3D volume per key, HU-like values, a foreground, and a mask on the CT's grid."""
+    """After loading: one finite 3D volume per key, at least MIN_CT_SLICES voxels along every axis, HU-like
+    values, a foreground, and a mask on the CT's grid."""
 
     def __init__(self, keys: Sequence[str], mask_key: str | None = None,
                  hu_window: tuple[float, float] | None = None, foreground_hu: float | None = None):
@@ -228,6 +229,7 @@ class CheckCTd(MapTransform):
             if image.ndim != 4 or image.shape[0] != 1:
                 raise DataError(f"{_source(image)}: expected one 3D volume, got an array of shape "
                                 f"{tuple(image.shape[1:]) if image.shape[0] == 1 else tuple(image.shape)}")
+            check_volume_shape(_source(image), tuple(image.shape[1:]))
         for key in self.key_iterator(data):
             image = data[key]
             name = _source(image)
@@ -310,8 +312,9 @@ def check_dicom_series(directory: str | os.PathLike, gap_factor: float = 1.5) ->
                    if ds.get(t) is None]
         if missing:
             raise DataError(f"{path}: DICOM slice lacks {missing}; cannot place it in the volume")
-    if len(slices) < 2:
-        raise DataError(f"{directory}: a single slice ({slices[0][0].name}) is not a volume")
+    if len(slices) < MIN_CT_SLICES:
+        raise DataError(f"{directory}: {len(slices)} slice(s) ({slices[0][0].name}); a CT volume needs at least "
+                        f"{MIN_CT_SLICES} slices (a single slice is not a volume)")
     orientation = np.array(slices[0][1].ImageOrientationPatient, dtype=float)
     for path, ds in slices:
         if not np.allclose(np.array(ds.ImageOrientationPatient, dtype=float), orientation, atol=1e-4):

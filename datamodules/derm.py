@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.images import read_image
 from datamodules.loaders import SplitLoaders, split_loader
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.derm import CLASS_NAMES as DEMO_CLASS_NAMES
@@ -293,10 +294,9 @@ class ImageTextDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.table.iloc[i]
         try:
-            with Image.open(row["path"]) as im:
-                image = im.convert("RGB")
-        except Exception as e:
-            raise DataError(f"{self.source} line {row['line']}: cannot read image '{row['path']}': {e}") from e
+            image = read_image(row["path"])
+        except DataError as e:
+            raise DataError(f"{self.source} line {row['line']}: {e}") from e
         item = {
             "image": self.transform(image),
             "caption": row["caption"],
@@ -465,14 +465,9 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
         """One photograph (JPEG/PNG) of a user's, as the evaluation split gives it: ``{"image", "label": -1}``.
 
         Raises:
-            DataError: the file does not decode as an image.
+            DataError: the file does not decode as an image, or is too small (see :func:`read_image`).
         """
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except Exception as e:
-            raise DataError(f"{path}: cannot read image: {e}") from None
-        return {"image": eval_transform(image), "label": -1}
+        return {"image": eval_transform(read_image(path)), "label": -1}
 
     def read_study(self, study: dict) -> dict:
         return {**self.study_item(study["input"], self._preprocess()[1]), "input": study["input"]}

@@ -9,7 +9,9 @@ PTB-XL layout: Wagner et al., Sci Data 2020 (``ptbxl_database.csv``, ``scp_state
 from __future__ import annotations
 
 import ast
+import math
 import os
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -20,14 +22,21 @@ import numpy as np
 import pandas as pd
 import wfdb
 from scipy.signal import resample_poly
+from wfdb.io._signal import BYTES_PER_SAMPLE  # wfdb's own table of each format's bytes per sample
+from wfdb.io.header import parse_header_content, rx_signal
 
 from mmclin.errors import ConfigError, DataError
 
 STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 # Official PTB-XL folds (Wagner et al. 2020): 1-8 train, 9 validation, 10 test (9 and 10 are human-validated).
 PTBXL_FOLD_SPLIT = {**{fold: "train" for fold in range(1, 9)}, 9: "val", 10: "test"}
-# Physical units seen in WFDB headers -> factor to mV. An empty unit field means mV in WFDB.
-_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6}
+# Voltage units of WFDB and EDF headers -> factor to mV, keyed after Unicode NFKC (MICRO SIGN U+00B5 becomes
+# GREEK SMALL LETTER MU U+03BC) and case folding. Case is dropped on purpose: exporters that write upper case
+# mean "MV" = mV and "UV" = uV (a body-surface potential in megavolts does not exist). An empty field is mV (WFDB).
+_TO_MV = {"v": 1e3, "mv": 1.0, "uv": 1e-3, "\u03bcv": 1e-3, "nv": 1e-6}
+# Packed formats store samples in blocks (bytes, samples): 212 two 12-bit samples in 3 bytes, 310/311 three
+# 10-bit samples in a 32-bit word (WFDB signal(5)); a writer pads the last block.
+_BLOCKS = {"212": (3, 2), "310": (4, 3), "311": (4, 3)}
 _STANDARD_BY_LOWER = {name.lower(): name for name in STANDARD_LEADS}
 
 
@@ -108,6 +117,8 @@ def read_wfdb_record(
         header = wfdb.rdheader(name)
     except Exception as err:  # wfdb raises bare ValueError/IndexError on malformed headers
         raise DataError(f"{name}.hea: not a readable WFDB header ({err})") from err
+    if isinstance(header, wfdb.MultiRecord):
+        raise DataError(f"{name}.hea: a multi-segment WFDB record; expected a single-segment record")
     names = [canonical_lead_name(n) for n in header.sig_name]
     for file_name in sorted(set(header.file_name)):
         if not (base.parent / file_name).is_file():
@@ -115,18 +126,21 @@ def read_wfdb_record(
             raise DataError(f"{name}: signal file {base.parent / file_name} (leads {owners}) named in the header "
                             "is missing")
     channels = _select(names, leads, name)
+    units = header_units(base.with_suffix(".hea"), header.n_sig)
     factors = []
     for i in channels:
-        unit = (header.units[i] or "mV").strip()
-        if unit.lower() not in _TO_MV:
-            raise DataError(f"{name}: lead {names[i]} is in {unit!r}; expected a voltage unit (mV, uV, V)")
-        factors.append(_TO_MV[unit.lower()])
+        factor = voltage_to_mv(units[i])
+        if factor is None:
+            raise DataError(f"{name}: lead {names[i]} is in {units[i]!r}; expected a voltage unit (V, mV, uV, "
+                            "µV, nV)")
+        factors.append(factor)
     try:
         rec = wfdb.rdrecord(name, channels=channels, physical=False)
     except (ValueError, OSError) as err:  # short signal file: "Samples were not loaded correctly" / broadcast error
         raise DataError(f"{name}: signal file does not hold the {header.sig_len} samples x {header.n_sig} "
                         f"signals the header declares ({err})") from err
     _check_checksums(rec, header, channels, names, name)
+    _check_signal_file_sizes(header, base, names)
     signal = rec.dac().T * np.asarray(factors)[:, None]  # (C, L); invalid samples -> NaN
     lead_names = [names[i] for i in channels]
     n_nan = int(np.isnan(signal).sum())
@@ -142,8 +156,68 @@ def read_wfdb_record(
     if target_fs is not None and target_fs != fs:
         signal, fs = resample_to(signal, fs, target_fs), float(target_fs)
     return ECGRecord(signal=signal.astype(np.float32), fs=fs, lead_names=lead_names, record=name,
-                     source_units=[header.units[i] for i in channels], comments=list(header.comments or []),
+                     source_units=[units[i] for i in channels], comments=list(header.comments or []),
                      flat_leads=flat, n_nan=n_nan)
+
+
+def voltage_to_mv(unit: str) -> float | None:
+    """The factor that brings values in `unit` to mV ("" counts as mV), or None when `unit` is no voltage.
+
+    Every spelling WFDB and EDF writers use is accepted: V, mV, uV, nV in any case, and micro written with
+    MICRO SIGN (U+00B5) or GREEK MU (U+03BC); "MV" is read as mV (see ``_TO_MV``).
+    """
+    key = unicodedata.normalize("NFKC", unit).strip().casefold()
+    return _TO_MV.get(key or "mv")
+
+
+def header_units(hea: Path, n_sig: int) -> list[str]:
+    """The physical unit of each signal as written in a WFDB header ("" where the field is empty).
+
+    wfdb reads headers as ASCII and drops every other byte, so a unit written "µV" comes back from
+    ``wfdb.rdheader`` as "V", a factor of 10^6 off; here the signal lines are parsed with wfdb's own pattern from
+    the text decoded as UTF-8, or as Latin-1 (a single-byte MICRO SIGN, 0xB5) when it is not UTF-8.
+    """
+    raw = hea.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    lines = parse_header_content(text)[0][1:1 + n_sig]
+    matches = [rx_signal.match(line) for line in lines]
+    if len(matches) != n_sig or not all(matches):
+        raise DataError(f"{hea}: expected {n_sig} readable signal lines after the record line")
+    return [m.group("units") for m in matches]
+
+
+def _check_signal_file_sizes(header: wfdb.Record, base: Path, names: list[str]) -> None:
+    """Each signal file must hold the header's ``sig_len`` frames, no fewer and not a whole frame more.
+
+    wfdb reads ``sig_len`` frames and ignores the rest of the file, so a header that under-counts its samples
+    would read part of the record without a word. A trailing partial frame (padding) is allowed; FLAC-compressed
+    formats (508, 516, 524) have no fixed size and are not checked.
+    """
+    if header.sig_len is None:  # wfdb then takes the length from the file size
+        return
+    for file_name in dict.fromkeys(header.file_name):
+        signals = [i for i, f in enumerate(header.file_name) if f == file_name]
+        fmt = header.fmt[signals[0]]
+        if not BYTES_PER_SAMPLE.get(fmt):
+            continue
+        block_bytes, block_samples = _BLOCKS.get(fmt, (BYTES_PER_SAMPLE[fmt], 1))
+        per_frame = sum((header.samps_per_frame or [1] * header.n_sig)[i] or 1 for i in signals)
+        declared = header.sig_len * per_frame  # samples
+        path = base.parent / file_name
+        data_bytes = path.stat().st_size - (header.byte_offset[signals[0]] or 0)
+        held = int(data_bytes // block_bytes) * block_samples  # whole blocks only
+        padded = math.ceil(declared / block_samples) * block_samples
+        if data_bytes < math.ceil(declared * block_bytes / block_samples):
+            raise DataError(f"{base}: signal file {path.name} does not hold the {header.sig_len} samples x "
+                            f"{len(signals)} signals the header declares (it holds {held // per_frame}: {data_bytes} "
+                            f"bytes of data in format {fmt})")
+        if held >= padded + per_frame:
+            raise DataError(f"{base}: the header declares {header.sig_len} samples per signal (sig_len) but "
+                            f"{path.name} holds {held // per_frame} ({data_bytes} bytes of data in format {fmt}, "
+                            f"signals {[names[i] for i in signals]}); header and signal file disagree")
 
 
 def _select(names: list[str], leads: Sequence[str] | None, record: str) -> list[int]:

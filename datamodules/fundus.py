@@ -30,12 +30,13 @@ import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
 from monai.transforms.utils import generate_spatial_bounding_box
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import box_convert
 
 from datamodules.derm import SPLIT_ALIASES, check_images, split_table
+from datamodules.images import read_image
 from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.fundus import ICDR_GRADES, REFERRALS, REPORTS_CSV, fundus_demo_dir, generate_fundus_demo
 from mmclin.errors import ConfigError, DataError
@@ -78,12 +79,7 @@ def _decode_and_find_fundus(path, size: int, crop_border: bool, threshold: float
     """The photograph decoded at reduced scale (see :func:`load_fundus`) and the (left, top, right, bottom) box of
     the fundus in it (None without `crop_border`)."""
     need = size + size // 2
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (need, need))  # a no-op for formats other than JPEG
-            im = ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, ValueError) as e:  # PIL raises UnidentifiedImageError (an OSError) and others
-        raise DataError(f"cannot read image '{path}': {type(e).__name__}: {e}") from e
+    im = read_image(path, "RGB", draft_size=need)
     if min(im.size) >= 2 * need:
         im = im.reduce(min(im.size) // need)
     if not crop_border:

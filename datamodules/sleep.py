@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from datamodules.ecg import resample_to
+from datamodules.ecg import resample_to, voltage_to_mv
 from mmclin.errors import ConfigError, DataError
 
 AASM_STAGES = ("W", "N1", "N2", "N3", "R")
@@ -35,6 +35,9 @@ STAGE_LABELS = {
     "sleep stage 3": 3, "sleep stage 4": 3, "sleep stage n3": 3, "sleep stage r": 4,
     "sleep stage ?": _UNSCORED, "movement time": _MOVEMENT,
 }
+# EDF+ signal types measured in volts (Kemp & Olivan 2003, "standard texts"): a label starting with one of them
+# must carry a voltage unit.
+_ELECTRICAL_TYPES = ("EEG", "ECG", "EOG", "ERG", "EMG")
 _SIGNAL_FIELDS = (("label", 16), ("transducer", 80), ("unit", 8), ("pmin", 8), ("pmax", 8), ("dmin", 8),
                   ("dmax", 8), ("prefilter", 80), ("samples", 8), ("reserved", 32))
 
@@ -60,10 +63,10 @@ class HypnogramSummary:
 
 @dataclass
 class PSGRecord:
-    signal: np.ndarray  # (C, L) float32 in each channel's physical unit
+    signal: np.ndarray  # (C, L) float32 in each channel's physical unit (uV for voltages)
     fs: float  # Hz
     channel_names: list[str]
-    units: list[str]  # physical dimension per channel as in the EDF header, e.g. "uV"
+    units: list[str]  # physical dimension per channel: "uV" for every voltage, else as in the EDF header
     start: dt.datetime | None  # recording start from the header; None when anonymised beyond parsing
     record: str  # file path
 
@@ -221,7 +224,7 @@ def hypnogram_to_epochs(
 
 
 def read_psg(path: str | os.PathLike, channels: Sequence[str], target_fs: float | None = None) -> PSGRecord:
-    """Read named signals of an EDF/EDF+C file in physical units.
+    """Read named signals of an EDF/EDF+C file in physical units, every voltage in uV.
 
     Args:
         path: ``*-PSG.edf``.
@@ -231,7 +234,8 @@ def read_psg(path: str | os.PathLike, channels: Sequence[str], target_fs: float 
 
     Raises:
         DataError: missing file or channel (the message lists those available), EDF+D (discontinuous) data,
-            channels at different rates without `target_fs`, a bad header.
+            channels at different rates without `target_fs`, a bad header, an electrical channel (EEG, EOG, EMG,
+            ...) without a voltage unit.
     """
     if isinstance(channels, str) or not channels:
         raise ConfigError(f"channels must be a non-empty sequence of labels, got {channels!r}")
@@ -250,17 +254,40 @@ def read_psg(path: str | os.PathLike, channels: Sequence[str], target_fs: float 
         raise DataError(f"{path}: data records of {header.record_s} s; expected signals with a positive rate")
     if target_fs is None and len(set(rates)) > 1:
         raise DataError(f"{path}: channels {list(channels)} have rates {rates} Hz; pass target_fs to resample them")
-    rows = []
+    rows, units = [], []
     for i, rate in zip(picks, rates):
         pmin, pmax, dmin, dmax = (float(header.signals[k][i]) for k in ("pmin", "pmax", "dmin", "dmax"))
         if dmax == dmin or pmax == pmin:
             raise DataError(f"{path}: channel {labels[i]} has digital range {dmin}..{dmax} and physical range "
                             f"{pmin}..{pmax}; expected non-empty ranges")
-        row = (_digital(header, i) - dmin) * ((pmax - pmin) / (dmax - dmin)) + pmin
+        unit, to_unit = _unit_to_uv(path, labels[i], header.signals["unit"][i])
+        row = ((_digital(header, i) - dmin) * ((pmax - pmin) / (dmax - dmin)) + pmin) * to_unit
         rows.append(row if target_fs is None or rate == target_fs else resample_to(row, rate, target_fs))
+        units.append(unit)
     fs = float(target_fs if target_fs is not None else rates[0])
     return PSGRecord(signal=np.stack(rows).astype(np.float32), fs=fs, channel_names=[labels[i] for i in picks],
-                     units=[header.signals["unit"][i] for i in picks], start=header.start, record=str(path))
+                     units=units, start=header.start, record=str(path))
+
+
+def _unit_to_uv(path, label: str, unit: str) -> tuple[str, float]:
+    """A channel's unit after reading and the factor to it: every voltage spelling (V, mV, uV, µV, nV, see
+    ``voltage_to_mv``) becomes uV, Sleep-EDF's unit; other units stay as written (factor 1).
+
+    Raises:
+        DataError: an EEG/ECG/EOG/ERG/EMG channel whose unit is no voltage.
+    """
+    try:  # the header is ASCII by the EDF spec; a writer that put UTF-8 there means "µV", not "ÂµV"
+        unit = unit.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    to_mv = voltage_to_mv(unit) if unit.strip() else None
+    if to_mv is not None:
+        return "uV", to_mv * 1000
+    kind = next((t for t in _ELECTRICAL_TYPES if label.strip().upper().startswith(t)), None)
+    if kind:
+        raise DataError(f"{path}: channel {label} is in {unit!r}; an {kind} signal needs a voltage unit "
+                        "(V, mV, uV, µV, nV)")
+    return unit, 1.0
 
 
 def read_scored_psg(

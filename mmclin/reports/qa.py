@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms.v2.functional import resize
 
+from datamodules.images import read_image
 from mmclin.errors import DataError
 from mmclin.reports.errors import FINE_TYPES
 
@@ -39,10 +39,9 @@ def load_radiograph(record: dict, image_size: int | None = None) -> torch.Tensor
         raise DataError(f"report {record['id']}: no image, but images were asked for (with_images / mode='qa')")
     path = Path(record["images"][0])
     try:
-        with Image.open(path) as img:
-            pixels = np.asarray(img.convert("L"), dtype=np.float32) / 255
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path} (report {record['id']}): unreadable image: {err}") from err
+        pixels = np.asarray(read_image(path, "L"), dtype=np.float32) / 255
+    except DataError as err:
+        raise DataError(f"report {record['id']}: {err}") from err
     tensor = torch.from_numpy(pixels)[None]
     if image_size is not None:
         tensor = resize(tensor, [image_size, image_size], antialias=True)

@@ -134,6 +134,19 @@ def check_hu(name: str, lo: float, hi: float, override: str = "check_hu=False") 
             f"values are HU after all")
 
 
+# Fewest voxels a CT may have along any axis. One voxel is a single image, not a volume: resized or padded to a
+# model's grid it would become a made-up volume. Every CT route refuses it (NIfTI, DICOM, datamodules, `mmclin
+# predict`, tools); real series start at a few slices (../shared/data has a real 3-slice DICOM series).
+MIN_CT_SLICES = 2
+
+
+def check_volume_shape(name: str, shape: Sequence[int]) -> None:
+    """Refuse a CT whose (X, Y, Z) `shape` has fewer than :data:`MIN_CT_SLICES` voxels along an axis."""
+    if min(shape) < MIN_CT_SLICES:
+        raise DataError(f"{name}: {' x '.join(map(str, shape))} voxels; a CT volume needs at least {MIN_CT_SLICES} "
+                        "slices along every axis (a single slice is not a volume)")
+
+
 def load_ct_and_mask(ct_path: str | os.PathLike, mask_path: str | os.PathLike, hu: bool = True,
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a CT (HU, scaling applied) and its label mask; check they share one grid and, with `hu`, that the CT
@@ -143,8 +156,9 @@ def load_ct_and_mask(ct_path: str | os.PathLike, mask_path: str | os.PathLike, h
         ``(hu, labels, affine)``: (X, Y, Z) float32 HU, (X, Y, Z) int32 label ids, (4, 4) voxel-to-world (mm).
 
     Raises:
-        DataError: a file is unreadable or not 3-D, the CT holds NaN or (with `hu`) no negative value, the mask
-            holds non-integer or negative labels, or the two differ in shape or affine (naming both files).
+        DataError: a file is unreadable, not 3-D or thinner than MIN_CT_SLICES, the CT holds NaN or (with `hu`) no
+            negative value, the mask holds non-integer or negative labels, or the two differ in shape or affine
+            (naming both files).
     """
     images = []
     for path in (ct_path, mask_path):
@@ -156,6 +170,7 @@ def load_ct_and_mask(ct_path: str | os.PathLike, mask_path: str | os.PathLike, h
             image = image.slicer[..., 0]
         if len(image.shape) != 3:
             raise DataError(f"{path}: expected a 3-D volume, got shape {image.shape}")
+        check_volume_shape(str(path), image.shape)
         images.append(image)
     ct, mask = images
     if ct.shape != mask.shape or not np.allclose(ct.affine, mask.affine, atol=1e-3):
