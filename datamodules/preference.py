@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +45,7 @@ from mmclin.preference.pairs import (
 )
 from mmclin.runs import run_dir
 from mmclin.tasks.qa import model_collator, parse_choice
+from mmclin.trusted import trusted_class
 
 log = logging.getLogger(__name__)
 MEDIA_KEYS = ("image", "series", "volume")
@@ -120,8 +122,9 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
                 noise is this times each channel's SD).
             lesion_classes: the classes that count as lesions: fundus box classes (default all but
                 ``optic_disc``), CT mask classes (default those named ``*lesion*``).
-            on_bad_pair: in a `pairs` file, a study not in the training split, an empty rejected answer or
-                chosen == rejected ``raise`` a DataError naming the line, or are ``skip``-ped and counted.
+            on_bad_pair: in a `pairs` file, a study not in the training split, an empty rejected answer,
+                chosen == rejected or a weight that is not a finite number > 0 ``raise`` a DataError naming the
+                line, or are ``skip``-ped and counted.
             seed: seed of the injected errors, the pair draw and the noise.
             batch_size: pairs per training batch.
             eval_batch_size: validation/test batch size (default: batch_size).
@@ -134,9 +137,9 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
         if on_bad_pair not in ("raise", "skip"):
             raise ConfigError(f"on_bad_pair must be 'raise' or 'skip', got {on_bad_pair!r}")
         self.save_hyperparameters()
-        class_path = (base or {}).get("class_path", "")
-        if not class_path.startswith("datamodules."):
+        if not isinstance(base, dict):
             raise ConfigError(f"base: a datamodule of this project as {{class_path, init_args}}, got {base!r}")
+        trusted_class(base.get("class_path"), L.LightningDataModule, "base.class_path", ConfigError)
         self._base: L.LightningDataModule | None = None
         self._masks: list[torch.Tensor] | None = None
         self.train_pairs: list[Pair] = []
@@ -308,7 +311,9 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
                 raise DataError(f"{path} line {number}: not a pair ({err}); expected study, prompt, chosen, rejected, "
                                 "kind and weight") from None
             problem = None
-            if str(pair.study) not in self.index:
+            if not (math.isfinite(pair.weight) and pair.weight > 0):  # DPO would push the pair the wrong way, or NaN
+                problem = f"the weight is not a finite number > 0 ({row.get('weight')!r})"
+            elif str(pair.study) not in self.index:
                 problem = f"study {pair.study!r} is not in the data's training split"
             elif not str(pair.rejected).strip():
                 problem = "the rejected answer is empty"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import os
-import pickle
-from collections.abc import Iterator
+import pickletools
+import re
+import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,9 +16,7 @@ import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 
 from mmclin.errors import CheckpointError
-
-# Checkpoints may only name classes of these packages: importing a module runs its code.
-TRUSTED_PACKAGES = ("mmclin.", "encoders.")
+from mmclin.trusted import model_class, trusted_class
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -32,41 +32,71 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).split("WeightsUnpickler error: ")[-1].splitlines()[0].split(". Please use")[0].strip()
-        if "Unsupported global" in reason:  # a real pickle naming a class or function
-            raise CheckpointError(f"{path}: refused: it holds objects other than tensors ({reason}); checkpoints are "
-                                  "loaded with weights_only=True, which runs no code from the file") from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason})") from None
     except Exception as err:  # noqa: BLE001 -- garbage bytes can fail anywhere in the unpickler (IndexError, ...)
-        detail = (str(err).splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated: {detail})") from None
+        raise load_refusal(path, err) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: a torch file but not a Lightning checkpoint (no 'state_dict')")
     return checkpoint
 
 
+def load_refusal(path: Path, err: Exception) -> CheckpointError:
+    """The named error for a file that ``torch.load(weights_only=True)`` could not read: refused when its pickle
+    names classes or functions (never loaded: torch's advice to retry with ``weights_only=False`` is not passed on),
+    else unreadable, with the reason."""
+    names = _pickled_globals(path, err)
+    if names:
+        return CheckpointError(f"{path}: refused: it holds objects other than tensors ({', '.join(names[:3])}); "
+                               "checkpoints are loaded with weights_only=True, which runs no code from the file")
+    with path.open("rb") as file:
+        head = file.read(8)
+    if not head.startswith((b"PK", b"\x80")):  # a torch zip archive, or a legacy torch file's pickle
+        return CheckpointError(f"{path}: not a readable torch checkpoint (not a zip archive or pickle: first bytes "
+                               f"{head.hex(' ') or 'none, the file is empty'})")
+    detail = str(err).partition("WeightsUnpickler error:")[2] or str(err)
+    lines = [line.strip().split(". ")[0] for line in detail.split("Check the documentation")[0].splitlines()]
+    detail = next((line for line in lines if line and "weights_only" not in line), type(err).__name__)
+    return CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated: {detail[:200]})")
+
+
+def _pickled_globals(path: Path, err: Exception, limit: int = 1 << 26) -> list[str]:
+    """The classes and functions outside torch that the pickle of `path` (a torch zip's ``data.pkl``, else the
+    file's first `limit` bytes) names, read opcode by opcode with :mod:`pickletools`, which runs nothing."""
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if refused:
+        return [refused.group(1)]
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(member)[:limit] if member else b""
+        else:
+            with path.open("rb") as file:
+                data = file.read(limit)
+    except (OSError, zipfile.BadZipFile):
+        return []
+    names, strings = [], []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("GLOBAL", "INST"):
+                names.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 -- bytes after the last valid opcode (random data, a truncated file)
+        pass
+    return [n for n in dict.fromkeys(names) if not n.startswith(("torch.", "collections.OrderedDict"))]
+
+
 def checkpoint_class(checkpoint: dict, path: str | os.PathLike, default: str | None = None) -> type[L.LightningModule]:
-    """The LightningModule class a checkpoint records (LightningCLI's ``_class_path``), else `default`; only from
-    :data:`TRUSTED_PACKAGES`.
+    """The LightningModule class a checkpoint records (LightningCLI's ``_class_path``), else `default`, after it and
+    every class its hyper-parameters name are checked (:func:`mmclin.trusted.model_class`); nothing is built.
 
     Raises:
-        CheckpointError: no class recorded and no default, an untrusted or unimportable class, or not a module.
+        CheckpointError: no class recorded and no default, a class outside this project or not a LightningModule,
+            a nested class (encoder, connector, ...) refused, or an ``_instantiator`` other than Lightning's.
     """
-    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path") or default
-    if class_path is None:
-        raise CheckpointError(f"{path}: the checkpoint records no model class")
-    module_name, _, class_name = class_path.rpartition(".")
-    if not module_name.startswith(TRUSTED_PACKAGES):
-        raise CheckpointError(f"{path}: names class {class_path!r}; only classes of {list(TRUSTED_PACKAGES)} "
-                              "are loaded")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise CheckpointError(f"{path}: its class {class_path!r} cannot be imported ({err})") from None
-    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
-        raise CheckpointError(f"{path}: {class_path!r} is not a LightningModule")
-    return cls
+    return model_class(checkpoint.get("hyper_parameters") or {}, f"{path}: hyper_parameters", default)
 
 
 def load_module(path: str | os.PathLike, expected: type[L.LightningModule] | None = None,
@@ -105,3 +135,56 @@ def own_hyperparameters() -> Iterator[None]:
         yield
     finally:
         _given_hyperparameters.reset(token)
+
+
+def check_checkpoint_fits(checkpoint: dict, path: str | os.PathLike, model: dict | None, data: dict | None) -> None:
+    """Refuse a checkpoint of another family than the run's config, before anything is built.
+
+    ``--ckpt_path`` replaces the config's model settings by the checkpoint's, so a CT or dermatology model would
+    otherwise meet the config's ECG data and fail deep inside (a shape error, a missing collator) naming no file.
+    The checkpoint's model class must be the config's (or a subclass) and the data it was trained on of the
+    config's data class; a datamodule that wraps another (a ``base`` datamodule, as the preference data does)
+    counts as the one it wraps. What the checkpoint does not record is not compared.
+
+    Args:
+        checkpoint: as read by :func:`read_checkpoint`.
+        model, data: the config's ``model`` and ``data`` settings as ``{"class_path", "init_args"}``; None (unset)
+            is not compared.
+
+    Raises:
+        CheckpointError: naming the file, the checkpoint's model and data classes and the config's.
+    """
+    where = f"{path}: datamodule_hyper_parameters"
+    trained = _data_class(checkpoint.get("datamodule_hyper_parameters") or {}, "_class_path",
+                          lambda name: trusted_class(name, L.LightningDataModule, where))  # named by a file
+    wanted_data = _data_class(data or {}, "class_path", config_class)
+    recorded = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    ours = checkpoint_class(checkpoint, path) if recorded else None
+    wanted = config_class((model or {}).get("class_path"))
+    same_model = ours is None or wanted is None or issubclass(ours, wanted)
+    if same_model and (trained is None or wanted_data is None or trained is wanted_data):
+        return
+
+    def family(model_class: type | None, data_class: type | None, on: str) -> str:
+        return on.join(c.__name__ for c in (model_class, data_class) if c is not None) or "an unrecorded model"
+
+    raise CheckpointError(f"{path}: a checkpoint of {family(ours, trained, ' trained on ')}, but this config runs "
+                          f"{family(wanted, wanted_data, ' on ')}; give a checkpoint trained with this config")
+
+
+def _data_class(settings: dict, key: str, resolve: Callable[[str], type | None]) -> type | None:
+    """The datamodule class `settings` name under `key`, or that of the ``base`` datamodule they wrap."""
+    base = (settings.get("init_args") or settings).get("base")
+    name = base.get("class_path") if isinstance(base, dict) and base.get("class_path") else settings.get(key)
+    return resolve(name) if isinstance(name, str) and name else None
+
+
+def config_class(class_path: str | None) -> type | None:
+    """A class the run's own config names (jsonargparse has imported it already); None if unset, not found or not
+    a class."""
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except (ImportError, ValueError):  # ValueError: no module part
+        return None
+    return found if isinstance(found, type) else None

@@ -48,8 +48,22 @@ def run_entry_point(main: Callable[[list[str]], Any], argv: list[str] | None = N
     argv = [a for a in argv if a != "--debug"]
     try:
         return main(argv)
-    except USER_ERRORS as err:
-        if debug:
+    except Exception as err:
+        found = user_error(err)
+        if found is None or debug:
             raise
-        print(f"error: {error_line(err)}", file=sys.stderr)
+        print(f"error: {error_line(found)}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """`err` if it is one of :data:`USER_ERRORS`, else the first such error it was raised from: jsonargparse
+    reports an error raised in the constructor of a ``class_path`` argument (a model's ``init_from`` checkpoint
+    refused) as a ValueError "Does not validate against any of the Union subtypes" raised from it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None

@@ -29,8 +29,8 @@ import torch
 from lightning.pytorch.cli import instantiate_module
 from safetensors.torch import load_file, save_file
 
-from mmclin.checkpoints import checkpoint_class
 from mmclin.errors import CheckpointError
+from mmclin.trusted import datamodule_class, model_class
 
 FORMAT = "mmclin"
 CONFIG_NAME = "mmclin_config.json"
@@ -79,7 +79,8 @@ class ExportConfig:
     @classmethod
     def read(cls, directory: str | os.PathLike) -> ExportConfig:
         """Raises:
-            CheckpointError: no such directory, no ``mmclin_config.json``, or not one of ours."""
+            CheckpointError: no such directory, no ``mmclin_config.json``, not one of ours, or a class, setting or
+                ``_instantiator`` that :mod:`mmclin.trusted` refuses (checked here, before anything is built)."""
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise CheckpointError(f"{directory}: not an mmclin export (no {CONFIG_NAME}); export a checkpoint with "
@@ -87,12 +88,20 @@ class ExportConfig:
         try:
             fields = json.loads(path.read_text(encoding="utf-8"))
             config = cls(**fields)
-        except (json.JSONDecodeError, TypeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
             raise CheckpointError(f"{path}: not a readable export config ({err})") from None
         if config.format != FORMAT or config.version != 1:
             raise CheckpointError(f"{path}: format {config.format!r} version {config.version}; this mmclin reads "
                                   f"{FORMAT!r} version 1")
+        config.model_class(path)
+        if config.preprocessing:  # a checkpoint written without LightningCLI records none (a report checker's)
+            datamodule_class(config.preprocessing, f"{path}: preprocessing")
         return config
+
+    def model_class(self, path: str | os.PathLike) -> type[L.LightningModule]:
+        """The model's class, once every class the settings name is checked (:func:`mmclin.trusted.model_class`);
+        `path` is the config file, for the messages."""
+        return model_class(self.model, f"{path}: model")
 
 
 def _is_json(value) -> bool:
@@ -136,7 +145,7 @@ def build_from_config(cls: type[L.LightningModule], config: ExportConfig, **over
         return instantiate_module(cls, {**settings, **overrides})
     except Exception as err:  # noqa: BLE001 -- jsonargparse reports bad settings as several exception types
         raise CheckpointError(f"the export's settings do not build {cls.__name__} "
-                              f"({str(err).splitlines()[0][:300]})") from None
+                              f"({' '.join(str(err).split())[:300]})") from None
 
 
 def read_weights(directory: str | os.PathLike, name: str = WEIGHTS_NAME) -> dict[str, torch.Tensor]:
@@ -168,7 +177,7 @@ def load_exported(directory: str | os.PathLike, **kwargs) -> tuple[L.LightningMo
         CheckpointError: not an export, an untrusted class, or weights that do not fit.
     """
     config = ExportConfig.read(directory)
-    cls = checkpoint_class({"hyper_parameters": config.model}, directory)
+    cls = config.model_class(Path(directory) / CONFIG_NAME)
     if hasattr(cls, "from_pretrained"):
         module = cls.from_pretrained(directory, **kwargs)
     else:

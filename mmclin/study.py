@@ -9,7 +9,6 @@ named error that says what it expects.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -19,19 +18,16 @@ import transformers
 from torch.utils.data import default_collate
 
 from mmclin.checkpoints import load_module
-from mmclin.errors import CheckpointError, ConfigError, DataError
-from mmclin.export import load_exported
+from mmclin.errors import ConfigError, DataError
+from mmclin.export import CONFIG_NAME, load_exported
+from mmclin.trusted import build_datamodule
 
 
 def _datamodule(hparams: dict, path: Path):
-    """The checkpoint's datamodule, built from its saved settings (nothing is read or generated)."""
-    class_path = hparams.get("_class_path")
-    if not class_path or not class_path.startswith("datamodules."):
-        raise CheckpointError(f"{path}: the checkpoint records no datamodule of this project (written by "
-                              "`lightning fit`, it would); its preprocessing is unknown")
-    module_name, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), name)
-    return cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+    """The model's datamodule, built from its saved settings once every class they name is checked (nothing is
+    read or generated)."""
+    where = f"{path / CONFIG_NAME}: preprocessing" if path.is_dir() else f"{path}: datamodule_hyper_parameters"
+    return build_datamodule(hparams, where)
 
 
 def predict_study(model: str, inputs: list[str], question: str | None = None,

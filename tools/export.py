@@ -37,6 +37,7 @@ from mmclin.export import check_in_fresh_process, export_module, reference_outpu
 from mmclin.llm import MEDIA_TOKEN
 from mmclin.model_card import model_card
 from mmclin.models.clip import CLIPModule, load_clip
+from mmclin.trusted import datamodule_class
 
 LOAD_EXAMPLE = """
 import open_clip
@@ -98,6 +99,8 @@ def export_mmclin(checkpoint_path: str, out: str | Path, base_lm: str | None = N
         module, data = load_module(checkpoint_path)
     finally:
         logging.disable(logging.NOTSET)
+    if data:  # refused here, before anything is written, rather than by the reload check
+        datamodule_class(data, f"{checkpoint_path}: datamodule_hyper_parameters")
     out = export_module(module, checkpoint, out)
     diff = check_in_fresh_process(out, reference_outputs(module), base_lm)
     settings = {k: v for k, v in data.items() if not k.startswith("_") and k not in RUN_SETTINGS}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmclin.errors import CheckpointError
-from mmclin.export import LM_DIR, ExportConfig, build_from_config, read_weights
+from mmclin.export import CONFIG_NAME, LM_DIR, ExportConfig, build_from_config, read_weights
 from mmclin.llm import save_lm
 
 if TYPE_CHECKING:
@@ -58,12 +58,17 @@ def load_multimodal_lm(cls: type[MultimodalLM], directory: str | os.PathLike,
     """`cls` built and loaded from an export directory; `base_lm` overrides where an adapter's base LM is."""
     directory = Path(directory)
     config = ExportConfig.read(directory)
+    found = config.model_class(directory / CONFIG_NAME)
+    if not issubclass(found, cls):
+        raise CheckpointError(f"{directory}: an export of {found.__name__}, not of {cls.__name__}")
     entry = config.lm or {}
-    settings = dict(config.model["lm"])
+    settings = config.model.get("lm")
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{directory / CONFIG_NAME}: model.lm: the LM's settings as a mapping, got {settings!r}")
     if entry.get("kind") == "adapter":
-        base = base_lm or entry["base"]
-        if not Path(base).expanduser().is_dir():
-            raise CheckpointError(f"{directory}: holds a LoRA adapter of the LM {entry['base']!r}, which is not a "
+        base = base_lm or entry.get("base")
+        if not isinstance(base, str) or not Path(base).expanduser().is_dir():
+            raise CheckpointError(f"{directory}: holds a LoRA adapter of the LM {entry.get('base')!r}, which is not a "
                                   "directory here; pass the base LM's local directory (base_lm / --base-lm)")
         lm = {**settings, "source": str(base), "tiny": None}
     elif entry.get("kind") == "full":
