@@ -66,10 +66,12 @@ class SplitLoaders:
 def read_studies(spec: str | os.PathLike) -> list[dict]:
     """Studies to predict: ``{"input": path, ...}`` rows of a ``.jsonl`` file (with ``question`` and ``choices``
     for QA models), the paths of a ``.txt`` file (one per line; ``#`` comments), or the one path given. Relative
-    inputs are taken from the list file's folder.
+    inputs are taken from the list file's folder. ``choices`` is a JSON list of the allowed answers
+    (``["yes", "no"]``); an empty list or none asks an open question.
 
     Raises:
-        DataError: the list file is missing or empty, a line is not JSON or has no ``input``.
+        DataError: the list file is missing or empty, a line is not JSON or has no ``input``, its ``question`` is
+            not text or its ``choices`` not a list of distinct answers (a string such as ``"yes,no"`` included).
     """
     path = Path(spec)
     if path.suffix not in (".jsonl", ".txt"):
@@ -89,12 +91,27 @@ def read_studies(spec: str | os.PathLike) -> list[dict]:
                 raise DataError(f"{path} line {number}: not JSON ({err})") from None
             if not isinstance(study, dict) or not study.get("input"):
                 raise DataError(f"{path} line {number}: a study needs an 'input' path")
+            _check_question(study, f"{path} line {number}")
         study["input"] = str(path.parent / study["input"]) if not Path(study["input"]).is_absolute() else \
             study["input"]
         studies.append(study)
     if not studies:
         raise DataError(f"{path}: no studies listed")
     return studies
+
+
+def _check_question(study: dict, where: str) -> None:
+    """A listed study's ``question`` is text and its ``choices`` a list of distinct answers: a string would be read
+    character by character ("yes,no" as y, e, s, ...)."""
+    question, choices = study.get("question"), study.get("choices")
+    if question is not None and not (isinstance(question, str) and question.strip()):
+        raise DataError(f"{where}: 'question' must be text, got {question!r}")
+    if choices is None:
+        return
+    if not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise DataError(f"{where}: 'choices' must be a list of answers such as [\"yes\", \"no\"], got {choices!r}")
+    if len(set(choices)) < len(choices):
+        raise DataError(f"{where}: 'choices' lists an answer twice: {choices!r}")
 
 
 class StudyDataset(Dataset):

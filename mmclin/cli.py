@@ -2,27 +2,97 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import os
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import datamodules  # noqa: F401  (registers datamodules so configs can name them by class)
 import encoders  # noqa: F401
 import mmclin.models  # noqa: F401
-from mmclin.checkpoints import checkpoint_class, read_checkpoint
-from mmclin.errors import run_entry_point
+from mmclin.checkpoints import check_checkpoint_fits, checkpoint_class, config_class, read_checkpoint
+from mmclin.errors import ConfigError, run_entry_point
 from mmclin.runs import SaveRunConfig
+from mmclin.setting_checks import check_numbers
+
+
+class MMClinArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose parse errors are one line (a ConfigError) naming the key at fault and, for a
+    misspelt one, the closest valid key; not jsonargparse's usage dump of every option (``--help`` lists them).
+    A shortened option is no option: argparse would take ``--trainer.max_epoch`` for ``--trainer.max_epochs``, and a
+    typo that happens to be a prefix would run silently."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse's inner parsers raise, and their callers try the next type
+            super().error(message, ex)
+        raise ConfigError(parse_error_line(message, getattr(ex, "subcommand_parser", None) or self))
+
+
+def parse_error_line(message: str, parser: LightningArgumentParser) -> str:
+    """jsonargparse's message (nested "Parser key ... Does not validate against any of the Union subtypes ...") as
+    one line: ``data: 'batch_sise' is not a setting of datamodules.X; did you mean 'batch_size'?``."""
+    keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
+    where = ".init_args.".join(keys)
+    option = re.search(r"Option '([^']+)' is not accepted", message)
+    if option:
+        classes = re.findall(r"Problem with given class_path '([^']+)'", message[:option.start()])
+        owner = classes[-1] if classes else where
+        return f"{where}: {option.group(1)!r} is not a setting of {owner}" + _closest(
+            option.group(1), _init_parameters(classes[-1]) if classes else [])
+    known = [s for action in parser._actions for s in action.option_strings]  # argparse keeps them there
+    unknown = re.match(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        flags = [a for a in unknown.group(1).split() if a.startswith("--")]
+        return message + (_closest(flags[0], known) if flags else "")
+    unknown = re.search(r"does not accept option '([^']+)'", message)  # a key of a config file
+    if unknown:
+        return message + _closest(unknown.group(1), [k.removeprefix("--") for k in known])
+    skip = ("Does not validate", "Subtypes:", "Errors:", "Given value type:", "Problem with given",
+            "Expected a <class 'NoneType'>")  # jsonargparse's account of the types it tried
+    if "Got value: " in message:  # the value is in the error itself
+        skip += ("Given value: ",)
+    lines = [re.sub(r'Parser key "[^"]+":', "", line).strip().lstrip("- ") for line in message.splitlines()]
+    lines = [re.sub(r"^Given value: (NestedArg\(key='[^']*', val=(.*)\)|(.*))$", r"got \2\3", line)
+             for line in lines if line and not line.startswith(skip)]
+    detail = "; ".join(dict.fromkeys(lines))
+    return f"{where}: {detail}"[:600] if where else detail[:600]
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    """The constructor arguments of `class_path` (already imported by the parser), or none if it is not found."""
+    cls = config_class(class_path)
+    try:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"] if cls else []
+    except (TypeError, ValueError):  # a constructor without a signature (a builtin)
+        return []
+
+
+def _closest(key: str, known: list[str]) -> str:
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
 
 
 class MMClinCLI(LightningCLI):
-    """LightningCLI in subclass mode: ``model:`` and ``data:`` take ``class_path``/``init_args``."""
+    """LightningCLI in subclass mode: ``model:`` and ``data:`` take ``class_path``/``init_args``.
+
+    Before anything is built: a checkpoint of another model or data family (``--ckpt_path``) and impossible
+    numbers (:func:`mmclin.setting_checks.check_numbers`) are refused; parse errors and the trainer's own checks
+    end in one ConfigError line.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         # Class names are known only once the data is; the model needs them for zero-shot evaluation.
@@ -32,9 +102,11 @@ class MMClinCLI(LightningCLI):
                                  "on the test split and print its figures")
 
     def before_instantiate_classes(self) -> None:
-        """bf16 on a CPU without bf16 units runs its matrix products ~100x slower than fp32 (docs/benchmarks.md):
-        there, a config's ``bf16-mixed`` becomes ``32-true``, with a warning."""
+        """Impossible numbers refused (see :func:`~mmclin.setting_checks.check_numbers`). bf16 on a CPU without bf16
+        units runs its matrix products ~100x slower than fp32 (docs/benchmarks.md): there, a config's ``bf16-mixed``
+        becomes ``32-true``, with a warning."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        check_numbers(config.as_dict())
         trainer = config.get("trainer") if config is not None else None
         if trainer is None or not str(trainer.get("precision") or "").startswith("bf16"):
             return
@@ -55,6 +127,8 @@ class MMClinCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         checkpoint = read_checkpoint(ckpt_path)
+        config = self.config[subcommand]
+        check_checkpoint_fits(checkpoint, ckpt_path, _as_dict(config.get("model")), _as_dict(config.get("data")))
         hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k != "_instantiator"}
         if not hparams:
             return
@@ -63,6 +137,13 @@ class MMClinCLI(LightningCLI):
             hparams = {"class_path": hparams.pop("_class_path"),
                        "dict_kwargs": {k: v for k, v in hparams.items() if k in accepted}}
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def instantiate_trainer(self, **kwargs):
+        """Lightning's own checks of the trainer settings (``devices``, ``strategy``, ...) as one ConfigError line."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:
+            raise ConfigError(f"trainer: {err}") from err
 
     def after_fit(self) -> None:
         """Print the final validation figures, the data's baselines and where the checkpoint went; test if asked."""
@@ -130,6 +211,11 @@ def metrics_table(metrics: dict[str, float], depth: int = 2) -> str:
     return "\n".join(lines)
 
 
+def _as_dict(settings: Namespace | dict | None) -> dict | None:
+    """A config's ``model`` or ``data`` as plain dicts; None when unset."""
+    return settings.as_dict() if isinstance(settings, Namespace) else settings
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMClinCLI:
     """The CLI; with ``run=False`` it only parses and instantiates (cli.model, cli.datamodule, cli.trainer)."""
     return MMClinCLI(
@@ -141,6 +227,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MMClinCLI:
         run=run,
         save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
+        parser_class=MMClinArgumentParser,
     )
 
 
