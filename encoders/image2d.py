@@ -43,6 +43,22 @@ def check_weights_file(path: str) -> Path:
     return Path(path)
 
 
+def read_weights(path: str) -> dict:
+    """The state dict of a local weights file, read by timm's loader (``weights_only=True`` for pickles).
+
+    Raises:
+        CheckpointError: the file cannot be read, or its pickle holds objects other than tensors (refused, as for
+            checkpoints: see :func:`mmclin.checkpoints.load_refusal`).
+    """
+    from mmclin.checkpoints import load_refusal
+
+    file = check_weights_file(path)
+    try:
+        return load_state_dict(str(file))
+    except Exception as err:  # noqa: BLE001 -- garbage bytes can fail anywhere in the unpickler or safetensors
+        raise load_refusal(file, err) from None
+
+
 def report_key_match(path: str, checkpoint_keys: Sequence[str], model_keys: Sequence[str], owner: str) -> int:
     """Number of checkpoint keys the model has; a DataError naming the file when there are none."""
     matched = set(checkpoint_keys) & set(model_keys)
@@ -114,7 +130,7 @@ class TimmImageEncoder(ImageBackboneEncoder):
         state_dict = None
         if pretrained_path is not None:
             # timm's loader unwraps 'state_dict'/'model'/EMA entries and strips DDP 'module.' prefixes.
-            state_dict = load_state_dict(str(check_weights_file(pretrained_path)))
+            state_dict = read_weights(pretrained_path)
             checkpoint_keys = list(state_dict)
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict})
         size_kwargs = {} if img_size is None else {"img_size": img_size}

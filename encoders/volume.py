@@ -22,10 +22,9 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets import ViT
 from monai.networks.nets.densenet import DenseNet121, DenseNet169, DenseNet201
 from monai.networks.nets.resnet import ResNetFeatures
-from timm.models import load_state_dict
 from torch import nn
 
-from encoders.image2d import ImageBackboneEncoder, check_weights_file, image_output, report_key_match
+from encoders.image2d import ImageBackboneEncoder, image_output, read_weights, report_key_match
 from encoders.timeseries import EncoderOutput
 from mmclin.errors import ConfigError, DataError
 
@@ -50,7 +49,7 @@ def load_local_weights(model: nn.Module, path: str, prefix: str = "") -> tuple[l
         (missing_keys, unexpected_keys) as torch's ``load_state_dict`` names them. Raises DataError when no key
         matches, and torch's RuntimeError when a key matches with another shape (a different architecture).
     """
-    state_dict = load_state_dict(str(check_weights_file(path)))
+    state_dict = read_weights(path)
     if prefix:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if not state_dict:

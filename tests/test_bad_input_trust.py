@@ -278,3 +278,18 @@ def test_an_error_a_constructor_raised_under_jsonargparse_is_reported_as_itself(
         run_entry_point(main, ["--debug"])
     with pytest.raises(RuntimeError):  # a bug keeps its traceback
         run_entry_point(lambda argv: (_ for _ in ()).throw(RuntimeError("bug")), [])
+
+
+def test_encoder_weights_are_refused_like_checkpoints(tmp_path):
+    from encoders.image2d import read_weights
+
+    marker = tmp_path / "ran"
+    payload = tmp_path / "resnet.pth"
+    torch.save({"state_dict": {}, "x": _Payload(marker)}, payload)
+    with pytest.raises(CheckpointError, match="refused: it holds objects other than tensors") as refused:
+        read_weights(str(payload))
+    assert "weights_only=False" not in str(refused.value) and not marker.exists()
+    garbage = tmp_path / "vit.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="vit.safetensors"):
+        read_weights(str(garbage))
