@@ -97,15 +97,21 @@ def main(argv: list[str]) -> list[dict]:
         if "epoch" in row.get("meta", {}):  # a night: one stage per epoch, summed up below
             nights.setdefault(row["input"], []).append(row["ranked"] or row["parsed"])
         elif "has_error" in row:
+            if row["has_error"] is None:
+                print(f"{row['input']}: no verdict ({row.get('refused', 'refused')})")
+                continue
             found = f"error: {row['fine_type'] or 'unspecified'}" if row["has_error"] else "no error"
-            print(f"{row['input']}: {found}  (p_error {row['p_error']:.3f})")
+            windows = f", {row['n_windows']} windows" if row.get("n_windows", 1) > 1 else ""
+            print(f"{row['input']}: {found}  (p_error {row['p_error']:.3f}{windows})")
         elif "probabilities" in row:
             top = sorted(row["probabilities"].items(), key=lambda kv: -kv[1])[:3]
             print(f"{row['input']}: {row['predicted']}  (" + ", ".join(f"{k} {v:.3f}" for k, v in top) + ")")
         else:
             ranked = f"  [most likely choice: {row['ranked']}]" if row.get("ranked") else ""
             answer = row["parsed"] if row["parsed"] is not None else f"{row['generated'].strip()!r} (names no choice)"
-            print(f"{row['input']}: {row['question']} -> {answer}{ranked}")
+            span = row.get("meta", {}).get("span_s")  # one window of a longer record (duration_policy: window)
+            where = f" [{span[0]:g}-{span[1]:g} s]" if span else ""
+            print(f"{row['input']}{where}: {row['question']} -> {answer}{ranked}")
     for name, stages in nights.items():
         counts = ", ".join(f"{stage} {stages.count(stage)}" for stage in dict.fromkeys(sorted(map(str, stages))))
         print(f"{name}: {len(stages)} epochs staged ({counts}); per-epoch stages with --out")

@@ -298,3 +298,18 @@ def test_report_error_check_evaluate_counts_the_reports_it_leaves_out(tmp_path, 
                                        "--out", str(tmp_path / "eval"), "--on-non-english", "skip"])
     assert metrics["n_refused"] == 1 and metrics["refused"][0]["id"] == records[5]["id"]
     assert metrics["n"] == len(records) - 1
+
+
+def test_mmclin_predict_prints_each_windows_span_and_a_reports_window_count(monkeypatch, capsys):
+    import mmclin.study as study
+
+    rows = [{"input": "r600", "question": QUESTION, "parsed": "yes", "ranked": "yes", "generated": "yes",
+             "meta": {"span_s": [10.0, 20.0]}},
+            {"input": "long.txt", "has_error": True, "fine_type": None, "p_error": 0.9, "n_windows": 4},
+            {"input": "de.txt", "has_error": None, "refused": "reads as German"}]
+    monkeypatch.setattr(study, "predict_study", lambda *args: rows)
+    study.main(["--model", "m", "--input", "x"])
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"r600 [10-20 s]: {QUESTION} -> yes  [most likely choice: yes]",
+                   "long.txt: error: unspecified  (p_error 0.900, 4 windows)",
+                   "de.txt: no verdict (reads as German)"]
