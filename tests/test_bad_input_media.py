@@ -305,6 +305,7 @@ def test_predict_on_a_wfdb_record_in_an_unknown_unit_is_one_line(tmp_path, demo_
                    demo_cache, "twelve: lead I is in 'mA'; expected a voltage unit")
 
 
+@pytest.mark.slow  # the reader's refusal is tested in process above; this is its CLI route
 def test_predict_on_an_edf_eeg_in_an_unknown_unit_is_one_line(tmp_path, demo_cache):
     path = _edf(tmp_path, {"EEG Fpz-Cz": b"mA", "EEG Pz-Oz": b"uV", "EOG horizontal": b"uV"}, seconds=180)
     one_line_error(_predict("sleep-qa-softprompt.yaml", "--data.init_args.root", str(tmp_path),
@@ -312,6 +313,7 @@ def test_predict_on_an_edf_eeg_in_an_unknown_unit_is_one_line(tmp_path, demo_cac
                    demo_cache, "night.edf: channel EEG Fpz-Cz is in 'mA'; an EEG signal needs a voltage unit")
 
 
+@pytest.mark.slow  # the reader's refusal is tested in process above; this is its CLI route
 def test_predict_on_a_one_slice_nifti_is_one_line(tmp_path, demo_cache):
     path = _nifti(tmp_path / "thin.nii.gz", (64, 64, 1))
     studies = tmp_path / "studies.jsonl"
@@ -321,6 +323,7 @@ def test_predict_on_a_one_slice_nifti_is_one_line(tmp_path, demo_cache):
                    demo_cache, "thin.nii.gz: 64 x 64 x 1 voxels; a CT volume needs at least 2 slices")
 
 
+@pytest.mark.slow  # the reader's refusal is tested in process above; this is its CLI route
 def test_predict_on_a_one_pixel_photograph_is_one_line(tmp_path, demo_cache):
     path = tmp_path / "one.png"
     Image.new("RGB", (1, 1), (255, 0, 0)).save(path)

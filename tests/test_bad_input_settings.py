@@ -173,6 +173,7 @@ def _project_classes() -> list[type]:
 # ------------------------------------------------------------------------------------------- parse errors
 
 
+@pytest.mark.slow  # the same parse error is tested in process below; this is the console route
 def test_a_misspelt_key_is_one_line_with_the_closest_key(tmp_path):
     one_line_error(["-m", "mmclin", "fit", "-c", SLEEP_QA, "--data.init_args.batch_sise", "4", *_quick(tmp_path)],
                    tmp_path / "cache", "data: 'batch_sise' is not a setting of datamodules.sleep_qa.SleepQADataModule; "

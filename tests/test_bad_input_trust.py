@@ -215,11 +215,15 @@ def test_predict_refuses_an_export_naming_a_demo_generator_before_calling_it(tmp
 @pytest.mark.parametrize(("case", "model", "data", "words"), [
     ("connector of a library", _with(MODEL, ("connector", "class_path"), "torch.nn.Linear"), DATA,
      "model.connector.class_path: 'torch.nn.Linear': only classes of"),
-    ("unknown preprocessing key", MODEL, {**DATA, "bogus": 1}, "preprocessing.bogus: not a setting of ECGQADataModule"),
-    ("nested non-project datamodule path", MODEL, {**DATA, "_class_path": "datamodules.ecg.os.system"},
-     "preprocessing._class_path: 'datamodules.ecg.os.system' cannot be imported"),
-    ("non-project preference base", MODEL, _with(PREFERENCE, ("base", "class_path"), "datamodules.fundus.os.system"),
-     "preprocessing.base.class_path: 'datamodules.fundus.os.system' cannot be imported"),
+    # the other cases, covered in process above, also run in a fresh process with -m slow (CI time)
+    pytest.param("unknown preprocessing key", MODEL, {**DATA, "bogus": 1},
+                 "preprocessing.bogus: not a setting of ECGQADataModule", marks=pytest.mark.slow),
+    pytest.param("nested non-project datamodule path", MODEL, {**DATA, "_class_path": "datamodules.ecg.os.system"},
+                 "preprocessing._class_path: 'datamodules.ecg.os.system' cannot be imported", marks=pytest.mark.slow),
+    pytest.param("non-project preference base", MODEL,
+                 _with(PREFERENCE, ("base", "class_path"), "datamodules.fundus.os.system"),
+                 "preprocessing.base.class_path: 'datamodules.fundus.os.system' cannot be imported",
+                 marks=pytest.mark.slow),
 ])
 def test_predict_refuses_a_bad_export_in_one_line(case, model, data, words, tmp_path, demo_cache):
     out = _export(tmp_path, model, data)
@@ -230,7 +234,8 @@ def test_predict_refuses_a_bad_export_in_one_line(case, model, data, words, tmp_
 
 @pytest.mark.parametrize(("case", "words"), [
     ("instantiator", "hyper_parameters._instantiator: 'os.system' is refused"),
-    ("random bytes", "not a readable torch checkpoint (not a zip archive or pickle: first bytes 07 08"),
+    pytest.param("random bytes", "not a readable torch checkpoint (not a zip archive or pickle: first bytes 07 08",
+                 marks=pytest.mark.slow),  # in process above; fresh process with -m slow
 ])
 def test_predict_refuses_a_bad_checkpoint_in_one_line(case, words, tmp_path, demo_cache):
     ckpt = tmp_path / "model.ckpt"
@@ -244,7 +249,8 @@ def test_predict_refuses_a_bad_checkpoint_in_one_line(case, words, tmp_path, dem
     assert str(ckpt) in line
 
 
-@pytest.mark.parametrize("case", ["another family's checkpoint", "pickle payload"])
+@pytest.mark.parametrize("case", ["another family's checkpoint", pytest.param("pickle payload",
+                                                                              marks=pytest.mark.slow)])
 def test_mmedpo_init_from_a_wrong_file_is_one_named_line(case, tmp_path, demo_cache):
     ckpt = tmp_path / "sft.ckpt"
     marker = tmp_path / "ran"

@@ -52,7 +52,9 @@ def _test_metrics(run: Path) -> dict[str, float]:
     return {k: float(v) for row in rows for k, v in row.items() if k.startswith("test/") and v}
 
 
-@pytest.mark.parametrize("config", sorted(CASES))
+# derm-clip's two-process run (~80 s) with -m slow: the ECG case already holds one process = two (CI time)
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.slow) if c == "derm-clip" else c
+                                    for c in sorted(CASES)])
 def test_multi_process_evaluation_equals_one_process(demo_cache, tmp_path, config):
     fitted = _run(tmp_path, config, "fit", demo_cache, "fit", 1)
     ckpt = fitted / "checkpoints" / "last.ckpt"
