@@ -223,18 +223,19 @@ def evaluate_main(args: argparse.Namespace) -> dict:
     """Score each checker; with several, also a side-by-side table (comparison.md / comparison.json in --out)
     with the last checker's paired difference to each other one on the image-dependent error types."""
     specs = [args.checker] if isinstance(args.checker, str) else list(args.checker)
+    checkers = {spec: load_checker(spec) for spec in specs}  # a bad checkpoint stops before any scoring
     records, args.refused = english_records(read_jsonl(args.data), args.data, args.on_non_english)
     shortcut = audit(records, n_boot=args.n_boot, seed=args.seed)  # what surface words alone score here
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "audit.json").write_text(json.dumps(_finite(shortcut), indent=2))
     print("\n".join(audit_lines(shortcut)))
     if len(specs) == 1:
-        return evaluate_one(args, records, specs[0], Path(args.out))[0]
+        return evaluate_one(args, records, specs[0], checkers[specs[0]], Path(args.out))[0]
     runs, predictions = {}, {}
     for i, spec in enumerate(specs):
         label = spec if spec == "rule" else f"{i}-{Path(spec.partition(':')[2]).stem}"
         out = Path(args.out) / re.sub(r"[^\w.-]+", "_", label)
-        runs[spec], predictions[spec] = evaluate_one(args, records, spec, out)
+        runs[spec], predictions[spec] = evaluate_one(args, records, spec, checkers[spec], out)
     for spec in specs[:-1]:  # the last checker (the one under test) against each other one, on the same reports
         runs[spec]["last_minus_this"] = _finite(image_dependent_difference(
             records, predictions[spec], predictions[specs[-1]], n_boot=args.n_boot, seed=args.seed))
@@ -320,10 +321,10 @@ def _check(checker: Callable[[list[dict]], list[dict]], spec: str, records: list
     return predictions
 
 
-def evaluate_one(args: argparse.Namespace, records: list[dict], spec: str, out: Path) -> tuple[dict, list[dict]]:
-    """Run checker `spec` on `records` (read from ``args.data``), write its metrics, predictions and plots to `out`
-    and print them; returns the metrics and the predictions."""
-    checker = load_checker(spec)
+def evaluate_one(args: argparse.Namespace, records: list[dict], spec: str,
+                 checker: Callable[[list[dict]], list[dict]], out: Path) -> tuple[dict, list[dict]]:
+    """Run `checker` (loaded from `spec`) on `records` (read from ``args.data``), write its metrics, predictions and
+    plots to `out` and print them; returns the metrics and the predictions."""
     predictions = _check(checker, spec, records, "modified")
     scores = score_checker(records, predictions, n_boot=args.n_boot, seed=args.seed)
     if all("original" in r for r in records):  # errors.jsonl of `inject` has them; hand-made records may not
