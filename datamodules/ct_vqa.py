@@ -8,7 +8,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -22,10 +21,10 @@ from datamodules.ct import (
     read_deeptumorvqa,
     read_m3d_vqa,
 )
-from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.cache import demo_cache_dir
+from mmclin.contracts import QADataModule
 from mmclin.errors import ConfigError, DataError
-from mmclin.tasks.qa import model_collator, normalise_answer
+from mmclin.tasks.qa import normalise_answer
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ class CTVQADataset(Dataset):
         return self.class_table[labels.clamp(0, len(self.class_table) - 1)].movedim(-1, 0) & known
 
 
-class CTVQADataModule(SplitLoaders, L.LightningDataModule):
+class CTVQADataModule(QADataModule):
     """Questions about CT volumes: DeepTumorVQA (Chen et al., arXiv:2505.18915) or M3D-VQA (Bai et al.,
     arXiv:2404.00578) tables, volumes as NIfTI files or DICOM series directories.
 
@@ -197,7 +196,8 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
 
             self._root = Path(generate_ct_demo(cache_dir=self.hparams.cache_dir, seed=0, **(self.hparams.demo or {})))
 
-    def study_item(self, path: str | os.PathLike, question: str | None, choices: list[str] | None = None) -> dict:
+    def study_item(self, path: str | os.PathLike, question: str | None = None,
+                   choices: list[str] | None = None) -> dict:
         """One CT of a user's (NIfTI file or DICOM series folder) and a question, through the model's CT
         preprocessing (orientation, spacing, HU check and window, grid); closed questions get their options in
         the prompt as in training.
@@ -211,12 +211,6 @@ class CTVQADataModule(SplitLoaders, L.LightningDataModule):
         choices = list(choices or [])
         return {"volume": [volume], "question": with_options(question, choices) if choices else question,
                 "answer": "", "choices": choices, "meta": {"input": str(path)}}
-
-    def read_study(self, study: dict) -> dict:
-        return self.study_item(study["input"], study.get("question"), study.get("choices"))
-
-    def study_collate(self):
-        return model_collator(self.trainer, type(self).__name__)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets or (stage == "predict" and self.hparams.predict):  # (the listed volumes only)

@@ -12,17 +12,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import pandas as pd
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.images import read_image
-from datamodules.loaders import SplitLoaders, split_loader
+from datamodules.loaders import split_loader
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.derm import CLASS_NAMES as DEMO_CLASS_NAMES
 from datamodules.synthetic.derm import DEMO_CSV, generate_derm_demo
+from mmclin.contracts import ClinicalDataModule
 from mmclin.errors import ConfigError, DataError
 from mmclin.tasks.zero_shot import DERM_TEMPLATES
 
@@ -308,14 +308,16 @@ class ImageTextDataset(Dataset):
         return item
 
 
-class DermDataModule(SplitLoaders, L.LightningDataModule):
+class DermDataModule(ClinicalDataModule):
     """Image-caption pairs for CLIP training and zero-shot evaluation in dermatology.
 
     With ``root`` unset the seeded demo dataset (Derm1M layout) is generated once into the cache
     directory (``$MMCLIN_CACHE`` or ``~/.cache/mmclin``) and read with the Derm1M reader.
-    Image transforms and the tokenizer come from the model (``image_text_preprocess()``), as open_clip
-    pairs them with its weights; without a model, open_clip's default transform at `image_size` is used.
+    Image transforms and the tokenizer come from the model (:meth:`connect`), as open_clip pairs them with its
+    weights; without a model, open_clip's default transform at `image_size` is used.
     """
+
+    selection_metric = "val/zs_bacc"
 
     def __init__(
         self,
@@ -453,24 +455,33 @@ class DermDataModule(SplitLoaders, L.LightningDataModule):
 
     # -- datasets and loaders ------------------------------------------------------------------------
     def _preprocess(self) -> tuple[Callable, Callable, Callable | None]:
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        if model is not None and hasattr(model, "image_text_preprocess"):
-            return model.image_text_preprocess()
+        """(train transform, eval transform, tokenizer): the connected model's, else open_clip's default transforms
+        at `image_size` and no tokenizer."""
+        if self.transforms is not None:
+            return (*self.transforms, self.tokenizer)
         from open_clip import image_transform
 
         size = self.hparams.image_size
         return image_transform(size, is_train=True), image_transform(size, is_train=False), None
 
-    def study_item(self, path: str | os.PathLike, eval_transform: Callable) -> dict:
-        """One photograph (JPEG/PNG) of a user's, as the evaluation split gives it: ``{"image", "label": -1}``.
+    def connect(self, collator: Callable | None = None, transforms: tuple[Callable, Callable] | None = None,
+                tokenizer: Callable | None = None, answerer: Callable | None = None) -> None:
+        """The model's (train, eval) `transforms` and `tokenizer`, as open_clip pairs them with its weights; the
+        splits already set up take them."""
+        super().connect(collator, transforms, tokenizer, answerer)
+        train_tf, eval_tf, tokenizer = self._preprocess()
+        for split, dataset in self.datasets.items():
+            dataset.transform, dataset.tokenizer = (train_tf if split == "train" else eval_tf), tokenizer
+
+    def study_item(self, path: str | os.PathLike, question: str | None = None,
+                   choices: list[str] | None = None) -> dict:
+        """One photograph (JPEG/PNG) of a user's, as the evaluation split gives it: ``{"image", "label": -1,
+        "input"}`` (`question` and `choices` are not used: zero-shot classification asks the class names).
 
         Raises:
             DataError: the file does not decode as an image, or is too small (see :func:`read_image`).
         """
-        return {"image": eval_transform(read_image(path)), "label": -1}
-
-    def read_study(self, study: dict) -> dict:
-        return {**self.study_item(study["input"], self._preprocess()[1]), "input": study["input"]}
+        return {"image": self._preprocess()[1](read_image(path)), "label": -1, "input": str(path)}
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" and self.hparams.predict:  # the listed files only

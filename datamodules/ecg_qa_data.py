@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -15,12 +14,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.ecg import STANDARD_LEADS, ptbxl_record_path, read_ptbxl_database, read_wfdb_record
 from datamodules.ecg_qa import read_ecg_qa
-from datamodules.loaders import SplitLoaders
 from datamodules.series_length import WindowedStudies, check_duration_settings, fit_dataset_record, fit_duration
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.ecg import generate_ecg_demo
+from mmclin.contracts import QADataModule
 from mmclin.errors import ConfigError, DataError
-from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ class ECGQADataset(Dataset):
         }
 
 
-class ECGQADataModule(WindowedStudies, SplitLoaders, L.LightningDataModule):
+class ECGQADataModule(WindowedStudies, QADataModule):
     """ECG-QA (Oh et al., NeurIPS 2023) questions on PTB-XL (Wagner et al., Sci Data 2020) ECGs.
 
     With ``root`` unset a demo PTB-XL tree with ECG-QA-layout questions is generated once into the cache
@@ -147,7 +145,7 @@ class ECGQADataModule(WindowedStudies, SplitLoaders, L.LightningDataModule):
         log.info("ECG-QA %s: %s questions, %d ECGs, %d skipped (ECG not in the database)", self.root,
                  {k: len(v) for k, v in self.datasets.items()}, len(signals), self.n_skipped)
 
-    def study_items(self, path: str | os.PathLike, question: str | None,
+    def study_items(self, path: str | os.PathLike, question: str | None = None,
                     choices: list[str] | None = None) -> list[dict]:
         """One WFDB record of a user's (``path`` without extension, or its ``.hea``) and a question, as the model
         was trained to take it: the model's leads in its order, resampled to its `sampling_rate`, fitted to its
@@ -173,7 +171,7 @@ class ECGQADataModule(WindowedStudies, SplitLoaders, L.LightningDataModule):
         items = []
         for k, (start, part) in enumerate(windows):
             end = min(start + part.shape[-1] / h.sampling_rate, duration)
-            meta = {"record": record, "span_s": [start, end]}
+            meta = {"record": record, "input": str(path), "span_s": [start, end]}
             if len(windows) > 1:
                 meta |= {"window": k, "n_windows": len(windows)}
             if end - start < part.shape[-1] / h.sampling_rate:  # `pad`: zeros after the record's end
@@ -181,34 +179,6 @@ class ECGQADataModule(WindowedStudies, SplitLoaders, L.LightningDataModule):
             items.append({"series": [torch.from_numpy(part)], "question": question, "answer": "",
                           "choices": list(choices or []), "meta": meta})
         return items
-
-    def study_item(self, path: str | os.PathLike, question: str | None, choices: list[str] | None = None) -> dict:
-        """The one sample of a record (:meth:`study_items`).
-
-        Raises:
-            DataError: as :meth:`study_items`, or a record that ``window`` splits into several samples.
-        """
-        items = self.study_items(path, question, choices)
-        if len(items) > 1:
-            raise DataError(f"{path}: {len(items)} windows under duration_policy 'window'; predict them with "
-                            "study_items (mmclin predict and lightning predict do)")
-        return items[0]
-
-    def read_study_items(self, study: dict) -> list[dict]:
-        if not study.get("question"):
-            raise DataError(f"{study['input']}: a study to predict needs a 'question'")
-        items = self.study_items(study["input"], study["question"], study.get("choices"))
-        return [item | {"meta": {**item["meta"], "input": study["input"]}} for item in items]
-
-    def read_study(self, study: dict) -> dict:
-        items = self.read_study_items(study)
-        if len(items) > 1:
-            raise DataError(f"{study['input']}: {len(items)} windows under duration_policy 'window'; read them with "
-                            "read_study_items")
-        return items[0]
-
-    def study_collate(self):
-        return model_collator(self.trainer, type(self).__name__)
 
     def baselines(self, split: str) -> dict[str, float]:
         """Accuracy on `split` of always giving each template's most frequent training answer."""

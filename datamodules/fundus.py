@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -37,10 +36,9 @@ from torchvision.ops import box_convert
 
 from datamodules.derm import SPLIT_ALIASES, check_images, split_table
 from datamodules.images import read_image
-from datamodules.loaders import SplitLoaders
 from datamodules.synthetic.fundus import ICDR_GRADES, REFERRALS, REPORTS_CSV, fundus_demo_dir, generate_fundus_demo
+from mmclin.contracts import QADataModule
 from mmclin.errors import ConfigError, DataError
-from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -425,13 +423,15 @@ class FundusReportDataset(Dataset):
                 "answer": row["report"], "choices": [], "meta": meta}
 
 
-class FundusReportDataModule(SplitLoaders, L.LightningDataModule):
+class FundusReportDataModule(QADataModule):
     """Fundus photograph -> report generation (findings, ICDR grade, referral) for a multimodal LM.
 
     With ``root`` unset a seeded demo (images, YOLO lesion boxes, ``reports.csv``) is generated once into the
     cache (``$MMCLIN_CACHE`` or ``~/.cache/mmclin``). Images are decoded at reduced scale, cropped to the
     fundus, resized to `image_size` (see :func:`load_fundus`) and, with `cache_images`, kept in memory as uint8.
     """
+
+    selection_metric = "val/grade_macro_f1"
 
     def __init__(
         self,
@@ -531,7 +531,8 @@ class FundusReportDataModule(SplitLoaders, L.LightningDataModule):
             raise DataError(f"{self.source}: no usable rows")
         return split_table(table, h.val_fraction, h.test_fraction, h.seed)
 
-    def study_item(self, path: str | os.PathLike, question: str | None = None, choices=None) -> dict:
+    def study_item(self, path: str | os.PathLike, question: str | None = None,
+                   choices: list[str] | None = None) -> dict:
         """One fundus photograph of a user's, preprocessed as the training split (border crop, size,
         normalisation), with the datamodule's report prompt unless `question` is given.
 
@@ -542,12 +543,6 @@ class FundusReportDataModule(SplitLoaders, L.LightningDataModule):
         image = load_fundus(path, h.image_size, h.crop_border, h.border_threshold)
         return {"image": [normalise_fundus(image, h.mean, h.std)], "question": question or h.question,
                 "answer": "", "choices": list(choices or []), "meta": {"input": str(path)}}
-
-    def read_study(self, study: dict) -> dict:
-        return self.study_item(study["input"], study.get("question"), study.get("choices"))
-
-    def study_collate(self):
-        return model_collator(self.trainer, type(self).__name__)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets or (stage == "predict" and self.hparams.predict):  # (the listed photographs only)

@@ -1,4 +1,5 @@
-"""The split loaders every datamodule shares: each defines ``_loader(split, train)`` once."""
+"""Loaders every datamodule shares: one split's (exact under resume and several processes) and the list of
+studies to predict (:class:`mmclin.contracts.ClinicalDataModule` builds on them)."""
 
 from __future__ import annotations
 
@@ -15,52 +16,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmclin.errors import DataError
 from mmclin.resume import ResumableSampler, SeededItems
-from mmclin.tasks.qa import model_collator
-
-
-class SplitLoaders:
-    """Mixin for a LightningDataModule: train/val/test/predict loaders from its ``_loader(split, train)``."""
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        raise NotImplementedError
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The studies of the ``predict`` argument when the datamodule has one (see :func:`read_studies`), read
-        by its ``read_study``; else the test split."""
-        spec = getattr(self.hparams, "predict", None)
-        if not spec:
-            return self._loader("test", train=False)
-        studies = StudyDataset(read_studies(spec), self.read_study)
-        return split_loader(studies, False, self.trainer, self.hparams, collate_fn=self.study_collate())
-
-    def read_study(self, study: dict) -> dict:
-        raise NotImplementedError(f"{type(self).__name__} does not predict from a list of files yet")
-
-    def study_collate(self) -> Callable | None:
-        """How a batch of `read_study` items is put together (default: torch's default collate)."""
-        return None
-
-    def model_batches(self, dataset: Dataset, split: str, train: bool, source: object, unit: str,
-                      weights: Any = None) -> DataLoader:
-        """A loader of `dataset` batched by the attached model's collator, from the usual hparams (``batch_size``,
-        ``eval_batch_size``, ``num_workers``); see :func:`split_loader`.
-
-        Raises:
-            DataError: the split is empty (naming `source` and the `unit` it has none of).
-        """
-        if len(dataset) == 0:
-            raise DataError(f"{source}: the '{split}' split has no {unit}")
-        return split_loader(dataset, train, self.trainer, self.hparams, weights,
-                            model_collator(self.trainer, type(self).__name__))
 
 
 def read_studies(spec: str | os.PathLike) -> list[dict]:
@@ -140,7 +95,7 @@ def split_loader(dataset: Dataset, train: bool, trainer: L.Trainer | None, hpara
     Args:
         hparams: with ``batch_size``, ``num_workers`` and optionally ``eval_batch_size``.
     """
-    world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)  # 1, 0 outside a Trainer
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     sampler = None
     if train:
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -148,7 +103,7 @@ def split_loader(dataset: Dataset, train: bool, trainer: L.Trainer | None, hpara
         dataset = SeededItems(dataset)
     elif world > 1:
         sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-    batch_size = hparams.batch_size if train else (getattr(hparams, "eval_batch_size", None) or hparams.batch_size)
+    batch_size = hparams.batch_size if train else (hparams.get("eval_batch_size") or hparams.batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       drop_last=train and len(dataset) > hparams.batch_size, num_workers=hparams.num_workers,
                       persistent_workers=hparams.num_workers > 0, collate_fn=collate_fn,

@@ -15,18 +15,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import instantiate_class
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.loaders import SplitLoaders, split_loader
+from datamodules.loaders import split_loader
 from mmclin.checkpoints import own_hyperparameters
+from mmclin.contracts import ClinicalDataModule
 from mmclin.errors import ConfigError, DataError
 from mmclin.preference.pairs import (
     BY_NAME,
@@ -44,7 +46,7 @@ from mmclin.preference.pairs import (
     wrong_option_pairs,
 )
 from mmclin.runs import run_dir
-from mmclin.tasks.qa import model_collator, parse_choice
+from mmclin.tasks.qa import parse_choice
 from mmclin.trusted import trusted_class
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ class PairDataset(Dataset):
         return item
 
 
-class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
+class PreferenceDataModule(ClinicalDataModule):
     """Preference pairs from `base`'s training split; `base`'s validation and test splits as they are."""
 
     def __init__(
@@ -139,14 +141,14 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
         self.save_hyperparameters()
         if not isinstance(base, dict):
             raise ConfigError(f"base: a datamodule of this project as {{class_path, init_args}}, got {base!r}")
-        trusted_class(base.get("class_path"), L.LightningDataModule, "base.class_path", ConfigError)
-        self._base: L.LightningDataModule | None = None
+        trusted_class(base.get("class_path"), ClinicalDataModule, "base.class_path", ConfigError)
+        self._base: ClinicalDataModule | None = None
         self._masks: list[torch.Tensor] | None = None
-        self.train_pairs: list[Pair] = []
+        self._pairs: list[Pair] = []
         self.skipped: Counter[str] = Counter()
 
     @property
-    def base(self) -> L.LightningDataModule:
+    def base(self) -> ClinicalDataModule:
         """The base datamodule, built on first use with its own settings and defaults (see
         :func:`mmclin.checkpoints.own_hyperparameters`)."""
         if self._base is None:
@@ -159,8 +161,24 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
         return self._base
 
     @property
-    def classnames(self):  # the base's, for the CLI link (sleep stages, ...)
-        return getattr(self.base, "classnames", None)
+    def classnames(self) -> list[str] | None:
+        return self.base.classnames
+
+    @property
+    def selection_metric(self) -> str | None:
+        return self.base.selection_metric
+
+    def connect(self, collator: Callable | None = None, transforms: tuple[Callable, Callable] | None = None,
+                tokenizer: Callable | None = None, answerer: Callable | None = None) -> None:
+        """As :meth:`ClinicalDataModule.connect`, for the base too: `answerer` (the supervised model's
+        ``reference_answers``) makes the ``lesion_noise`` and ``own_answer`` pairs."""
+        super().connect(collator, transforms, tokenizer, answerer)
+        self.base.connect(collator, transforms, tokenizer)
+
+    def study_items(self, path: str | os.PathLike, question: str | None = None,
+                    choices: list[str] | None = None) -> list[dict]:
+        """A study of a user's, read by the base."""
+        return self.base.study_items(path, question, choices)
 
     def prepare_data(self) -> None:
         self.base.prepare_data()
@@ -168,24 +186,32 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.base.trainer = self.trainer
         self.base.setup("fit" if stage in (None, "fit") else stage)
-        if stage not in (None, "fit") or self.train_pairs:
-            return
+        if stage in (None, "fit"):
+            train = self.base.datasets["train"]
+            self.index = {study_key(train[i]): i for i in range(len(train))}
+
+    @property
+    def train_pairs(self) -> list[Pair]:
+        """The training pairs, built (or read from ``pairs``) on first use: after the model's ``setup`` connected
+        its answers, which some kinds need; written to the run's ``pairs.jsonl``."""
+        if self._pairs:
+            return self._pairs
         train = self.base.datasets["train"]
-        self.index = {study_key(train[i]): i for i in range(len(train))}
         if self.hparams.pairs:
-            self.train_pairs = self._read_pairs(Path(self.hparams.pairs))
+            self._pairs = self._read_pairs(Path(self.hparams.pairs))
         else:
-            self.train_pairs = self.build_pairs(train)
+            self._pairs = self.build_pairs(train)
             if self.trainer is not None and self.trainer.is_global_zero:
                 path = Path(run_dir(self.trainer)) / "pairs.jsonl"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in self.train_pairs), encoding="utf-8")
-                log.info("wrote %d pairs to %s", len(self.train_pairs), path)
-        counts = Counter(p.kind for p in self.train_pairs)
+                path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in self._pairs), encoding="utf-8")
+                log.info("wrote %d pairs to %s", len(self._pairs), path)
+        counts = Counter(p.kind for p in self._pairs)
         log.info("preference pairs by kind: %s; skipped: %s", dict(counts), dict(self.skipped))
-        if not self.train_pairs:
+        if not self._pairs:
             raise DataError("no preference pairs: no kind applies to the training split (kinds: "
                             f"{self.hparams.kinds or 'all'}; skipped: {dict(self.skipped)})")
+        return self._pairs
 
     # -- building ------------------------------------------------------------------------------------------
     def build_pairs(self, train: Dataset) -> list[Pair]:
@@ -240,8 +266,7 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
         the record with noise over the whole of it; a closed question's answer is the choice it ranks first, an
         open one's its generation. ``own_answer``: its generation given the unaltered input, kept for a closed
         question when it does not state the right choice (a wrong one, or none of them)."""
-        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        if model is None or not hasattr(model, "reference_answers"):
+        if self.answerer is None:
             self.skipped[f"{kind}_unavailable"] += len(train)
             return []
         samples = train
@@ -257,7 +282,7 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
         pairs = []
         for start in range(0, len(samples), 32):
             chunk = samples[start:start + 32]
-            for sample, answered in zip(chunk, model.reference_answers(chunk, generate=kind == "own_answer")):
+            for sample, answered in zip(chunk, self.answerer(chunk, generate=kind == "own_answer")):
                 answered = (answered or "").strip()
                 if not answered:  # nothing to prefer the reference to (a pair file refuses an empty side)
                     self.skipped[f"{kind}_empty"] += 1
@@ -275,7 +300,7 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
     def _lesion_mask(self, index: int) -> torch.Tensor | None:
         """Training sample `index`'s lesion mask (the base's ``lesion_masks``, read once), or None where the base
         localises no lesions."""
-        if self._masks is None and hasattr(self.base, "lesion_masks"):
+        if self._masks is None:
             self._masks = self.base.lesion_masks("train", self.hparams.lesion_classes)
         return None if self._masks is None else self._masks[index]
 
@@ -333,9 +358,9 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        dataset = PairDataset(self.base.datasets["train"], self.index, self.train_pairs, self.noised, self.hparams.seed)
-        return split_loader(dataset, True, self.trainer, self.hparams,
-                            collate_fn=model_collator(self.trainer, type(self).__name__))
+        pairs = self.train_pairs
+        dataset = PairDataset(self.base.datasets["train"], self.index, pairs, self.noised, self.hparams.seed)
+        return split_loader(dataset, True, self.trainer, self.hparams, collate_fn=self.required_collator())
 
     def val_dataloader(self) -> DataLoader:
         return self.base.val_dataloader()
@@ -344,5 +369,4 @@ class PreferenceDataModule(SplitLoaders, L.LightningDataModule):
         return self.base.test_dataloader()
 
     def baselines(self, split: str) -> dict[str, float]:
-        base = getattr(self.base, "baselines", None)
-        return base(split) if base is not None else {}
+        return self.base.baselines(split)

@@ -20,10 +20,10 @@ a tree a test record, for a trained model scored on another PTB-XL tree.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -31,10 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.ecg import STANDARD_LEADS, ptbxl_record_path, read_ptbxl_database, read_wfdb_record
 from datamodules.ecg_qa import read_ecg_qa
-from datamodules.loaders import SplitLoaders
 from datamodules.series_length import WindowedStudies, check_duration_settings, fit_dataset_record
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.ecg import generate_ecg_demo
+from mmclin.contracts import QADataModule
 from mmclin.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -139,11 +139,13 @@ class PTBXLQADataset(Dataset):
                          "source": row["source"]}}
 
 
-class PTBXLQADataModule(WindowedStudies, SplitLoaders, L.LightningDataModule):
+class PTBXLQADataModule(WindowedStudies, QADataModule):
     """Yes/no questions on the superclasses and frequent statements of every record of a PTB-XL tree.
 
     With ``root`` unset the demo PTB-XL tree (``datamodules.synthetic.ecg``) is generated once into the cache.
     """
+
+    selection_metric = "val/superclass_macro_auroc"
 
     def __init__(
         self,
@@ -317,25 +319,11 @@ class PTBXLQADataModule(WindowedStudies, SplitLoaders, L.LightningDataModule):
         return ECGQADataModule(sampling_rate=h.sampling_rate, leads=h.leads, duration_s=h.duration_s,
                                duration_policy=h.duration_policy, crop_at=h.crop_at)
 
-    def study_items(self, path, question: str | None, choices: list[str] | None = None) -> list[dict]:
+    def study_items(self, path: str | os.PathLike, question: str | None = None,
+                    choices: list[str] | None = None) -> list[dict]:
         """One WFDB record of a user's and a question, read as the training records are (one sample per window
         under ``duration_policy: window``); choices default to yes/no."""
         return self._reader().study_items(path, question, choices or CHOICES)
-
-    def study_item(self, path, question: str | None, choices: list[str] | None = None) -> dict:
-        """The one sample of a record (:meth:`study_items`)."""
-        return self._reader().study_item(path, question, choices or CHOICES)
-
-    def read_study_items(self, study: dict) -> list[dict]:
-        return self._reader().read_study_items({**study, "choices": study.get("choices") or CHOICES})
-
-    def read_study(self, study: dict) -> dict:
-        return self._reader().read_study({**study, "choices": study.get("choices") or CHOICES})
-
-    def study_collate(self):
-        from mmclin.tasks.qa import model_collator
-
-        return model_collator(self.trainer, type(self).__name__)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         return self.model_batches(self.datasets[split], split, train, self.root, "questions")

@@ -23,18 +23,17 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.loaders import SplitLoaders, StudyDataset, read_studies, split_loader
+from datamodules.loaders import read_studies, split_loader
 from datamodules.reports import content_key, duplicate_groups, split_studies
 from datamodules.synthetic.cxr import REPORTS_CSV, generate_cxr_demo
+from mmclin.contracts import QADataModule
 from mmclin.errors import ConfigError, DataError
 from mmclin.reports.qa import NO_ERROR_ANSWER, QUESTION, error_answer, load_radiograph
 from mmclin.reports.sections import parse_sections
-from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ class ReportErrorDataset(Dataset):
         return sample
 
 
-class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
+class ReportErrorDataModule(QADataModule):
     """Report error checking (SIMPLE: is there an error; COMPLEX: which type) on IU-Xray-layout reports.
 
     With ``root`` unset the CXR demo (:func:`datamodules.synthetic.cxr.generate_cxr_demo`) is generated once into
@@ -198,6 +197,12 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
         if h.root is None:
             return generate_cxr_demo(h.cache_dir, seed=0, n_studies=h.demo_studies, size=h.demo_image_size)
         return Path(h.root)
+
+    @property
+    def selection_metric(self) -> str:
+        """Accuracy of the is-there-an-error verdict: the checker's (``text``) or the multimodal LM's ranked answer
+        (``qa``)."""
+        return "val/simple_acc" if self.hparams.mode == "text" else "val/acc_likelihood"
 
     @property
     def aux_classes(self) -> list[str]:
@@ -312,13 +317,13 @@ class ReportErrorDataModule(SplitLoaders, L.LightningDataModule):
                 raise DataError(f"{path}: no .txt reports in the folder")
         else:
             studies = read_studies(path) if path.suffix == ".jsonl" else [{"input": str(path)}]
-        return split_loader(StudyDataset(studies, self.read_study), False, self.trainer, self.hparams,
-                            collate_fn=model_collator(self.trainer, type(self).__name__))
+        items = [item for study in studies for item in self.read_study_items(study)]
+        return split_loader(items, False, self.trainer, self.hparams, collate_fn=self.study_collate())
 
-    def read_study(self, study: dict) -> dict:
-        return self.study_item(study["input"], image=study.get("image"))
+    def read_study_items(self, study: dict) -> list[dict]:
+        return [self.study_item(study["input"], image=study.get("image"))]
 
-    def study_item(self, path: str | Path, question: str | None = None, choices=None,
+    def study_item(self, path: str | Path, question: str | None = None, choices: list[str] | None = None,
                    image: str | None = None) -> dict:
         """One report of the user's as the checker's sample (``qa`` mode: with its radiograph `image`).
 

@@ -20,12 +20,11 @@ policy (resampling and rounding move a length by a sample or two).
 
 from __future__ import annotations
 
+import os
 from typing import Literal, get_args
 
 import numpy as np
-from torch.utils.data import DataLoader
 
-from datamodules.loaders import read_studies, split_loader
 from mmclin.errors import ConfigError, DataError
 
 DurationPolicy = Literal["refuse", "crop", "window", "pad"]
@@ -93,18 +92,21 @@ def fit_duration(signal: np.ndarray, fs: float, duration_s: float | None, policy
 
 
 class WindowedStudies:
-    """Mixin for a datamodule whose study may give several samples (the windows of a long record): ``lightning
-    predict`` over the ``predict`` list predicts every sample of every study, each under ``meta.input``."""
+    """Mixin for a datamodule whose ``study_items`` may give several samples of one study (the windows of a long
+    record under ``duration_policy: window``): its ``study_item`` is the one sample of a study that gives one."""
 
-    def read_study_items(self, study: dict) -> list[dict]:
-        """The samples of one row of the ``predict`` list (see :func:`datamodules.loaders.read_studies`)."""
-        raise NotImplementedError
+    def study_item(self, path: str | os.PathLike, question: str | None = None,
+                   choices: list[str] | None = None) -> dict:
+        """The one sample of a study (its ``study_items``).
 
-    def predict_dataloader(self) -> DataLoader:
-        if not self.hparams.predict:
-            return super().predict_dataloader()
-        items = [item for study in read_studies(self.hparams.predict) for item in self.read_study_items(study)]
-        return split_loader(items, False, self.trainer, self.hparams, collate_fn=self.study_collate())
+        Raises:
+            DataError: as ``study_items``, or a record that ``window`` splits into several samples.
+        """
+        items = self.study_items(path, question, choices)
+        if len(items) > 1:
+            raise DataError(f"{path}: {len(items)} windows under duration_policy 'window'; predict them with "
+                            "study_items (mmclin predict and lightning predict do)")
+        return items[0]
 
 
 def fit_dataset_record(signal: np.ndarray, fs: float, duration_s: float | None, policy: DurationPolicy, record: str,

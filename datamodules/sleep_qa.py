@@ -15,18 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.loaders import SplitLoaders, read_studies, split_loader
 from datamodules.series_length import DURATION_TOLERANCE, MIN_PAD_SHARE
 from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_psg, read_scored_psg
 from datamodules.synthetic.cache import demo_cache_dir
 from datamodules.synthetic.sleep import generate_sleep_demo
+from mmclin.contracts import QADataModule
 from mmclin.errors import ConfigError, DataError
-from mmclin.tasks.qa import model_collator
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +126,7 @@ class SleepEpochQA(Dataset):
         }
 
 
-class SleepQADataModule(SplitLoaders, L.LightningDataModule):
+class SleepQADataModule(QADataModule):
     """Sleep-stage QA over Sleep-EDF style PSG: every scored epoch asks for its AASM stage.
 
     Signals stay in the EDF's physical unit (uV for EEG/EOG): z-normalisation is the encoder's job
@@ -136,6 +134,8 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
     skipped and counted in `skipped` (or raise with ``on_unscored="error"``). Batches are made by the model's
     ``collator`` (`mmclin.tasks.qa.QACollator`).
     """
+
+    selection_metric = "val/macro_f1_likelihood"
 
     def __init__(
         self,
@@ -301,7 +301,8 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
         counts = np.bincount(self.datasets[split].labels(), minlength=len(AASM_STAGES))
         return dict(zip(AASM_STAGES, counts.tolist()))
 
-    def study_items(self, path: str | os.PathLike, question: str | None = None, choices=None) -> list[dict]:
+    def study_items(self, path: str | os.PathLike, question: str | None = None,
+                    choices: list[str] | None = None) -> list[dict]:
         """A whole night of a user's (an EDF PSG, no hypnogram needed) as one QA sample per 30-s epoch, with the
         model's channels resampled to its rate and its context: predicting them stages the night. Its last part
         shorter than an epoch follows `duration_policy`.
@@ -322,7 +323,7 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
                               float(h.target_fs), h.epoch_s, h.context_epochs, question or self.question)
         items = [epochs[i] for i in range(n)]
         for item in items:
-            item["meta"]["unstaged_s"] = unstaged_s
+            item["meta"] |= {"input": str(path), "unstaged_s": unstaged_s}
         if padded_s:
             items[-1]["meta"]["padded_s"] = padded_s
         return items
@@ -348,19 +349,6 @@ class SleepQADataModule(SplitLoaders, L.LightningDataModule):
             log.warning("%s: its last %.1f s, shorter than one %g-s epoch, are not staged", path, tail / h.target_fs,
                         h.epoch_s)
         return signal[:, :n * epoch_len], tail / h.target_fs, 0.0
-
-    def predict_dataloader(self) -> DataLoader:
-        """Every epoch of the nights listed in ``predict`` (see :func:`datamodules.loaders.read_studies`), else the
-        test split."""
-        if not self.hparams.predict:
-            return super().predict_dataloader()
-        items = []
-        for study in read_studies(self.hparams.predict):
-            for item in self.study_items(study["input"], study.get("question")):
-                item["meta"]["input"] = study["input"]
-                items.append(item)
-        return split_loader(items, False, self.trainer, self.hparams,
-                            collate_fn=model_collator(self.trainer, type(self).__name__))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets.get(split)

@@ -20,7 +20,7 @@ from open_clip.transformer import VisionTransformer
 from timm.models import load_state_dict
 from torch import nn
 
-from encoders.timeseries import EncoderOutput
+from mmclin.contracts import Encoder, EncoderOutput
 from mmclin.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def report_key_match(path: str, checkpoint_keys: Sequence[str], model_keys: Sequ
     return len(matched)
 
 
-class ImageBackboneEncoder(nn.Module):
+class ImageBackboneEncoder(Encoder):
     """Base of the image and volume encoders: a ``backbone`` module, optionally frozen.
 
     A frozen backbone has no trainable parameter and stays in eval mode whatever ``train()`` is asked, so its

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from encoders.timeseries import EncoderOutput
+from mmclin.contracts import Encoder, EncoderOutput
 from mmclin.errors import ConfigError
 
 
@@ -93,7 +93,7 @@ def region_statistics(volume: torch.Tensor, masks: torch.Tensor, erode: int = 1)
     return torch.stack(features, -1).to(volume.dtype)
 
 
-class RegionEncoder(nn.Module):
+class RegionEncoder(Encoder):
     """A volume encoder plus a segmentation head for `regions` and their first-order statistics.
 
     The head runs at 1 / `stride` of the input resolution: average pooling, 3x3x3 convolutions with
@@ -144,13 +144,17 @@ class RegionEncoder(nn.Module):
             *(Convolution(3, c_in, c_out, kernel_size=3, dilation=d, padding=d, act="GELU", norm="INSTANCE")
               for c_in, c_out, d in zip(widths, widths[1:], dilations)),
             nn.Conv3d(width, len(self.regions), 1))
-        self.segmenter.lr_scale = head_lr_scale  # read by mmclin.models.optim.adamw_cosine
+        self.head_lr_scale = head_lr_scale
         self.head_steps = head_steps
         self.register_buffer("head_steps_done", torch.zeros((), dtype=torch.long))  # in checkpoints: resumes count
         # The statistics differ in scale and offset (log sizes near -5, means near 0.5, log spreads near -4):
         # standardised by their running mean and variance before the projection, they train as fast as unit inputs.
         self.standardise = nn.BatchNorm1d(len(self.regions) * N_REGION_FEATURES, affine=False)
         self.project = nn.Linear(len(self.regions) * N_REGION_FEATURES, self.out_dim)
+
+    def scaled_parameters(self) -> list[tuple[nn.Module, float]]:
+        """The region head trains at ``head_lr_scale`` times the model's learning rate."""
+        return [(self.segmenter, self.head_lr_scale)]
 
     @property
     def grid(self) -> tuple[int, ...]:

@@ -8,7 +8,6 @@ outputs it would get alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -16,34 +15,8 @@ import torch.nn.functional as F
 from timm.layers import AttentionRope, Mlp, freq_bands
 from torch import nn
 
+from mmclin.contracts import Encoder, EncoderOutput
 from mmclin.errors import ConfigError
-
-
-@dataclass
-class EncoderOutput:
-    """What an encoder returns (time series, images, volumes).
-
-    Attributes:
-        tokens: (B, T, D) float; zero where ``mask`` is False.
-        pooled: (B, D) mean of the valid tokens.
-        mask: (B, T) bool, True where a token is valid.
-        channel_index: (T,) long, the channel each token came from; -1 where a token mixes channels.
-        mean: (B, C) per-channel mean of the valid samples when the encoder z-normalised, else None.
-        std: (B, C) per-channel population std (correction=0) of the valid samples, before the eps floor
-            used for dividing (a flat lead reports 0), when the encoder z-normalised, else None.
-        region_logits: (B, R, *spatial) segmentation logits of anatomical regions, from encoders with a region
-            head (:class:`encoders.regions.RegionEncoder`), else None.
-        regions: (B, R, F) statistics of those regions, else None.
-    """
-
-    tokens: torch.Tensor
-    pooled: torch.Tensor
-    mask: torch.Tensor
-    channel_index: torch.Tensor
-    mean: torch.Tensor | None = None
-    std: torch.Tensor | None = None
-    region_logits: torch.Tensor | None = None
-    regions: torch.Tensor | None = None
 
 
 def _check_input(series: torch.Tensor, lengths: torch.Tensor | None, max_channels: int, exact: bool) -> torch.Tensor:
@@ -90,7 +63,7 @@ class _RotaryBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PatchTransformerEncoder(nn.Module):
+class PatchTransformerEncoder(Encoder):
     """Per-channel patches (one strided conv shared by all leads) + lead embedding + transformer.
 
     Tokens are channel-major: token ``c * T + t`` is patch ``t`` of channel ``c``. Positions are computed from

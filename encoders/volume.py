@@ -25,7 +25,7 @@ from monai.networks.nets.resnet import ResNetFeatures
 from torch import nn
 
 from encoders.image2d import ImageBackboneEncoder, image_output, read_weights, report_key_match
-from encoders.timeseries import EncoderOutput
+from mmclin.contracts import EncoderOutput
 from mmclin.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

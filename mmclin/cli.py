@@ -22,6 +22,7 @@ import datamodules  # noqa: F401  (registers datamodules so configs can name the
 import encoders  # noqa: F401
 import mmclin.models  # noqa: F401
 from mmclin.checkpoints import check_checkpoint_fits, checkpoint_class, config_class, read_checkpoint
+from mmclin.contracts import ClinicalDataModule
 from mmclin.errors import ConfigError, run_entry_point
 from mmclin.runs import SaveRunConfig
 from mmclin.setting_checks import check_numbers
@@ -167,9 +168,8 @@ class MMClinCLI(LightningCLI):
 
     def _print_metrics(self, split: str, title: str) -> None:
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{split}/")}
-        baselines = getattr(self.datamodule, "baselines", None)
-        if baselines is not None:  # what a trivial answerer scores on the same split, for comparison
-            metrics.update({f"{split}/baseline/{k}": v for k, v in baselines(split).items()})
+        if isinstance(self.datamodule, ClinicalDataModule):  # what a trivial answerer scores on the split
+            metrics.update({f"{split}/baseline/{k}": v for k, v in self.datamodule.baselines(split).items()})
         if metrics:
             rank_zero_info(f"{title}:\n" + metrics_table(metrics))
 

@@ -6,8 +6,9 @@
   the datamodule's class and settings (the preprocessing: rates, leads, windows, image size, HU window, prompt
   template...) and the non-tensor state a checkpoint carries beside its weights (a fitted tokenizer, the media
   shapes the model was trained on);
-- ``model.safetensors``: the weights; for a :class:`~mmclin.models.mllm.MultimodalLM` those of the encoders,
-  connectors, cross-attention and auxiliary heads, while its LM goes to
+- ``model.safetensors``: the weights (:meth:`~mmclin.contracts.Servable.export_to`); for a
+  :class:`~mmclin.models.mllm.MultimodalLM` those of the encoders, connectors, cross-attention and auxiliary heads,
+  while its LM goes to
 - ``lm/``: ``save_pretrained`` of the LM and its tokenizer, or of the peft adapter alone when LoRA was trained
   on a named base model (the base is then read from the directory the adapter names, or ``base_lm``);
 - ``README.md``: the model card (:mod:`mmclin.model_card`).
@@ -29,6 +30,7 @@ import torch
 from lightning.pytorch.cli import instantiate_module
 from safetensors.torch import load_file, save_file
 
+from mmclin.contracts import Servable
 from mmclin.errors import CheckpointError
 from mmclin.trusted import datamodule_class, model_class
 
@@ -126,10 +128,7 @@ def export_module(module: L.LightningModule, checkpoint: dict, out: str | os.Pat
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = ExportConfig.from_checkpoint(checkpoint)
-    state = module.state_dict()
-    if hasattr(module, "save_lm"):  # a MultimodalLM: the LM through save_pretrained, the rest as safetensors
-        config.lm, lm_tensors = module.save_lm(out / LM_DIR)
-        state = {**{k: v for k, v in state.items() if not k.startswith("lm.")}, **lm_tensors}
+    state, config.lm = servable(module, "export").export_to(out)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / WEIGHTS_NAME,
               metadata={"format": FORMAT})
     config.write(out)
@@ -167,6 +166,16 @@ def load_state(module: L.LightningModule, state: dict[str, torch.Tensor], direct
                               f"({str(err).splitlines()[0][:300]})") from None
 
 
+def load_own_tensors(cls: type[L.LightningModule], directory: Path, config: ExportConfig) -> L.LightningModule:
+    """`cls` built from `config` with the weights of the export's safetensors file (what the default
+    :meth:`~mmclin.contracts.Servable.export_to` writes): a :meth:`~mmclin.contracts.Servable.from_export`."""
+    module = build_from_config(cls, config)
+    state = read_weights(directory)
+    module.on_load_checkpoint({"hyper_parameters": config.model, "state_dict": state, **config.extra})
+    load_state(module, state, directory)
+    return module
+
+
 def load_exported(directory: str | os.PathLike, **kwargs) -> tuple[L.LightningModule, dict]:
     """The module of an export directory (eval mode, CPU) and its preprocessing settings (datamodule settings).
 
@@ -178,38 +187,29 @@ def load_exported(directory: str | os.PathLike, **kwargs) -> tuple[L.LightningMo
     """
     config = ExportConfig.read(directory)
     cls = config.model_class(Path(directory) / CONFIG_NAME)
-    if hasattr(cls, "from_pretrained"):
-        module = cls.from_pretrained(directory, **kwargs)
-    else:
-        module = build_from_config(cls, config)
-        state = read_weights(directory)
-        module.on_load_checkpoint({"hyper_parameters": config.model, "state_dict": state, **config.extra})
-        load_state(module, state, directory)
-    return module.eval(), config.preprocessing
+    if not issubclass(cls, Servable):
+        raise CheckpointError(f"{directory}: {cls.__name__} is not a servable model kind (mmclin.contracts.Servable)")
+    return cls.from_export(Path(directory), config, **kwargs).eval(), config.preprocessing
 
 
 @torch.no_grad()
 def reference_outputs(module: L.LightningModule, seed: int = 0) -> torch.Tensor:
-    """The module's raw outputs on a fixed input built from its own settings, to compare a reload with.
-
-    MultimodalLM: the LM's logits for a question over seeded random media of the shapes it was trained on;
-    CLIP: image and text embeddings; report checker: SIMPLE and COMPLEX logits of a fixed report.
-    """
+    """The module's raw outputs on a fixed input built from its own settings (its
+    :meth:`~mmclin.contracts.Servable.reference_outputs`), to compare a reload with."""
     module.eval()
-    generator = torch.Generator().manual_seed(seed)
-    if hasattr(module, "example_batch"):
-        batch = module.example_batch(generator)
-        media = module.batch_media(batch)
-        return module.lm_forward(batch["input_ids"], batch["attention_mask"], media)[0].logits.float()
-    if hasattr(module, "preprocess_cfg"):
-        size = module.preprocess_cfg["size"]
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        images = torch.randn(2, 3, *size, generator=generator)
-        image, text = module.encode(images, module.tokenizer(["a dermoscopic image of melanoma.", "a nevus"]))
-        return torch.cat([image, text])
-    batch = module.collator.encode(["FINDINGS: The lungs are clear. No pleural effusion.\nIMPRESSION: Normal."])
-    simple, complex_ = module(batch["input_ids"], batch["attention_mask"])
-    return torch.cat([simple.float().reshape(-1), complex_.float().reshape(-1)])
+    return servable(module, "check").reference_outputs(torch.Generator().manual_seed(seed))
+
+
+def servable(module: L.LightningModule, what: str) -> Servable:
+    """`module`, once it is known to be a :class:`~mmclin.contracts.Servable`.
+
+    Raises:
+        CheckpointError: it is not.
+    """
+    if not isinstance(module, Servable):
+        raise CheckpointError(f"cannot {what} {type(module).__name__}: not a servable model kind "
+                              "(mmclin.contracts.Servable)")
+    return module
 
 
 def check_in_fresh_process(directory: str | os.PathLike, reference: torch.Tensor, base_lm: str | None = None) -> float:

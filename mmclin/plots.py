@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 
 from mmclin.runs import run_dir  # noqa: E402
 
@@ -87,11 +88,10 @@ def log_figure(module, tag: str, fig) -> None:
     directory = os.path.join(run_dir(trainer), "plots")  # on every rank: log_dir is a broadcast under DDP
     if trainer.global_rank == 0:
         for logger in trainer.loggers:
-            experiment = logger.experiment
-            if hasattr(experiment, "add_figure"):
-                experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
-            elif hasattr(experiment, "log_figure") and hasattr(logger, "run_id"):
-                experiment.log_figure(logger.run_id, fig, f"{tag}-epoch{trainer.current_epoch:03d}.png")
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(tag, fig, global_step=trainer.global_step, close=False)
+            elif isinstance(logger, MLFlowLogger):
+                logger.experiment.log_figure(logger.run_id, fig, f"{tag}-epoch{trainer.current_epoch:03d}.png")
         os.makedirs(directory, exist_ok=True)
         fig.savefig(os.path.join(directory, f"{tag.replace('/', '-')}-epoch{trainer.current_epoch:03d}.png"), dpi=110)
     plt.close(fig)
@@ -103,8 +103,7 @@ def log_text(module, tag: str, text: str) -> None:
     if trainer.global_rank != 0:
         return
     for logger in trainer.loggers:
-        experiment = logger.experiment
-        if hasattr(experiment, "add_text"):
-            experiment.add_text(tag, text, global_step=trainer.global_step)
-        elif hasattr(experiment, "log_text") and hasattr(logger, "run_id"):
-            experiment.log_text(logger.run_id, text, f"{tag}-epoch{trainer.current_epoch:03d}.md")
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(tag, text, global_step=trainer.global_step)
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_text(logger.run_id, text, f"{tag}-epoch{trainer.current_epoch:03d}.md")

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from torch.utils.data import default_collate
 
 from mmclin.checkpoints import load_module
-from mmclin.errors import ConfigError, DataError
+from mmclin.contracts import Servable
+from mmclin.errors import ConfigError
 from mmclin.export import CONFIG_NAME, load_exported
 from mmclin.trusted import build_datamodule
+
+STUDY_BATCH = 32  # samples per forward pass (a night has ~1,000 epochs)
 
 
 def _datamodule(hparams: dict, path: Path):
@@ -40,41 +42,19 @@ def predict_study(model: str, inputs: list[str], question: str | None = None,
         module, data_hparams = load_exported(path) if path.is_dir() else load_module(path)
     finally:
         logging.disable(logging.NOTSET)
-    if hasattr(module, "predict_reports"):  # a report checker: the input files are report texts
-        texts = []
-        for name in inputs:
-            try:
-                texts.append(Path(name).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as err:
-                raise DataError(f"{name}: cannot read the report text ({err})") from None
-            if not texts[-1].strip():
-                raise DataError(f"{name}: the report is empty")
-        rows = module.predict_reports([{"modified": t} for t in texts], progress=False)
-        return [{"input": name, **row} for name, row in zip(inputs, rows)]
+    if not isinstance(module, Servable):
+        raise ConfigError(f"{path}: {type(module).__name__} is not a servable model kind (mmclin.contracts.Servable)")
+    if not (data_hparams or {}).get("_class_path"):  # a checkpoint written without LightningCLI
+        data_hparams = module.study_data() or data_hparams
     data = _datamodule(data_hparams, path)
-    if hasattr(data, "study_items"):  # a study of many samples (a night of 30-s epochs): one row each
-        rows = []
-        for name in inputs:
-            items = data.study_items(name, question, choices)
-            for start in range(0, len(items), 32):
-                with torch.no_grad():
-                    batch_rows = module.predict_step(module.collator(items[start:start + 32]), 0)
-                rows += [{"input": name, **row} for row in batch_rows]
-        return rows
-    if not hasattr(data, "study_item"):
-        raise ConfigError(f"{path}: one-study prediction is not available for {type(data).__name__} yet; use "
-                          "`lightning predict -c CONFIG --ckpt_path MODEL` on a data folder")
-    answers = hasattr(module, "collator")  # a question-answering model; else CLIP's zero-shot classification
-    if not answers:
-        module.on_predict_epoch_start()  # the class embeddings, once
+    module.connect_data(data)
     rows = []
     for name in inputs:
-        if answers:
-            batch = module.collator([data.study_item(name, question, choices)])
-        else:
-            batch = default_collate([data.study_item(name, module.eval_transform)])
-        with torch.no_grad():
-            rows += [{"input": name, **row} for row in module.predict_step(batch, 0)]
+        items = data.study_items(name, question, choices)  # one, or a study's many (a night's 30-s epochs)
+        for start in range(0, len(items), STUDY_BATCH):
+            with torch.no_grad():
+                batch_rows = module.predict_step(module.study_batch(items[start:start + STUDY_BATCH]), 0)
+            rows += [{"input": name, **row} for row in batch_rows]
     return rows
 
 

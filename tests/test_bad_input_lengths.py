@@ -127,8 +127,8 @@ def test_a_10_minute_ecg_under_window_gives_60_model_length_samples_each_naming_
     items = ECGQADataModule(duration_policy="window").study_items(record, QUESTION, ["yes", "no"])
     assert len(items) == 60 and all(tuple(i["series"][0].shape) == (12, 1000) for i in items)
     assert [i["meta"]["span_s"] for i in items[:2]] == [[0.0, 10.0], [10.0, 20.0]]
-    assert items[-1]["meta"] | {"record": None} == {"record": None, "span_s": [590.0, 600.0], "window": 59,
-                                                    "n_windows": 60}
+    assert items[-1]["meta"] | {"record": None} == {"record": None, "input": str(record), "span_s": [590.0, 600.0],
+                                                    "window": 59, "n_windows": 60}
     # the window's samples are the record's at that time (the ramp of 1 mV per minute)
     assert float(items[30]["series"][0][0, 0]) == pytest.approx(300 / 60, abs=0.01)
     [centre] = ECGQADataModule(duration_policy="crop", crop_at="centre").study_items(record, QUESTION)
@@ -148,7 +148,7 @@ def test_ptbxl_qa_and_prediction_lists_apply_the_same_policy(tmp_path):
     studies = tmp_path / "studies.jsonl"
     studies.write_text(json.dumps({"input": record.name, "question": QUESTION}) + "\n")
     data = ECGQADataModule(duration_policy="window", predict=str(studies))
-    data.study_collate = lambda: None  # (no model attached: torch's collate)
+    data.connect(collator=list)  # (no model attached: the samples as they are)
     listed = list(data.predict_dataloader().dataset)
     assert [i["meta"]["window"] for i in listed] == [0, 1, 2] and {i["meta"]["input"] for i in listed} == {
         str(record)}

@@ -229,8 +229,8 @@ def test_a_16_bit_photograph_reaches_the_model_as_its_8_bit_twin(tmp_path):
     Image.fromarray(eight_bit).save(tmp_path / "g8.png")
     transform = image_transform(32, is_train=False)
     data = DermDataModule(demo_lesions_per_class=4, demo_image_size=32)
-    torch.testing.assert_close(data.study_item(path, transform)["image"],
-                               data.study_item(tmp_path / "g8.png", transform)["image"])
+    data.connect(transforms=(transform, transform))
+    torch.testing.assert_close(data.study_item(path)["image"], data.study_item(tmp_path / "g8.png")["image"])
     fundus = _gradient16(tmp_path / "f16.png", size=(200, 160))[0]
     Image.fromarray(np.asarray(read_image(fundus, "L"))).save(tmp_path / "f8.png")
     assert torch.equal(load_fundus(fundus, 32, crop_border=False), load_fundus(tmp_path / "f8.png", 32,
@@ -272,7 +272,7 @@ def test_an_image_below_the_minimum_size_is_refused_on_every_route(tmp_path, siz
     with pytest.raises(DataError, match=words):
         read_image(path)
     with pytest.raises(DataError, match=words):
-        DermDataModule(demo_lesions_per_class=4, demo_image_size=32).study_item(path, image_transform(32, False))
+        DermDataModule(demo_lesions_per_class=4, demo_image_size=32, image_size=32).study_item(path)
     table = pd.DataFrame({"path": [str(path)], "caption": ["x"], "label": ["nevus"], "line": [7]})
     with pytest.raises(DataError, match="pairs.csv line 7: " + words):
         ImageTextDataset(table, ["nevus"], image_transform(32, False), None, "pairs.csv")[0]

@@ -505,7 +505,7 @@ def test_balance_types_draws_every_question_type_equally(tmp_path):
     dm = CTVQADataModule(grid=(8, 16, 16), spacing=None, cache_dir=str(tmp_path), balance_types=True, batch_size=4,
                          demo={"n_volumes": 6, "shape": (43, 32, 33), "spacing": (8.0, 8.0, 8.0)})
     dm.setup()
-    dm.trainer = type("Trainer", (), {"lightning_module": type("Model", (), {"collator": staticmethod(list)})()})()
+    dm.connect(collator=list)
     types = dm.datasets["train"].table["question_type"]
     sampler = dm.train_dataloader().sampler
     drawn = []

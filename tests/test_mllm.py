@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from encoders.timeseries import PatchTransformerEncoder
 from encoders.volume import ViT3DEncoder
+from mmclin.contracts import ClinicalDataModule
 from mmclin.errors import DataError
 from mmclin.models.mllm import MultimodalLM
 from mmclin.tasks.qa import parse_choice
@@ -93,14 +94,20 @@ def test_evaluator_scores_are_logged_beside_accuracy(tmp_path):
     assert seen == [6] and metrics["val/answered_fast"] == 0.5 and "val/acc_likelihood" in metrics
 
 
-class _SeriesData(L.LightningDataModule):
+class _SeriesData(ClinicalDataModule):
     """Series questions with a corpus(), batched by the model's collator (built after the tokenizer is fitted)."""
 
     def corpus(self, split: str = "train") -> list[str]:
         return [s["question"] for s in _samples(8, 0)] * 20
 
-    def train_dataloader(self):
-        return DataLoader(_samples(8, 0), batch_size=4, collate_fn=self.trainer.lightning_module.collator)
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        return DataLoader(_samples(8, 0), batch_size=4, collate_fn=self.required_collator())
+
+
+class _LesionData(ClinicalDataModule):
+    @property
+    def aux_classes(self) -> list[str]:
+        return ["lesion"]
 
 
 def test_tokenizer_fitted_on_the_corpus_is_shorter_and_comes_back_from_the_checkpoint(tmp_path):
@@ -140,7 +147,7 @@ def test_tokenizer_vocab_needs_a_tiny_lm_and_a_corpus():
                          tokenizer_vocab=300)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(RuntimeError, match="corpus"):
+    with pytest.raises(ValueError, match="corpus"):
         trainer.fit(model, DataLoader(_samples(4, 0), batch_size=4, collate_fn=model.collator))
 
 
@@ -198,7 +205,7 @@ def test_aux_targets_must_fit_the_encoder_and_match_the_datamodules_classes():
     encoder = ViT3DEncoder(img_size=(8, 8, 8), patch_size=(4, 4, 4), hidden_size=16, mlp_dim=32, num_layers=1,
                            num_heads=2)
     model = MultimodalLM({"volume": encoder}, lm=tiny_lm, aux_classes=["liver", "lesion"])
-    model.trainer = type("Trainer", (), {"datamodule": type("Data", (), {"aux_classes": ["lesion"]})()})()
+    model.trainer = type("Trainer", (), {"datamodule": _LesionData()})()
     with pytest.raises(ValueError, match=r"aux_classes \['liver', 'lesion'\] need .* it has \['lesion'\]"):
         model.setup("fit")
 

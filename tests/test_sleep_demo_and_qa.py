@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import lightning as L
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ from scipy.signal import welch
 from datamodules.sleep import AASM_STAGES, pair_sleep_edf_files, read_hypnogram, read_psg, read_scored_psg
 from datamodules.sleep_qa import SleepQADataModule, split_subjects
 from datamodules.synthetic.sleep import RK_LABELS, generate_sleep_demo
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 
 EEG = ["EEG Fpz-Cz", "EEG Pz-Oz"]
 
@@ -88,9 +86,9 @@ def test_datamodule_splits_by_subject_and_yields_qa_samples(demo):
     counts = dm.stage_counts("train")
     assert set(counts) == set(AASM_STAGES) and sum(counts.values()) == len(dm.datasets["train"])
 
-    with pytest.raises(RuntimeError, match="model's `collator`"):
+    with pytest.raises(ConfigError, match="batches with the model's collator, and none is connected"):
         dm.train_dataloader()
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(collator=lambda samples: samples))
+    dm.connect(collator=list)
     batch = next(iter(dm.val_dataloader()))
     assert len(batch) == 4 and all(s["answer"] in s["choices"] for s in batch)
     with pytest.raises(DataError, match=r"SC4001EC-Hypnogram.edf: \{'unscored': \d+"):
@@ -105,7 +103,7 @@ def test_context_epochs_and_balanced_training(demo):
     first = dm.datasets["val"][0]  # epoch 0: its left context lies before the recording and is zero-padded
     assert first["series"][0].shape == (3, 9000) and first["meta"]["epoch"] == 0
     assert (first["series"][0][:, :3000] == 0).all() and "middle 30-second epoch" in first["question"]
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(collator=lambda s: [x["label"] for x in s]))
+    dm.connect(collator=lambda s: [x["label"] for x in s])
     drawn = np.concatenate(list(dm.train_dataloader()))
     assert np.bincount(drawn, minlength=5).min() > 0.1 * len(drawn)  # N1 is ~8 % of epochs unbalanced
 

@@ -14,9 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from mmclin.contracts import IGNORE_INDEX
 from mmclin.errors import DataError
-
-IGNORE_INDEX = -100  # the label value transformers' causal-LM loss skips (torch cross_entropy's ignore_index)
 
 
 @dataclass

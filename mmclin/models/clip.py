@@ -15,12 +15,15 @@ from open_clip.loss import ClipLoss, SigLipLoss
 from sklearn.metrics import confusion_matrix
 from timm.optim import param_groups_weight_decay
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import default_collate
 from torchvision import transforms
 from transformers import get_cosine_schedule_with_warmup
 
 from mmclin.checkpoints import load_module
+from mmclin.contracts import ClinicalDataModule, Servable
 from mmclin.distributed import gather_in_order
 from mmclin.errors import CheckpointError, ConfigError
+from mmclin.export import ExportConfig, load_own_tensors
 from mmclin.models.clip_losses import UniCLLoss
 from mmclin.models.open_clip_build import build_open_clip
 from mmclin.plots import log_figure, plot_confusion_matrix, plot_roc_curves
@@ -34,7 +37,7 @@ from mmclin.tasks.zero_shot import (
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100 (Radford et al. 2021)
 
 
-class CLIPModule(L.LightningModule):
+class CLIPModule(Servable, L.LightningModule):
     """Contrastive image-text training (CLIP or SigLIP loss) around any open_clip model.
 
     Validation logs zero-shot classification (``val/zs_acc``, ``val/zs_bacc``, ``val/zs_auroc``) with a
@@ -107,6 +110,7 @@ class CLIPModule(L.LightningModule):
         self.model.train()  # HF towers come out of from_pretrained in eval mode (dropout off)
         self.loss_fn: torch.nn.Module | None = None
         self._val_outputs: list[dict[str, torch.Tensor]] = []
+        self._classifier: torch.Tensor | None = None  # (D, K) zero-shot class embeddings, built per predict run
 
     # -- what the datamodule and tools need ----------------------------------------------------------
     def image_text_preprocess(self):
@@ -123,6 +127,28 @@ class CLIPModule(L.LightningModule):
     # -- training --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.configure_loss(self.trainer.global_rank, self.trainer.world_size)
+        if isinstance(self.trainer.datamodule, ClinicalDataModule):
+            self.connect_data(self.trainer.datamodule)
+
+    def connect_data(self, datamodule: ClinicalDataModule) -> None:
+        """The datamodule's images and captions go through this model's transforms and tokenizer."""
+        datamodule.connect(transforms=(self.train_transform, self.eval_transform), tokenizer=self.tokenizer)
+
+    def study_batch(self, items: list[dict]) -> dict:
+        return default_collate(items)
+
+    @classmethod
+    def from_export(cls, directory: Path, config: ExportConfig, **kwargs) -> L.LightningModule:
+        return load_own_tensors(cls, directory, config)
+
+    @torch.no_grad()
+    def reference_outputs(self, generator: torch.Generator) -> torch.Tensor:
+        """Image embeddings of two seeded random images and text embeddings of two captions, stacked (4, D)."""
+        size = self.preprocess_cfg["size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        images = torch.randn(2, 3, *size, generator=generator)
+        image, text = self.encode(images, self.tokenizer(["a dermoscopic image of melanoma.", "a nevus"]))
+        return torch.cat([image, text])
 
     def configure_loss(self, rank: int = 0, world: int = 1) -> None:
         """Build the loss for this process's place in the job (features are gathered across `world`)."""
@@ -212,6 +238,8 @@ class CLIPModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict]:
         """Per image: zero-shot class probabilities (softmax of the scaled similarities, as open_clip's zero-shot
         classification), the predicted class and the labelled one where the data has it."""
+        if self._classifier is None:  # outside a predict loop (mmclin predict): the class embeddings, once
+            self.on_predict_epoch_start()
         if self._classifier is None:
             raise ConfigError("predict needs class names for zero-shot classification (from the datamodule or "
                               "--model.init_args.classnames)")

@@ -18,11 +18,13 @@ from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
+from mmclin.contracts import IGNORE_INDEX, ClinicalDataModule, Encoder, Servable
 from mmclin.distributed import gather_rows
 from mmclin.errors import CheckpointError, ConfigError
+from mmclin.export import LM_DIR
 from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_positions
 from mmclin.fusion.projector import MLPProjector
-from mmclin.fusion.soft_prompt import IGNORE_INDEX, splice_media
+from mmclin.fusion.soft_prompt import splice_media
 from mmclin.llm import MEDIA_TOKEN, bpe_tokenizer, lm_hidden_size, load_causal_lm, tokenizer_from_json
 from mmclin.metrics.f1 import macro_f1
 from mmclin.models.optim import adamw_cosine
@@ -39,7 +41,7 @@ from mmclin.tasks.blind import (
 from mmclin.tasks.qa import QACollator, parse_choice
 
 
-class MultimodalLM(L.LightningModule):
+class MultimodalLM(Servable, L.LightningModule):
     """Question answering (or any text output) over media with a causal LM from transformers.
 
     ``fusion="soft_prompt"`` replaces each ``<media>`` placeholder's embedding by the connector's tokens
@@ -164,20 +166,30 @@ class MultimodalLM(L.LightningModule):
 
     # -- tokenizer ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        classes = getattr(datamodule, "aux_classes", None)
+        """Check the data's auxiliary classes, fit the tokenizer on its training texts (``tokenizer_vocab``), and
+        connect the collator to the datamodule."""
+        datamodule = self.trainer.datamodule
+        fit_tokenizer = self.hparams.tokenizer_vocab is not None and self._fitted_tokenizer is None and stage == "fit"
+        if not isinstance(datamodule, ClinicalDataModule):  # loaders given to the Trainer directly
+            if fit_tokenizer:
+                raise ConfigError("tokenizer_vocab: the tokenizer is fitted on the training texts, so the model "
+                                  "trains on a ClinicalDataModule with a corpus('train'); or leave tokenizer_vocab "
+                                  "unset")
+            return
         names = list(self.hparams.aux_classes or [])
-        if names and datamodule is not None and list(classes or []) != names:
-            raise ValueError(f"aux_classes {names} need the datamodule's aux_classes "
-                             f"with the same names in the same order; it has {list(classes or []) or 'none'}")
-        if self.hparams.tokenizer_vocab is None or self._fitted_tokenizer is not None or stage != "fit":
-            return  # (outside fit the tokenizer comes with the checkpoint's weights: on_load_checkpoint)
-        corpus = getattr(datamodule, "corpus", None)
-        if corpus is None:
-            raise RuntimeError("tokenizer_vocab: the tokenizer is fitted on the training texts, so the datamodule "
-                               "needs corpus('train') (e.g. ReportErrorDataModule); or leave tokenizer_vocab unset")
-        texts = [*corpus("train"), *getattr(datamodule, "choices", [])]
-        self._use_tokenizer(bpe_tokenizer(texts, self.hparams.tokenizer_vocab, self.tokenizer.model_max_length))
+        if names and list(datamodule.aux_classes) != names:
+            raise ConfigError(f"aux_classes {names} need the datamodule's aux_classes with the same names in the "
+                              f"same order; it has {list(datamodule.aux_classes) or 'none'}")
+        if fit_tokenizer:  # (outside fit the tokenizer comes with the checkpoint's weights: on_load_checkpoint)
+            texts = [*datamodule.corpus("train"), *datamodule.choices]
+            self._use_tokenizer(bpe_tokenizer(texts, self.hparams.tokenizer_vocab, self.tokenizer.model_max_length))
+        self.connect_data(datamodule)
+
+    def connect_data(self, datamodule: ClinicalDataModule) -> None:
+        datamodule.connect(collator=self.collator)
+
+    def study_batch(self, items: list[dict]) -> dict:
+        return self.collator(items)
 
     def _use_tokenizer(self, tokenizer) -> None:
         self.tokenizer, self._fitted_tokenizer = tokenizer, tokenizer.backend_tokenizer.to_str()
@@ -347,6 +359,22 @@ class MultimodalLM(L.LightningModule):
         from mmclin.models.mllm_export import load_multimodal_lm
 
         return load_multimodal_lm(cls, directory, base_lm).eval()
+
+    def export_to(self, out: Path) -> tuple[dict[str, torch.Tensor], dict]:
+        """The LM and tokenizer through ``save_pretrained`` into ``out/lm``; the rest of the weights returned."""
+        lm_entry, lm_tensors = self.save_lm(out / LM_DIR)
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("lm.")}
+        return {**own, **lm_tensors}, lm_entry
+
+    @classmethod
+    def from_export(cls, directory: Path, config, base_lm: str | None = None) -> MultimodalLM:
+        return cls.from_pretrained(directory, base_lm)
+
+    @torch.no_grad()
+    def reference_outputs(self, generator: torch.Generator) -> torch.Tensor:
+        """The LM's logits (1, T, V) for a question over seeded random media of the shape it was trained on."""
+        batch = self.example_batch(generator)
+        return self.lm_forward(batch["input_ids"], batch["attention_mask"], self.batch_media(batch))[0].logits.float()
 
     def example_batch(self, generator: torch.Generator) -> dict:
         """A one-question batch over seeded random media of the shape the model was trained on (export checks)."""
@@ -575,6 +603,10 @@ class MultimodalLM(L.LightningModule):
 
 def _check_settings(encoders: dict, lm: dict, tokenizer_vocab, aux_classes, aux_level: str, aux_tokens: bool) -> None:
     """The constructor's settings that cannot work together, as ConfigErrors."""
+    foreign = {k: type(e).__name__ for k, e in encoders.items() if not isinstance(e, Encoder)}
+    if foreign:
+        raise ConfigError(f"encoders {foreign}: an encoder subclasses mmclin.contracts.Encoder (out_dim, grid, "
+                          "regions; forward returns an EncoderOutput)")
     if tokenizer_vocab is not None and lm.get("tiny") is None:
         raise ConfigError("tokenizer_vocab fits a tokenizer for a random-init LM (lm.tiny); a pretrained LM keeps "
                           "the tokenizer its embeddings were trained with")
@@ -584,7 +616,7 @@ def _check_settings(encoders: dict, lm: dict, tokenizer_vocab, aux_classes, aux_
         raise ConfigError(f"aux_level must be 'token' or 'medium', got {aux_level!r}")
     if aux_tokens and not aux_classes:
         raise ConfigError("aux_tokens needs aux_classes: one finding token per auxiliary class")
-    gridless = [k for k, e in encoders.items() if not hasattr(e, "grid")] if aux_classes and aux_level == "token" \
+    gridless = [k for k, e in encoders.items() if e.grid is None] if aux_classes and aux_level == "token" \
         else []
     if gridless:
         raise ConfigError(f"aux_level 'token': encoder(s) {gridless} have no token grid to pool targets to; "
@@ -595,7 +627,7 @@ def _region_channels(encoders: dict, aux_classes: list[str]) -> dict[str, list[i
     """For each encoder with a region head, the aux-class channels of its regions."""
     channels = {}
     for key, encoder in encoders.items():
-        regions = getattr(encoder, "regions", None)
+        regions = encoder.regions
         if regions is None:
             continue
         missing = [r for r in regions if r not in aux_classes]

@@ -19,11 +19,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from peft import PeftModel
 
 from mmclin.checkpoints import load_module, own_hyperparameters
+from mmclin.contracts import IGNORE_INDEX, ClinicalDataModule, Servable
 from mmclin.distributed import gather_rows
 from mmclin.errors import ConfigError
-from mmclin.fusion.soft_prompt import IGNORE_INDEX
 from mmclin.llm import apply_lora
 from mmclin.models.mllm import MultimodalLM
 from mmclin.models.optim import adamw_cosine
@@ -33,7 +34,7 @@ from mmclin.preference.loss import weighted_dpo_loss
 from mmclin.runs import run_dir
 
 
-class MMedPO(L.LightningModule):
+class MMedPO(Servable, L.LightningModule):
     """A MultimodalLM aligned by clinically weighted DPO, on :class:`datamodules.preference.PreferenceDataModule`."""
 
     def __init__(
@@ -82,7 +83,7 @@ class MMedPO(L.LightningModule):
         with own_hyperparameters():
             policy, _ = load_module(init_from, expected=MultimodalLM)
         if lora is not None:
-            if hasattr(policy.lm, "merge_and_unload"):  # the supervised adapters become part of the reference
+            if isinstance(policy.lm, PeftModel):  # the supervised adapters become part of the reference
                 policy.lm = policy.lm.merge_and_unload()
             policy.requires_grad_(False)
             policy.lm = apply_lora(policy.lm, lora)
@@ -121,6 +122,21 @@ class MMedPO(L.LightningModule):
         finally:
             module.train(was_training)
         return [r if choices and not generate else g for g, r, choices in zip(generated, ranked, batch["choices"])]
+
+    def setup(self, stage: str) -> None:
+        if isinstance(self.trainer.datamodule, ClinicalDataModule):
+            self.connect_data(self.trainer.datamodule)
+
+    def connect_data(self, datamodule: ClinicalDataModule) -> None:
+        """Pairs (and the base's samples) are batched by :meth:`collator`; the pairs of the supervised model's own
+        answers come from :meth:`reference_answers`."""
+        datamodule.connect(collator=self.collator, answerer=self.reference_answers)
+
+    def study_batch(self, items: list[dict]) -> dict:
+        return self.collator(items)
+
+    def reference_outputs(self, generator: torch.Generator) -> torch.Tensor:
+        return self.policy.reference_outputs(generator)
 
     # -- batches --------------------------------------------------------------------------------------------
     def collator(self, samples: list[dict]) -> dict:

@@ -6,19 +6,22 @@ import lightning as L
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from mmclin.contracts import Encoder
+
 
 def adamw_cosine(module: L.LightningModule, lr: float, weight_decay: float, warmup: float) -> dict:
     """`configure_optimizers` output: AdamW over the parameters that require grad, per-step cosine decay after a
     linear warm-up of `warmup` (a fraction of the total steps if < 1, else a number of steps).
 
-    A submodule with an ``lr_scale`` attribute (e.g. the region head of :class:`encoders.regions.RegionEncoder`)
-    trains at `lr` times that scale, under the same schedule.
+    An encoder's :meth:`~mmclin.contracts.Encoder.scaled_parameters` (e.g. the region head of
+    :class:`encoders.regions.RegionEncoder`) train at `lr` times their scale, under the same schedule.
     """
     groups, seen = [], set()
     for sub in module.modules():
-        scale = getattr(sub, "lr_scale", None)
-        if scale is not None:
-            params = [p for p in sub.parameters() if p.requires_grad and id(p) not in seen]
+        if not isinstance(sub, Encoder):
+            continue
+        for part, scale in sub.scaled_parameters():
+            params = [p for p in part.parameters() if p.requires_grad and id(p) not in seen]
             seen.update(map(id, params))
             groups.append({"params": params, "lr": lr * scale})
     groups.insert(0, {"params": [p for p in module.parameters() if p.requires_grad and id(p) not in seen]})

@@ -44,7 +44,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from mmclin.contracts import ClinicalDataModule, Servable
 from mmclin.errors import ConfigError, DataError
+from mmclin.export import ExportConfig, load_own_tensors
 from mmclin.llm import byte_tokenizer
 from mmclin.models.optim import adamw_cosine
 from mmclin.reports.errors import IMAGE_DEPENDENT_TYPES
@@ -163,7 +165,7 @@ class ReportCollator:
         return batch
 
 
-class ReportChecker(L.LightningModule):
+class ReportChecker(Servable, L.LightningModule):
     """Report error detection (SIMPLE) and error typing (COMPLEX) from the report text alone."""
 
     def __init__(
@@ -273,18 +275,46 @@ class ReportChecker(L.LightningModule):
         self.collator = ReportCollator(tokenizer, self.classes, max_length)
 
     def setup(self, stage: str) -> None:
-        if self.encoder is not None:
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, ClinicalDataModule):  # loaders given to the Trainer directly
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        corpus = getattr(datamodule, "corpus", None)
-        if corpus is None:
-            raise RuntimeError("ReportChecker fits its word vocabulary on the training reports: train it with a "
-                               "datamodule that has corpus('train') (e.g. ReportErrorDataModule), or pass `vocab`, "
-                               "tokenizer='byte' or a pretrained encoder directory")
-        tok = word_tokenizer(texts=corpus("train"), vocab_size=self.hparams.vocab_size,
-                             min_frequency=self.hparams.min_word_count, model_max_length=self.hparams.max_length)
-        self.hparams["vocab"] = vocabulary(tok)  # saved with every checkpoint: load_from_checkpoint rebuilds it
-        self._build(tok, self._random_encoder(tok))
+        if self.encoder is None:  # a word vocabulary fitted on the training reports
+            tok = word_tokenizer(texts=datamodule.corpus("train"), vocab_size=self.hparams.vocab_size,
+                                 min_frequency=self.hparams.min_word_count, model_max_length=self.hparams.max_length)
+            self.hparams["vocab"] = vocabulary(tok)  # saved with every checkpoint: load_from_checkpoint rebuilds it
+            self._build(tok, self._random_encoder(tok))
+        self.connect_data(datamodule)
+
+    def connect_data(self, datamodule: ClinicalDataModule) -> None:
+        datamodule.connect(collator=self.collator)
+
+    def study_data(self) -> dict:
+        """Reports read as text (a checker trained without LightningCLI records no datamodule)."""
+        return {"_class_path": "datamodules.report_errors.ReportErrorDataModule", "mode": "text"}
+
+    def study_batch(self, items: list[dict]) -> dict:
+        """The reports of `items` (``{"text", "meta"}``) as one batch.
+
+        Raises:
+            DataError: a report that is not in English (the checker gives it no verdict).
+        """
+        for item in items:
+            reason = non_english_reason(item["text"])
+            if reason:
+                raise DataError(f"{item['meta']['input']}: {reason}; the checker reads English reports only and "
+                                "gives this one no verdict")
+        return self.collator(items)
+
+    @classmethod
+    def from_export(cls, directory: Path, config: ExportConfig, **kwargs) -> L.LightningModule:
+        return load_own_tensors(cls, directory, config)
+
+    @torch.no_grad()
+    def reference_outputs(self, generator: torch.Generator) -> torch.Tensor:
+        """SIMPLE and COMPLEX logits of a fixed report, flattened (`generator` is not needed)."""
+        batch = self.collator.encode(["FINDINGS: The lungs are clear. No pleural effusion.\nIMPRESSION: Normal."])
+        simple, complex_ = self(batch["input_ids"], batch["attention_mask"])
+        return torch.cat([simple.float().reshape(-1), complex_.float().reshape(-1)])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Resuming a fit: setup() fitted a vocabulary before the weights arrive; the checkpoint's one wins.

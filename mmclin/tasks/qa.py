@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from mmclin.contracts import IGNORE_INDEX
 from mmclin.errors import ConfigError, DataError
-from mmclin.fusion.soft_prompt import IGNORE_INDEX
 from mmclin.llm import MEDIA_TOKEN
 
 PROMPT_TEMPLATE = "{question}\nAnswer:"
@@ -137,12 +137,3 @@ def parse_choice(generated: str, choices: Sequence[str]) -> str | None:
             found.append((match.start(), -len(norm), original))
     return min(found)[2] if found else None
 
-
-def model_collator(trainer, datamodule: str) -> QACollator:
-    """The collator of the model a QA datamodule's trainer runs (it owns the tokenizer), or a clear error."""
-    model = trainer.lightning_module if trainer is not None else None
-    collator = getattr(model, "collator", None)
-    if collator is None:
-        owner = type(model).__name__ if model is not None else "no model is attached"
-        raise RuntimeError(f"{datamodule} batches with the model's `collator` (a QACollator); {owner} has none")
-    return collator
