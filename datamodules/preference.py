@@ -189,6 +189,8 @@ class PreferenceDataModule(ClinicalDataModule):
         if stage in (None, "fit"):
             train = self.base.datasets["train"]
             self.index = {study_key(train[i]): i for i in range(len(train))}
+            if self.hparams.pairs and not self._pairs:  # a pair file is checked before anything trains
+                self._pairs = self._read_pairs(Path(self.hparams.pairs))
 
     @property
     def train_pairs(self) -> list[Pair]:
