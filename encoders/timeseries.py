@@ -284,7 +284,7 @@ class _BasicBlock1d(nn.Module):
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x)) * valid
 
 
-class ResNet1dEncoder(nn.Module):
+class ResNet1dEncoder(Encoder):
     """Basic-block 1D ResNet for ECG, the strong PTB-XL baseline family (Strodthoff et al. 2021, resnet1d).
 
     Written with torch.nn: timm's ResNets are 2D only, and MONAI's ``ResNet(spatial_dims=1)`` cannot re-zero
