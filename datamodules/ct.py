@@ -55,8 +55,8 @@ from monai.transforms import (
 )
 from pydicom.errors import InvalidDicomError
 
+from datamodules.ct_questions import MIN_CT_SLICES, check_hu, check_volume_shape
 from mmclin.errors import ConfigError, DataError
-from mmclin.tasks.ct_questions import MIN_CT_SLICES, check_hu, check_volume_shape
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
-from mmclin.errors import DataError
+from mmclin.errors import ConfigError, DataError
 
 # TotalSegmentator v2 task "total": label id = position + 1 (totalsegmentator/map_to_binary.py, class_map["total"]).
 TOTALSEGMENTATOR_V2_CLASSES = (
@@ -219,10 +219,10 @@ def measure_organs(hu: np.ndarray, labels: np.ndarray, affine: np.ndarray, organ
     lesion_labels = dict(lesion_labels or {})
     unknown = [o for o in organs if o not in organ_labels]
     if unknown:
-        raise ValueError(f"unknown organ(s) {unknown}; known: {sorted(organ_labels)}")
+        raise ConfigError(f"unknown organ(s) {unknown}; known: {sorted(organ_labels)}")
     clash = sorted(set(lesion_labels) & {organ_labels[o] for o in organs})
     if clash:
-        raise ValueError(f"lesion label id(s) {clash} are also organ ids")
+        raise ConfigError(f"lesion label id(s) {clash} are also organ ids")
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     structure = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
     out = {}

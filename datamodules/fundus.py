@@ -34,9 +34,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import box_convert
 
-from datamodules.derm import SPLIT_ALIASES, check_images, split_table
 from datamodules.images import read_image
 from datamodules.synthetic.fundus import ICDR_GRADES, REFERRALS, REPORTS_CSV, fundus_demo_dir, generate_fundus_demo
+from datamodules.tables import SPLIT_ALIASES, check_images, split_table
 from mmclin.contracts import QADataModule
 from mmclin.errors import ConfigError, DataError
 
@@ -333,54 +333,6 @@ def read_yolo_boxes(txt_path: str | os.PathLike, class_names: list[str], image_s
         corners = box_convert(cxcywh, "cxcywh", "xyxy") * torch.tensor([*image_size, *image_size], dtype=torch.float64)
         table[["x0", "y0", "x1", "y1"]] = corners.numpy()
     table.attrs["n_skipped_lines"] = skipped
-    return table
-
-
-def read_yolo_dataset(image_dir: str | os.PathLike, class_names: list[str] | str | os.PathLike,
-                      on_missing: Literal["error", "skip"] = "error",
-                      on_error: Literal["error", "skip"] = "error") -> pd.DataFrame:
-    """Read every ``<stem>.txt`` beside its ``<stem>.jpg`` (or other image) in `image_dir` (CODRAS layout).
-
-    An image without a label file has no boxes (the YOLO convention for background images).
-
-    Args:
-        image_dir: folder of images and label files.
-        class_names: names by class id, or the ``.names`` file.
-        on_missing: a label file without its image: ``error``, or ``skip`` (counted in ``attrs["n_skipped_missing"]``).
-        on_error: malformed lines, as in :func:`read_yolo_boxes` (counted in ``attrs["n_skipped_lines"]``).
-
-    Returns:
-        One row per box: ``image_id, path, width, height`` and the columns of :func:`read_yolo_boxes` with pixel
-        corners; ``attrs["n_images"]`` counts the images read.
-    """
-    image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise DataError(f"{image_dir}: image folder not found")
-    names = class_names if isinstance(class_names, list) else read_class_names(class_names)
-    images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-    tables, n_missing, n_bad = [], 0, 0
-    for txt in sorted(image_dir.glob("*.txt")):
-        image = images.get(txt.stem)
-        if image is None:
-            if on_missing == "error":
-                raise DataError(f"{txt}: no image '{txt.stem}' with a suffix of {IMAGE_SUFFIXES} beside it "
-                                "(set on_missing: skip to drop such label files)")
-            n_missing += 1
-            continue
-        try:
-            with Image.open(image) as im:  # reads the header only
-                width, height = im.size
-        except OSError as e:
-            raise DataError(f"cannot read image '{image}': {type(e).__name__}: {e}") from e
-        boxes = read_yolo_boxes(txt, names, (width, height), on_error)
-        n_bad += boxes.attrs["n_skipped_lines"]
-        tables.append(boxes.assign(image_id=txt.stem, path=str(image), width=width, height=height))
-    if n_missing:
-        log.warning("%s: skipped %d label file(s) without an image", image_dir, n_missing)
-    columns = ["image_id", "path", "width", "height", "line", "class_id", "class_name", "cx", "cy", "w", "h",
-               "x0", "y0", "x1", "y1"]
-    table = pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
-    table.attrs.update(n_images=len(images), n_skipped_missing=n_missing, n_skipped_lines=n_bad)
     return table
 
 

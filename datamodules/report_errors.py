@@ -2,7 +2,7 @@
 
 Reports come from an IU-Xray CSV pair (``indiana_reports.csv`` + ``indiana_projections.csv``; the CXR demo when
 no root is given) or from an ``errors.jsonl`` already made by error injection. Errors are injected at run time
-with :func:`mmclin.reports.errors.inject_corpus`, seeded per split, after the studies are split: a study
+with :func:`mmclin.reports.injection.inject_corpus`, seeded per split, after the studies are split: a study
 (IU ``uid``) and all its images belong to one split, so no report is seen in training with one error and tested
 with another.
 
@@ -147,7 +147,7 @@ class ReportErrorDataModule(QADataModule):
             with_images: add the study's frontal image to every sample; default True for ``qa``, False for
                 ``text`` (``qa`` needs images).
             error_rate: share of the reports of each split given one error.
-            error_types: fine types to inject (default all of ``mmclin.reports.errors.FINE_TYPES``).
+            error_types: fine types to inject (default all of ``mmclin.reports.injection.FINE_TYPES``).
             max_errors_per_report: a report given errors gets 1 to this many, of different types (ReXErr: 3); its
                 label is the first one's type.
             seed: seed of the split and of the injected errors.
@@ -211,7 +211,7 @@ class ReportErrorDataModule(QADataModule):
 
     @property
     def error_types(self) -> list[str]:
-        from mmclin.reports.errors import FINE_TYPES
+        from mmclin.reports.injection import FINE_TYPES
 
         return list(self.hparams.error_types or FINE_TYPES)
 
@@ -271,7 +271,7 @@ class ReportErrorDataModule(QADataModule):
                              groups=keys)
 
     def _inject(self, split: str, epoch: int) -> list[dict]:
-        from mmclin.reports.errors import inject_corpus
+        from mmclin.reports.injection import inject_corpus
 
         h = self.hparams
         # One stream per (split, epoch): epoch 0 of training, validation and test never share errors.

@@ -26,6 +26,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from mmclin.errors import ConfigError
+
 MEDIA_TOKEN = "<media>"  # placeholder for one medium (image, volume, series or lead group) in the prompt
 
 # Small enough for a CPU test step; LlamaConfig fields, overridden by `tiny`.
@@ -94,8 +96,8 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int,
         A tokenizer with the special tokens of :func:`byte_tokenizer`.
     """
     if vocab_size < 256 + len(_SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size={vocab_size}: needs at least {256 + len(_SPECIAL_TOKENS)} (the bytes and the "
-                         "special tokens)")
+        raise ConfigError(f"vocab_size={vocab_size}: needs at least {256 + len(_SPECIAL_TOKENS)} (the bytes and the "
+                          "special tokens)")
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIAL_TOKENS, show_progress=False,
@@ -151,15 +153,15 @@ def load_causal_lm(
         ``LoadedLM(model, tokenizer)``; the model is a peft ``PeftModel`` when `lora` is given.
     """
     if (source is None) == (tiny is None):
-        raise ValueError("load_causal_lm: pass exactly one of `source` (directory or hub id) and `tiny` (config dict)")
+        raise ConfigError("load_causal_lm: pass exactly one of `source` (directory or hub id) and `tiny` (config dict)")
     if dtype != "auto" and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+        raise ConfigError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
     if freeze is None:
         freeze = "all_but_lora" if lora is not None else "all"
     if freeze not in _FREEZE:
-        raise ValueError(f"freeze must be one of {_FREEZE}, got {freeze!r}")
+        raise ConfigError(f"freeze must be one of {_FREEZE}, got {freeze!r}")
     if (freeze == "all_but_lora") != (lora is not None):
-        raise ValueError(
+        raise ConfigError(
             f"freeze={freeze!r} with lora={lora!r}: LoRA trains adapters on a frozen LM, so use "
             "freeze='all_but_lora' together with a `lora` dict, and 'none' or 'all' without one"
         )
@@ -184,12 +186,12 @@ def _tiny_llama(
     known = {f.name for f in dataclasses.fields(LlamaConfig)}
     unknown = sorted(set(tiny) - known)
     if unknown:
-        raise ValueError(f"tiny: unknown LlamaConfig fields {unknown}; known fields: {sorted(known)}")
+        raise ConfigError(f"tiny: unknown LlamaConfig fields {unknown}; known fields: {sorted(known)}")
     fields = {**TINY_LLAMA, **tiny}
     tokenizer = byte_tokenizer(model_max_length=fields["max_position_embeddings"])
     fields.setdefault("vocab_size", len(tokenizer))
     if fields["vocab_size"] < len(tokenizer):
-        raise ValueError(f"tiny: vocab_size={fields['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
+        raise ConfigError(f"tiny: vocab_size={fields['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
     config = LlamaConfig(
         **fields,
         bos_token_id=tokenizer.bos_token_id,
@@ -276,7 +278,7 @@ def apply_lora(model: PreTrainedModel, lora: dict[str, Any]) -> nn.Module:
     for key, value in lora.items():
         field = _LORA_ALIASES.get(key, key)
         if field not in known:
-            raise ValueError(
+            raise ConfigError(
                 f"lora: unknown setting {key!r}; use r, alpha, dropout, target_modules or a LoraConfig field"
             )
         settings[field] = value

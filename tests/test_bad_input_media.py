@@ -20,6 +20,7 @@ from conftest import CONFIGS, TINY_CLIP, one_line_error, shared_data
 from PIL import Image
 
 from datamodules.ct import CTPreprocessing, CTVolumeDataset, check_dicom_series, load_ct
+from datamodules.ct_questions import MIN_CT_SLICES, load_ct_and_mask
 from datamodules.derm import DermDataModule, ImageTextDataset
 from datamodules.ecg import read_wfdb_record
 from datamodules.fundus import load_fundus
@@ -28,7 +29,6 @@ from datamodules.sleep import read_psg
 from datamodules.synthetic.sleep import write_edf
 from mmclin.errors import DataError
 from mmclin.reports.qa import load_radiograph
-from mmclin.tasks.ct_questions import MIN_CT_SLICES, load_ct_and_mask
 
 LEADS = ["I", "II", "III"]
 

@@ -1,4 +1,4 @@
-"""CT questions from label masks (mmclin.tasks.ct_questions), their CLI and the synthetic CT demo."""
+"""CT questions from label masks (datamodules.ct_questions), their CLI and the synthetic CT demo."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ import pytest
 from conftest import shared_data
 from scipy import ndimage
 
-from datamodules.synthetic.ct import DEMO_LESION_LABELS, generate_ct_demo
-from mmclin.errors import DataError
-from mmclin.tasks.ct_questions import (
+from datamodules.ct_questions import (
     LESION_TYPES,
     QUESTION_TYPES,
     TOTALSEGMENTATOR_LABELS,
@@ -24,6 +22,8 @@ from mmclin.tasks.ct_questions import (
     measure_organs,
     questions_from_files,
 )
+from datamodules.synthetic.ct import DEMO_LESION_LABELS, generate_ct_demo
+from mmclin.errors import DataError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import ct_vqa_from_masks  # noqa: E402

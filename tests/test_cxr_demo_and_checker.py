@@ -42,7 +42,7 @@ from datamodules.synthetic.cxr import (
 )
 from mmclin.errors import DataError
 from mmclin.models.report_checker import ReportChecker
-from mmclin.reports.errors import FINE_TYPES, error_sites
+from mmclin.reports.injection import FINE_TYPES, error_sites
 
 N_STUDIES, SIZE = 150, 128
 
@@ -156,7 +156,7 @@ def test_reports_state_what_is_drawn(truth, reports):
 def test_brief_impressions_leave_a_side_swap_to_the_image(demo, reports):
     """A laterality swap contradicts a full impression, which the rules see; beside a brief one only the image
     shows it."""
-    from mmclin.reports.errors import inject
+    from mmclin.reports.injection import inject
     from mmclin.reports.rules import RuleChecker
 
     rules, flagged = RuleChecker(), {"brief": [], "full": []}

@@ -5,8 +5,9 @@ import pytest
 import torch
 from conftest import shared_data
 
-from datamodules.derm import DermDataModule, ImageTextDataset, check_images, read_image_text_csv, read_isic, split_table
+from datamodules.derm import DermDataModule, ImageTextDataset, read_image_text_csv, read_isic
 from datamodules.synthetic.derm import CLASS_NAMES, DEMO_CSV, generate_derm_demo
+from datamodules.tables import check_images, split_table
 from mmclin.errors import DataError
 
 DERM1M_COLUMNS = ["filename", "caption", "truncated_caption", "disease_label", "hierarchical_disease_label",

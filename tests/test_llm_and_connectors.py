@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
+from mmclin.errors import ConfigError
 from mmclin.fusion import MLPProjector, PerceiverResampler
 from mmclin.llm import MEDIA_TOKEN, lm_hidden_size, lm_layers, load_causal_lm, save_lm
 
@@ -105,9 +106,9 @@ def test_freeze_all_and_lora_trains_only_adapters(tiny_lm):
 
 
 def test_freeze_lora_mismatch_is_rejected():
-    with pytest.raises(ValueError, match="all_but_lora"):
+    with pytest.raises(ConfigError, match="all_but_lora"):
         load_causal_lm(tiny=TINY, freeze="all", lora={"r": 2})
-    with pytest.raises(ValueError, match="unknown LlamaConfig fields"):
+    with pytest.raises(ConfigError, match="unknown LlamaConfig fields"):
         load_causal_lm(tiny={"hiden_size": 8})
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 from datamodules.report_errors import NO_ERROR_ANSWER, error_answer
 from encoders.image2d import TimmImageEncoder
 from mmclin.models.mllm import MultimodalLM
-from mmclin.reports.errors import FINE_TYPES
+from mmclin.reports.injection import FINE_TYPES
 from mmclin.reports.mllm_checker import MultimodalReportChecker, parse_error_answer
 
 

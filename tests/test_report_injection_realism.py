@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmclin.reports.audit import audit, marker_words
-from mmclin.reports.errors import (
+from mmclin.reports.injection import (
     COMPARISON_WORDS,
     INSERTION_TEMPLATES,
     english_words,

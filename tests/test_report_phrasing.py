@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from mmclin.reports.audit import audit
-from mmclin.reports.errors import FINE_TYPES, device_plausible, error_sites, inject_corpus
+from mmclin.reports.injection import FINE_TYPES, device_plausible, error_sites, inject_corpus
 from mmclin.reports.rules import RuleChecker
 from mmclin.reports.sections import Report, parse_sections
 

@@ -23,8 +23,8 @@ from datamodules.reports import (
     split_studies,
 )
 from mmclin.errors import CheckpointError, ConfigError, DataError
-from mmclin.reports.errors import _DEVICE as DEVICE_PATTERN
-from mmclin.reports.errors import (
+from mmclin.reports.injection import _DEVICE as DEVICE_PATTERN
+from mmclin.reports.injection import (
     COMPARISON_WORDS,
     FINE_TYPES,
     HOMOPHONES,
@@ -440,7 +440,7 @@ def test_corpus_is_seeded_balanced_and_keeps_clean_reports_clean():
         else:
             assert r["modified"] == r["original"] and r["fine_type"] is None and r["span"] is None
     assert records[7]["images"] == ["7.jpg"]
-    with pytest.raises(ValueError, match="unknown error type"):
+    with pytest.raises(ConfigError, match="unknown error type"):
         inject_corpus(reports, types=["spelling"])
 
 

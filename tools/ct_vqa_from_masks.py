@@ -1,6 +1,6 @@
 """Multiple-choice CT questions (DeepTumorVQA-style) from CT volumes and their TotalSegmentator label masks.
 
-Writes one JSON record per line (see ``mmclin.tasks.ct_questions``; ``image_path`` and ``mask_path`` are
+Writes one JSON record per line (see ``datamodules.ct_questions``; ``image_path`` and ``mask_path`` are
 relative to the output file's folder when the files lie below it, absolute otherwise) and prints the number of
 questions per category and subtype, and every organ that was not measured with the reason. Masks carry
 TotalSegmentator v2 ``total`` label ids (``TotalSegmentator -i ct.nii.gz -o seg.nii.gz --ml``); lesions are
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.ct_questions import DEFAULT_ORGANS, QUESTION_TYPES, TOTALSEGMENTATOR_LABELS, questions_from_files
 from mmclin.errors import DataError, run_entry_point
-from mmclin.tasks.ct_questions import DEFAULT_ORGANS, QUESTION_TYPES, TOTALSEGMENTATOR_LABELS, questions_from_files
 
 log = logging.getLogger(__name__)
 

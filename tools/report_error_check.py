@@ -2,7 +2,7 @@
 
 The SIMPLE (is there an error?) and COMPLEX (which type?) levels and the insert / remove / substitute types are
 those of Wu, Kim et al. 2023, "Exploring Multimodal Large Language Models for Radiology Report Error-checking"
-(arXiv:2312.13103); the fine types are listed in mmclin/reports/errors.py.
+(arXiv:2312.13103); the fine types are listed in mmclin/reports/injection.py.
 
 ``inject`` writes ``errors.jsonl`` (one report per line: id, original, modified, has_error, coarse_type,
 fine_type, span, ...) and ``summary.json`` (errors injected and "no site" counts per type, reports skipped).
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from datamodules.reports import FORMATS, read_reports
 from mmclin.errors import CheckpointError, ConfigError, DataError, run_entry_point
 from mmclin.reports.audit import audit, audit_lines
-from mmclin.reports.errors import FINE_TYPES, corpus_summary, inject_corpus
+from mmclin.reports.injection import FINE_TYPES, corpus_summary, inject_corpus
 from mmclin.reports.language import non_english_reason
 from mmclin.reports.rules import RuleChecker
 from mmclin.reports.scoring import (

@@ -15,7 +15,7 @@ Layout written under ``demo_cache_dir(cache_dir) / "ct-vqa-demo-v3-..."``::
     masks/<image_id>.nii.gz     uint8 labels on the same grid: TotalSegmentator v2 ids (spleen 1, kidney_right 2,
                                 kidney_left 3, liver 5) and lesions under DEMO_LESION_LABELS (201-204)
     labels.json                 {label id: name} of the masks
-    train.jsonl, val.jsonl, test.jsonl   questions (mmclin.tasks.ct_questions), split by volume (70/15/15)
+    train.jsonl, val.jsonl, test.jsonl   questions (datamodules.ct_questions), split by volume (70/15/15)
 
 Orientation: the affine is diagonal with positive spacings, i.e. RAS+ (nibabel's ``aff2axcodes`` gives
 ``("R", "A", "S")``): voxel index x grows towards the patient's right, y towards anterior, z towards superior,
@@ -34,9 +34,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from datamodules.ct_questions import DEFAULT_ORGANS, TOTALSEGMENTATOR_LABELS, generate_questions
 from datamodules.synthetic.cache import build_once, demo_cache_dir
 from mmclin.errors import ConfigError
-from mmclin.tasks.ct_questions import DEFAULT_ORGANS, TOTALSEGMENTATOR_LABELS, generate_questions
 
 # Lesion label ids of the demo masks, above TotalSegmentator's 1-117 so they never clash: {label id: host organ}.
 DEMO_LESION_LABELS = {201: "liver", 202: "spleen", 203: "kidney_right", 204: "kidney_left"}

@@ -18,7 +18,7 @@ image where the report puts them (radiological convention: the patient's right i
 
 Reports state every organ system (devices, heart, mediastinum, lungs, pleura, bones) with negations for normal
 ones, laterality, severity, measurements with units and, when there is a prior study, interval change (new /
-unchanged / stable / increased / decreased / improved). So every error type of :mod:`mmclin.reports.errors` has
+unchanged / stable / increased / decreased / improved). So every error type of :mod:`mmclin.reports.injection` has
 sites. The IMPRESSION repeats every abnormal finding: in full in half of the studies, so that an error in one
 section contradicts the other and the text alone can show it; by name only in the other half ("Pleural effusion.",
 "Pneumothorax.", "Support devices as described."), so that a swapped side, a changed severity, size, lobe or

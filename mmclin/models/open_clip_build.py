@@ -18,6 +18,8 @@ import open_clip
 import torch
 from open_clip.model import get_model_preprocess_cfg
 
+from mmclin.errors import ConfigError
+
 LOCAL_DIR = "local-dir:"
 
 
@@ -35,7 +37,7 @@ def register_inline_config(model_config: dict) -> str:
     """Register an inline open_clip model config; returns the registry name it can be created by."""
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in model_config:
-            raise ValueError(f"open_clip model_config needs '{key}' (see open_clip/model_configs/*.json)")
+            raise ConfigError(f"open_clip model_config needs '{key}' (see open_clip/model_configs/*.json)")
     blob = json.dumps(model_config, sort_keys=True)
     name = "mmclin-inline-" + hashlib.sha1(blob.encode()).hexdigest()[:12]
     if open_clip.get_model_config(name) is None:
@@ -56,7 +58,7 @@ def resolve_model_config(model_name: str) -> dict:
         return json.loads(cfg_path.read_text())["model_cfg"]
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
-        raise ValueError(f"open_clip has no model config '{model_name}'; known: {open_clip.list_models()[:20]} ...")
+        raise ConfigError(f"open_clip has no model config '{model_name}'; known: {open_clip.list_models()[:20]} ...")
     return cfg
 
 
@@ -76,7 +78,7 @@ def build_open_clip(
         aug_cfg: open_clip ``AugmentationCfg`` fields for the training transform.
     """
     if (model_name is None) == (model_config is None):
-        raise ValueError("give exactly one of model_name (registry name or local-dir:PATH) and model_config")
+        raise ConfigError("give exactly one of model_name (registry name or local-dir:PATH) and model_config")
     if pretrained is not None and not Path(pretrained).is_file():
         raise FileNotFoundError(f"pretrained checkpoint '{pretrained}' not found (only local files are loaded)")
     name = register_inline_config(model_config) if model_config is not None else model_name

@@ -49,7 +49,7 @@ from mmclin.errors import ConfigError, DataError
 from mmclin.export import ExportConfig, load_own_tensors
 from mmclin.llm import byte_tokenizer
 from mmclin.models.optim import adamw_cosine
-from mmclin.reports.errors import IMAGE_DEPENDENT_TYPES
+from mmclin.reports.injection import IMAGE_DEPENDENT_TYPES
 from mmclin.reports.language import non_english_reason
 
 NO_ERROR = "none"
@@ -93,7 +93,7 @@ def word_tokenizer(
         raise ValueError("word_tokenizer: pass exactly one of `texts` (to fit a vocabulary) and `vocab`")
     if vocab is not None:
         if list(vocab[: len(SPECIAL_TOKENS)]) != list(SPECIAL_TOKENS):
-            raise ValueError(f"vocab must start with {SPECIAL_TOKENS}; got {list(vocab[:len(SPECIAL_TOKENS)])}")
+            raise ConfigError(f"vocab must start with {SPECIAL_TOKENS}; got {list(vocab[:len(SPECIAL_TOKENS)])}")
         backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(vocab)}, unk_token="[UNK]"))
     else:
         backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
@@ -197,7 +197,7 @@ class ReportChecker(Servable, L.LightningModule):
             min_word_count: words seen fewer times in the training reports read as ``[UNK]``.
             max_length: reports are truncated to this many tokens.
             fine_types: the error types COMPLEX tells apart, each with its coarse type (insert / remove /
-                substitute); default ``mmclin.reports.errors.FINE_TYPES``, kept in the checkpoint as resolved.
+                substitute); default ``mmclin.reports.injection.FINE_TYPES``, kept in the checkpoint as resolved.
             pooling: report embedding: ``mean`` of the token states, their elementwise ``max``, or the ``cls``
                 token's state.
             dropout: dropout before the heads.
@@ -210,7 +210,7 @@ class ReportChecker(Servable, L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if fine_types is None:
-            from mmclin.reports.errors import FINE_TYPES
+            from mmclin.reports.injection import FINE_TYPES
 
             fine_types = self.hparams["fine_types"] = dict(FINE_TYPES)
         if not fine_types or NO_ERROR in fine_types:
@@ -257,16 +257,16 @@ class ReportChecker(Servable, L.LightningModule):
         known = {f.name for f in dataclasses.fields(BertConfig)}
         unknown = sorted(set(fields) - known)
         if unknown:  # BertConfig keeps unknown keywords as attributes, so a typo would silently give the default
-            raise ValueError(f"encoder: unknown BertConfig fields {unknown}")
+            raise ConfigError(f"encoder: unknown BertConfig fields {unknown}")
         if self.hparams.max_length > fields["max_position_embeddings"]:
-            raise ValueError(f"max_length={self.hparams.max_length} exceeds the encoder's max_position_embeddings="
-                             f"{fields['max_position_embeddings']}")
+            raise ConfigError(f"max_length={self.hparams.max_length} exceeds the encoder's max_position_embeddings="
+                              f"{fields['max_position_embeddings']}")
         config = BertConfig(**{**fields, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id})
         return AutoModel.from_config(config, add_pooling_layer=False)
 
     def _build(self, tokenizer: PreTrainedTokenizerBase, encoder: nn.Module) -> None:
         if tokenizer.pad_token_id is None:
-            raise ValueError(f"{type(tokenizer).__name__} has no pad token; a report batch needs one")
+            raise ConfigError(f"{type(tokenizer).__name__} has no pad token; a report batch needs one")
         self.tokenizer, self.encoder = tokenizer, encoder
         width = encoder.config.hidden_size
         self.simple_head = nn.Linear(width, 1)

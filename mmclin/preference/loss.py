@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mmclin.errors import ConfigError
+
 
 class DPOOutput(NamedTuple):
     loss: torch.Tensor  # scalar
@@ -40,7 +42,7 @@ def weighted_dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor
         label_smoothing: eps, the assumed rate of flipped preference labels (0: plain DPO).
     """
     if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        raise ConfigError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     margin = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
     w = torch.ones_like(losses) if weights is None else normalise_weights(weights.to(losses))

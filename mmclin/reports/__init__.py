@@ -1,6 +1,6 @@
 """Radiology reports: sections, synthetic error injection, a rule-based checker and error-checking scores."""
 
-from mmclin.reports.errors import COARSE_TYPES, FINE_TYPES, InjectedError, corpus_summary, inject, inject_corpus
+from mmclin.reports.injection import COARSE_TYPES, FINE_TYPES, InjectedError, corpus_summary, inject, inject_corpus
 from mmclin.reports.rules import RuleChecker
 from mmclin.reports.scoring import score_checker, write_confusion_matrices
 from mmclin.reports.sections import Report, find_mentions, parse_sections

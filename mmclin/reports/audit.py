@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmclin.reports.errors import report_words
+from mmclin.reports.injection import report_words
 from mmclin.reports.scoring import score_checker
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from mmclin.errors import ConfigError
 from mmclin.reports.sections import (
     MASK,
     SEVERITY_CLASS,
@@ -769,7 +770,7 @@ def error_sites(report_text: str, fine_type: str, insertions: Sequence[tuple[str
             the insertions draw from; a kind not given uses SENTENCE_TEMPLATES.
     """
     if fine_type not in FINE_TYPES:
-        raise ValueError(f"unknown error type {fine_type!r}; choose one of {list(FINE_TYPES)}")
+        raise ConfigError(f"unknown error type {fine_type!r}; choose one of {list(FINE_TYPES)}")
     pools = {kind: [(key, sentence) for key, sentence in templates] for kind, templates in
              SENTENCE_TEMPLATES.items()} | dict(pools or {})
     if insertions is None:
@@ -866,11 +867,11 @@ def inject_corpus(reports: Sequence[Report], error_rate: float = 0.5, seed: int 
     types = list(FINE_TYPES) if types is None else list(types)
     unknown = [t for t in types if t not in FINE_TYPES]
     if unknown or not types:
-        raise ValueError(f"unknown error type(s) {unknown or types}; choose among {list(FINE_TYPES)}")
+        raise ConfigError(f"unknown error type(s) {unknown or types}; choose among {list(FINE_TYPES)}")
     if not 0 <= error_rate <= 1:
-        raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
+        raise ConfigError(f"error_rate must be in [0, 1], got {error_rate}")
     if max_errors_per_report < 1:
-        raise ValueError(f"max_errors_per_report must be 1 or more, got {max_errors_per_report}")
+        raise ConfigError(f"max_errors_per_report must be 1 or more, got {max_errors_per_report}")
     rng = np.random.default_rng(seed)
     # insertions come from other studies' sentences (at least MIN_POOL distinct ones per kind; else templates;
     # at least 20 for findings, else INSERTION_TEMPLATES)

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mmclin.reports.errors import FINE_TYPES
+from mmclin.errors import ConfigError
+from mmclin.reports.injection import FINE_TYPES
 from mmclin.reports.qa import NO_ERROR_ANSWER, QUESTION, error_answer, load_radiograph, parse_error_answer
 
 
@@ -29,8 +30,8 @@ class MultimodalReportChecker:
             batch_size: reports per forward pass.
         """
         if "image" not in module.encoders:
-            raise ValueError(f"the model has no 'image' encoder (has {list(module.encoders)}); it cannot read "
-                             "radiographs")
+            raise ConfigError(f"the model has no 'image' encoder (has {list(module.encoders)}); it cannot read "
+                              "radiographs")
         self.module = module.eval()
         self.choices = [NO_ERROR_ANSWER] + [error_answer(t) for t in (error_types or FINE_TYPES)]
         self.image_size = image_size

@@ -11,7 +11,7 @@ from torchvision.transforms.v2.functional import resize
 
 from datamodules.images import read_image
 from mmclin.errors import DataError
-from mmclin.reports.errors import FINE_TYPES
+from mmclin.reports.injection import FINE_TYPES
 
 QUESTION = "Is there an error in this report? If so, which type?"
 NO_ERROR_ANSWER = "error: no"

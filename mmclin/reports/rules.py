@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mmclin.reports.errors import (
+from mmclin.reports.injection import (
     COMPARISON_WORDS,
     FINE_TYPES,
     KNOWN_WORDS,

@@ -42,7 +42,7 @@ from torchmetrics.functional.classification import (
 
 from mmclin.metrics.bootstrap import bootstrap_ci
 from mmclin.plots import plot_confusion_matrix
-from mmclin.reports.errors import COARSE_TYPES, FINE_TYPES, IMAGE_DEPENDENT_TYPES
+from mmclin.reports.injection import COARSE_TYPES, FINE_TYPES, IMAGE_DEPENDENT_TYPES
 
 NONE = "none"
 UNSPECIFIED = "unspecified"

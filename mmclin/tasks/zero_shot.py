@@ -22,6 +22,8 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from mmclin.errors import ConfigError
+
 # Dermatology prompt templates in the DermLIP style (Yan et al. 2025): the ensemble averages the class
 # embedding over phrasings a caption might use.
 DERM_TEMPLATES: tuple[str, ...] = (
@@ -41,11 +43,11 @@ def resolve_templates(templates: str | Sequence[str]) -> list[str]:
     """A template-set name (``derm``, ``plain``, ``photo``) or a list of ``str.format`` templates with one ``{}``."""
     if isinstance(templates, str):
         if templates not in TEMPLATE_SETS:
-            raise ValueError(f"unknown template set '{templates}'; choose one of {sorted(TEMPLATE_SETS)} or a list")
+            raise ConfigError(f"unknown template set '{templates}'; choose one of {sorted(TEMPLATE_SETS)} or a list")
         return list(TEMPLATE_SETS[templates])
     bad = [t for t in templates if t.count("{}") != 1]
     if not templates or bad:
-        raise ValueError(f"each template needs exactly one '{{}}' for the class name; bad: {bad or 'empty list'}")
+        raise ConfigError(f"each template needs exactly one '{{}}' for the class name; bad: {bad or 'empty list'}")
     return list(templates)
 
 
@@ -120,7 +122,7 @@ def zero_shot_figures_with_ci(scores: torch.Tensor, labels: torch.Tensor, classn
     for name, (positive, negative) in (binary_pairs or {}).items():
         missing = [c for c in (positive, negative) if c not in index]
         if missing:
-            raise ValueError(f"binary AUROC {name!r}: class(es) {missing} not among {list(classnames)}")
+            raise ConfigError(f"binary AUROC {name!r}: class(es) {missing} not among {list(classnames)}")
         pairs[name] = (index[positive], index[negative])
 
     probabilities = scores.softmax(-1)
