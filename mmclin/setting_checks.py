@@ -52,7 +52,7 @@ PROJECT_RULES: dict[str, Rule] = {
     "mlp_dim": POSITIVE, "mlp_ratio": POSITIVE, "ff_mult": POSITIVE, "n_latents": POSITIVE, "depth": POSITIVE,
     "num_layers": POSITIVE, "patch_size": POSITIVE, "img_size": POSITIVE, "stride": POSITIVE,
     "max_new_tokens": POSITIVE, "max_length": POSITIVE, "vocab_size": POSITIVE, "max_media": POSITIVE,
-    "xattn_every_n": POSITIVE, "erode": NON_NEGATIVE, "every_n_train_steps": NON_NEGATIVE,
+    "every_n": POSITIVE, "xattn_every_n": POSITIVE, "erode": NON_NEGATIVE, "every_n_train_steps": NON_NEGATIVE,
 }
 
 TRAINER_RULES: dict[str, Rule] = {

@@ -1,21 +1,31 @@
-"""Soft-prompt and gated cross-attention fusion on tiny random LMs (Llama, Qwen2, GPT-2) built from configs."""
+"""Soft-prompt and gated cross-attention fusion on tiny random LMs (Llama, Qwen2, GPT-2) built from configs; the
+fusion contract, checked by a third fusion that exists only in this file."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-from mmclin.errors import DataError
+from encoders.timeseries import PatchTransformerEncoder
+from mmclin.errors import ConfigError, DataError
+from mmclin.fusion import CrossAttentionFusion, FusedInputs, Fusion, MediaTokens, SoftPromptFusion
 from mmclin.fusion.cross_attention import (
     GatedCrossAttentionBlock,
     attach_cross_attention,
     placeholder_positions,
 )
-from mmclin.fusion.soft_prompt import IGNORE_INDEX, answer_labels, splice_media
-from mmclin.llm import lm_layers
+from mmclin.fusion.soft_prompt import IGNORE_INDEX, splice_media
+from mmclin.llm import byte_tokenizer, lm_layers
+from mmclin.models.mllm import MultimodalLM
+from mmclin.tasks.qa import QACollator
 
 VOCAB = 64
 MEDIA = VOCAB - 1  # placeholder token id
@@ -50,18 +60,27 @@ def spliced_batch(padding_side: str = "right"):
     """Two rows: row 0 has two media (3 and 1 valid tokens), row 1 one medium (2 tokens) and padding."""
     input_ids = torch.tensor([[5, 6, MEDIA, 7, MEDIA, 8, 9, 10], [5, MEDIA, 6, 7, 8, PAD, PAD, PAD]])
     attention_mask = (torch.arange(8) < torch.tensor([[8], [5]])).long()
-    labels = answer_labels(input_ids, torch.tensor([6, 4]), attention_mask)  # answers: (9, 10) and (8,)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)  # answers: (9, 10) and (8,)
+    labels[0, 6:], labels[1, 4] = torch.tensor([9, 10]), 8
     media = torch.randn(2, 2, 3, 32)
     media_mask = torch.tensor([[[1, 1, 1], [1, 0, 0]], [[1, 1, 0], [0, 0, 0]]]).bool()
     return input_ids, attention_mask, labels, media, media_mask
 
 
-def test_answer_labels_mask_prompt_and_padding():
-    input_ids, attention_mask, labels, _, _ = spliced_batch()
-    expected = torch.full_like(input_ids, IGNORE_INDEX)
-    expected[0, 6:] = torch.tensor([9, 10])
-    expected[1, 4] = 8
-    assert torch.equal(labels, expected)
+def test_qa_collator_trains_on_the_answer_only():
+    tok = byte_tokenizer()
+    samples = [{"question": "Rhythm?", "answer": "sinus", "series": [torch.zeros(2, 8)]},
+               {"question": "Is the axis deviated to the left?", "answer": "no", "series": [torch.zeros(2, 5)]}]
+    batch = QACollator(tok, media_keys=("series",))(samples)
+    labels, input_ids, attention_mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+    for row, sample in enumerate(samples):
+        trained = labels[row] != IGNORE_INDEX
+        # the trained tokens are the answer and EOS as the text has them, ending at the row's last token
+        assert torch.equal(labels[row][trained], input_ids[row][trained])
+        assert tok.decode(labels[row][trained]) == f" {sample['answer']}{tok.eos_token}"
+        assert trained.nonzero().max() == attention_mask[row].sum() - 1
+    padding = attention_mask == 0
+    assert padding[0].any() and (labels[padding] == IGNORE_INDEX).all()
 
 
 def test_splice_media_interleaves_media_of_different_lengths():
@@ -309,3 +328,112 @@ def test_placeholder_and_layer_errors():
     with pytest.raises(ValueError, match="no nn.ModuleList of num_hidden_layers=3 layers"):
         lm_layers(NoLayers())
     assert len(lm_layers(tiny_lm("gpt2"))) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cross_attention_fuse_generates_from_embeddings_as_from_ids(family):
+    """MultimodalLM generates from the fused embeddings; with the KV cache that is generation from the token ids
+    with the media set, new tokens only."""
+    lm = tiny_lm(family)
+    fusion = CrossAttentionFusion()
+    fusion.attach(lm, D_MEDIA)
+    open_gates(fusion)
+    ids = torch.tensor([[3, 4, MEDIA, 6, MEDIA, 8], [PAD, PAD, 3, MEDIA, 5, MEDIA]])
+    attention_mask = (ids != PAD).long()
+    tokens, mask = media_batch()
+    options = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": PAD}
+
+    def generate(media_tokens: torch.Tensor):
+        media = MediaTokens(media_tokens, mask, mask.any(-1))
+        with torch.no_grad(), fusion.fuse(lm, ids, attention_mask, media, MEDIA, padding_side="left") as fused:
+            return lm.generate(inputs_embeds=fused.inputs_embeds, attention_mask=fused.attention_mask,
+                               output_logits=True, return_dict_in_generate=True, **options)
+
+    new = generate(tokens)
+    with torch.no_grad(), fusion.media(tokens, mask, placeholder_positions(ids, MEDIA, mask.any(-1), attention_mask)):
+        from_ids = lm.generate(ids, attention_mask=attention_mask, **options)[:, ids.shape[1]:]
+    assert new.sequences.shape == (2, 5) and torch.equal(new.sequences, from_ids)
+    # the media steer every decoding step through the fused call
+    assert (torch.stack(generate(-tokens).logits) - torch.stack(new.logits)).abs().amax(-1).min() > 1e-3
+
+
+# ---------------------------------------------------------------- the fusion contract
+
+
+class PooledSumFusion(Fusion):
+    """A third fusion, known to nothing in mmclin: each placeholder's embedding plus a learned gain times its
+    medium's mean token; the text keeps its length. It records the padding side of every call."""
+
+    def attach(self, lm: nn.Module, media_width: int) -> None:
+        self.gain = nn.Parameter(torch.ones(media_width))
+        self.calls: list[str] = []
+
+    @contextlib.contextmanager
+    def fuse(self, lm, input_ids, attention_mask, media, media_token_id, labels=None, padding_side="right"):
+        self.calls.append(padding_side)
+        valid = media.mask[..., None].to(media.tokens.dtype)
+        pooled = (media.tokens * valid).sum(2) / valid.sum(2).clamp(min=1)  # (B, M, D)
+        # the j-th placeholder of a row (row-major order) takes the row's j-th present medium
+        rows, columns = ((input_ids == media_token_id) & attention_mask.bool()).nonzero(as_tuple=True)
+        embeds = lm.get_input_embeddings()(input_ids)
+        added = torch.zeros_like(embeds).index_put((rows, columns), self.gain * pooled[media.present])
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        yield FusedInputs(embeds + added, attention_mask, position_ids, labels)
+
+
+def tiny_mllm(**settings) -> MultimodalLM:
+    torch.manual_seed(0)
+    encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=32, n_layers=1, n_heads=2)
+    lm = {"tiny": {"hidden_size": 32, "intermediate_size": 64}, "freeze": "none"}
+    return MultimodalLM({"series": encoder}, lm=lm, max_new_tokens=4, **settings)
+
+
+def test_a_new_fusion_is_a_class_only_it_trains_a_step_and_generates(tmp_path):
+    model = tiny_mllm(fusion=PooledSumFusion(), predictions_dir=str(tmp_path))
+    assert "fusion.gain" in model.state_dict()  # saved and loaded with the model
+    generator = torch.Generator().manual_seed(0)
+    samples = [{"series": [torch.randn(1, 64, generator=generator)], "question": "Is the rhythm slow or fast?",
+                "answer": answer, "choices": ["slow", "fast"]} for answer in ("slow", "fast")]
+    loader = DataLoader(samples, batch_size=2, collate_fn=model.collator)
+    trainer = L.Trainer(accelerator="cpu", fast_dev_run=1, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader, loader)  # one training step, then validation: generation and choice ranking
+
+    assert not torch.equal(model.fusion.gain.detach(), torch.ones(32))  # the fusion's parameter trained
+    # training loss; validation loss, generation, choice scores
+    assert model.fusion.calls == ["right", "right", "left", "right"]
+    rows = [json.loads(line) for line in (tmp_path / "val-predictions/predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["generated"], str) and r["ranked"] in ("slow", "fast") for r in rows)
+    batch = model.collator(samples)
+    media = model.batch_media(batch)
+    blank = MediaTokens(torch.zeros_like(media.tokens), media.mask, media.present)
+    with torch.no_grad():
+        logits, blank_logits = (model.lm_forward(batch["input_ids"], batch["attention_mask"], m)[0].logits
+                                for m in (media, blank))
+    assert (logits - blank_logits).abs().max() > 1e-4  # the media reach the LM through the toy fusion
+
+
+# Parameter names of one cross-attention block in checkpoints written before fusions were classes
+OLD_BLOCK_KEYS = ["alpha_attn", "alpha_ff", "norm.weight", "norm.bias", "media_norm.weight", "media_norm.bias",
+                  "to_q.weight", "to_kv.weight", "to_out.weight", "ff.0.weight", "ff.0.bias", "ff.1.fc1.weight",
+                  "ff.1.fc2.weight", "medium_embed.weight"]
+
+
+def test_the_deprecated_fusion_strings_build_the_same_model_with_a_warning():
+    new_form = r"fusion: \{class_path: mmclin.fusion.CrossAttentionFusion, init_args: \{every_n: 2, gate_init: 0.5\}\}"
+    with pytest.warns(DeprecationWarning, match=new_form):
+        old = tiny_mllm(fusion="cross_attention", xattn_every_n=2, xattn_gate_init=0.5)
+    new = tiny_mllm(fusion=CrossAttentionFusion(every_n=2, gate_init=0.5))
+    assert isinstance(old.fusion, CrossAttentionFusion) and list(old.fusion.blocks) == ["1"]
+    assert [k.removeprefix("fusion.blocks.1.") for k in new.state_dict() if k.startswith("fusion.")] == OLD_BLOCK_KEYS
+    assert list(old.state_dict()) == list(new.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    new.load_state_dict(old.state_dict(), strict=True)  # an old checkpoint's weights
+    assert float(new.fusion.blocks["1"].alpha_attn) == 0.5
+
+    with pytest.warns(DeprecationWarning, match="write `fusion: mmclin.fusion.SoftPromptFusion`"):
+        old = tiny_mllm(fusion="soft_prompt", xattn_every_n=1, xattn_gate_init=0.0)  # as old checkpoints record it
+    new = tiny_mllm()
+    assert isinstance(new.fusion, SoftPromptFusion) and list(old.state_dict()) == list(new.state_dict())
+    assert not [k for k in new.state_dict() if k.startswith("fusion.")]
+    with pytest.raises(ConfigError, match="xattn_gate_init: settings of the deprecated fusion: 'cross_attention'"):
+        tiny_mllm(fusion=CrossAttentionFusion(), xattn_gate_init=0.5)

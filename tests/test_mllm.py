@@ -15,6 +15,7 @@ from encoders.timeseries import PatchTransformerEncoder
 from encoders.volume import ViT3DEncoder
 from mmclin.contracts import ClinicalDataModule
 from mmclin.errors import DataError
+from mmclin.fusion import CrossAttentionFusion, SoftPromptFusion
 from mmclin.models.mllm import MultimodalLM
 from mmclin.tasks.qa import parse_choice
 
@@ -45,12 +46,12 @@ def _fit_and_validate(model: MultimodalLM, train: list[dict], val: list[dict], e
     return metrics
 
 
-@pytest.mark.parametrize("fusion", ["soft_prompt", "cross_attention"])
+@pytest.mark.parametrize("fusion", [SoftPromptFusion, CrossAttentionFusion], ids=lambda c: c.__name__)
 def test_learns_a_closed_question_about_a_series(fusion, tmp_path):
     L.seed_everything(0)
     encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=32, n_layers=1, n_heads=2)
     tiny_lm = {"tiny": {"hidden_size": 32, "intermediate_size": 64}, "freeze": "none"}  # random init: train it
-    model = MultimodalLM({"series": encoder}, lm=tiny_lm, fusion=fusion, lr=3e-3, predictions_dir=str(tmp_path))
+    model = MultimodalLM({"series": encoder}, lm=tiny_lm, fusion=fusion(), lr=3e-3, predictions_dir=str(tmp_path))
     metrics = _fit_and_validate(model, _samples(64, 0), _samples(32, 1), epochs=40, root=tmp_path)
     assert metrics["val/acc_likelihood"] >= 0.8, metrics  # majority baseline 0.5
     lines = (tmp_path / "val-predictions" / "predictions.jsonl").read_text().splitlines()

@@ -315,7 +315,7 @@ N_LEADS = 12
 def fusion_model(spec: dict) -> torch.nn.Module:
     """The spec's MultimodalLM (or bare encoder): tiny LM, one 12-lead patch-transformer encoder."""
     from encoders.timeseries import PatchTransformerEncoder
-    from mmclin.fusion import MLPProjector, PerceiverResampler
+    from mmclin.fusion import CrossAttentionFusion, MLPProjector, PerceiverResampler, SoftPromptFusion
     from mmclin.models import MultimodalLM
 
     channels = spec.get("channels", N_LEADS)
@@ -329,7 +329,8 @@ def fusion_model(spec: dict) -> torch.nn.Module:
     # The soft prompt puts every encoder token into the LM sequence: room for channels x L / patch of them.
     positions = max(4096, channels * spec["length"] // spec["patch_size"] + 256)
     shape = spec.get("lm") or {"hidden_size": 64, "intermediate_size": 128}
-    return MultimodalLM(encoders={"series": encoder}, connector=connector, fusion=spec["mode"],
+    fusion = {"soft_prompt": SoftPromptFusion, "cross_attention": CrossAttentionFusion}[spec["mode"]]()
+    return MultimodalLM(encoders={"series": encoder}, connector=connector, fusion=fusion,
                         lm={"tiny": {**shape, "max_position_embeddings": positions}, "freeze": "none"})
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from mmclin.errors import ConfigError
+from mmclin.fusion.base import FusedInputs, Fusion, MediaTokens
 from mmclin.fusion.soft_prompt import check_placeholder_counts
 from mmclin.llm import lm_layers
 
@@ -143,25 +145,88 @@ class _Media:
     channel_ids: Tensor | None  # (B, M, T) long
 
 
-class CrossAttentionFusion(nn.Module):
-    """The gated cross-attention blocks attached to an LM (see :func:`attach_cross_attention`).
+class CrossAttentionFusion(Fusion):
+    """Gated cross-attention blocks run before every ``every_n``-th decoder layer of the LM (:meth:`attach`).
 
-    Its parameters are the only new ones, so ``fusion.parameters()`` is what to train with a frozen LM. Keep it
-    as an attribute beside the LM (e.g. of the LightningModule) so it is moved, saved and loaded with it.
+    Layers ``every_n - 1, 2 * every_n - 1, ...`` get a block (OpenFlamingo's ``cross_attn_every_n_layers``). The
+    placeholders stay in the text, and text attends to the tokens of every medium placed at or before it. The blocks
+    are the only new parameters, so ``fusion.parameters()`` is what to train with a frozen LM. Keep the fusion as an
+    attribute beside the LM (e.g. of the LightningModule) so it is moved, saved and loaded with it.
     """
 
-    def __init__(self, blocks: dict[int, GatedCrossAttentionBlock]):
+    def __init__(
+        self,
+        every_n: int = 1,
+        gate_init: float = 0.0,
+        n_heads: int | None = None,
+        ff_mult: int = 4,
+        max_media: int = 32,
+        n_channels: int = 0,
+    ):
         """
         Args:
-            blocks: block to run before each decoder layer, by layer index.
+            every_n: a block before every n-th decoder layer.
+            gate_init: initial attention gate ``alpha_attn`` of every block: 0 (Flamingo) for a pretrained LM; > 0
+                for an LM trained from scratch, which can otherwise stay at the closed-gate saddle
+                (see :class:`GatedCrossAttentionBlock`).
+            n_heads: attention heads of the blocks; default the LM's ``num_attention_heads``.
+            ff_mult: feed-forward width of the blocks, as a multiple of the LM's hidden size.
+            max_media: most media per sample.
+            n_channels: size of the optional per-token channel/lead embedding; 0 for none.
         """
         super().__init__()
-        self.blocks = nn.ModuleDict({str(index): block for index, block in blocks.items()})
+        if every_n < 1:
+            raise ConfigError(f"every_n should be >= 1 (a block before every n-th decoder layer), got {every_n}")
+        self.every_n, self.gate_init, self.n_heads = every_n, gate_init, n_heads
+        self.ff_mult, self.max_media, self.n_channels = ff_mult, max_media, n_channels
+        self.blocks = nn.ModuleDict()  # block to run before each decoder layer, by layer index (from `attach`)
         self._media: _Media | None = None
         self._handles: list[RemovableHandle] = []
 
+    def attach(self, lm: nn.Module, media_width: int) -> None:
+        """Create a block for every ``every_n``-th decoder layer of `lm` and hook it in before the layer, on the
+        device and in the dtype of the LM's first parameter.
+
+        Args:
+            lm: a transformers decoder-only LM.
+            media_width: width of the media tokens.
+        """
+        if self.blocks:
+            raise RuntimeError("this CrossAttentionFusion is attached to an LM already; build one per model")
+        layers = lm_layers(lm)
+        if self.every_n > len(layers):
+            raise ConfigError(f"every_n should be in 1..{len(layers)} (the number of decoder layers), got "
+                              f"{self.every_n}")
+        config = lm.config.get_text_config()
+        parameter = next(lm.parameters())
+        for index in range(self.every_n - 1, len(layers), self.every_n):
+            block = GatedCrossAttentionBlock(
+                config.hidden_size, media_width, self.n_heads or config.num_attention_heads, self.ff_mult,
+                self.max_media, self.n_channels, self.gate_init,
+            ).to(device=parameter.device, dtype=parameter.dtype)
+            self.blocks[str(index)] = block
+            self._handles.append(layers[index].register_forward_pre_hook(_PreHook(self, block), with_kwargs=True))
+
+    @contextlib.contextmanager
+    def fuse(
+        self,
+        lm: nn.Module,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        media: MediaTokens,
+        media_token_id: int,
+        labels: Tensor | None = None,
+        padding_side: Literal["right", "left"] = "right",
+    ) -> Iterator[FusedInputs]:
+        """See :meth:`Fusion.fuse`; the text goes to the LM as it is (placeholders included, padding kept), and
+        the blocks read the media while the block lasts."""
+        positions = placeholder_positions(input_ids, media_token_id, media.present, attention_mask)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with self.media(media.tokens, media.mask, positions):
+            yield FusedInputs(lm.get_input_embeddings()(input_ids), attention_mask, position_ids, labels)
+
     def set_media(self, tokens: Tensor, mask: Tensor, positions: Tensor, channel_ids: Tensor | None = None) -> None:
-        """Media for the next LM forward passes, until :meth:`clear_media`.
+        """Media for the next LM forward passes; :meth:`media` sets them for a block and restores the previous.
 
         Args:
             tokens: (B, M, T, d_media) media tokens, padded.
@@ -180,10 +245,6 @@ class CrossAttentionFusion(nn.Module):
             raise ValueError(f"channel_ids should be {tuple(tokens.shape[:3])}, got {tuple(channel_ids.shape)}")
         self._media = _Media(tokens, mask.bool(), positions.long(), channel_ids)
 
-    def clear_media(self) -> None:
-        """Forget the media: the blocks then see none (only their feed-forward branch acts)."""
-        self._media = None
-
     @contextlib.contextmanager
     def media(
         self, tokens: Tensor, mask: Tensor, positions: Tensor, channel_ids: Tensor | None = None
@@ -197,7 +258,7 @@ class CrossAttentionFusion(nn.Module):
             self._media = previous
 
     def detach_hooks(self) -> None:
-        """Take the blocks out of the LM again; the LM then runs as before :func:`attach_cross_attention`."""
+        """Take the blocks out of the LM again; the LM then runs as before :meth:`attach`."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -243,40 +304,13 @@ def attach_cross_attention(
     n_channels: int = 0,
     gate_init: float = 0.0,
 ) -> CrossAttentionFusion:
-    """Run a new gated cross-attention block before every ``every_n``-th decoder layer of ``lm``.
-
-    Layers ``every_n - 1, 2 * every_n - 1, ...`` get a block (OpenFlamingo's ``cross_attn_every_n_layers``).
-    The blocks are created on the device and in the dtype of the LM's first layer parameter.
-
-    Args:
-        lm: a transformers decoder-only LM.
-        d_media: width of the media tokens.
-        every_n: attach to every n-th layer.
-        n_heads: attention heads of the blocks; default the LM's ``num_attention_heads``.
-        ff_mult: feed-forward width of the blocks, as a multiple of the LM's hidden size.
-        max_media: most media per sample.
-        n_channels: size of the optional per-token channel/lead embedding; 0 for none.
-        gate_init: initial attention gate ``alpha_attn`` of every block (see :class:`GatedCrossAttentionBlock`).
+    """A :class:`CrossAttentionFusion` with these settings, attached to `lm` for media of width `d_media`.
 
     Returns:
         The fusion holding the blocks; set media with :meth:`CrossAttentionFusion.media` around LM calls.
     """
-    layers = lm_layers(lm)
-    if not 1 <= every_n <= len(layers):
-        raise ValueError(f"every_n should be in 1..{len(layers)} (the number of decoder layers), got {every_n}")
-    config = lm.config.get_text_config()
-    parameter = next(lm.parameters())
-    blocks = {
-        index: GatedCrossAttentionBlock(
-            config.hidden_size, d_media, n_heads or config.num_attention_heads, ff_mult, max_media, n_channels,
-            gate_init,
-        ).to(device=parameter.device, dtype=parameter.dtype)
-        for index in range(every_n - 1, len(layers), every_n)
-    }
-    fusion = CrossAttentionFusion(blocks)
-    for index, block in blocks.items():
-        hook = _PreHook(fusion, block)
-        fusion._handles.append(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+    fusion = CrossAttentionFusion(every_n, gate_init, n_heads, ff_mult, max_media, n_channels)
+    fusion.attach(lm, d_media)
     return fusion
 
 
@@ -297,7 +331,7 @@ def placeholder_positions(
 
     Positions count the unpadded tokens of a row, as transformers' ``generate`` does (its position ids are
     ``attention_mask.cumsum(-1) - 1``), so they hold for left and right padding alike. With left padding outside
-    ``generate``, pass the LM the same position ids (``SplicedInputs.position_ids`` builds them the same way).
+    ``generate``, pass the LM the same position ids (``FusedInputs.position_ids`` are built the same way).
 
     Args:
         input_ids: (B, S) token ids with one placeholder per present medium.

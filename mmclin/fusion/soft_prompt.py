@@ -7,8 +7,8 @@ medium's T tokens, so any number of media of any length can be interleaved with 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -16,25 +16,7 @@ from torch import Tensor, nn
 
 from mmclin.contracts import IGNORE_INDEX
 from mmclin.errors import DataError
-
-
-@dataclass
-class SplicedInputs:
-    """What :func:`splice_media` returns; pass the fields to an HF causal LM's forward (or ``generate``).
-
-    Attributes:
-        inputs_embeds: (B, S', D) text embeddings with each placeholder replaced by its medium's tokens.
-        attention_mask: (B, S') long, 1 for text and media tokens, 0 for padding.
-        position_ids: (B, S') long, counted over the unpadded tokens of each row (0 at padding), as
-            transformers' ``generate`` derives them from the attention mask.
-        labels: (B, S') long, the given text labels moved to their new positions; -100 at media tokens and
-            padding. None when no labels were given.
-    """
-
-    inputs_embeds: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor
-    labels: Tensor | None = None
+from mmclin.fusion.base import FusedInputs, Fusion, MediaTokens
 
 
 def check_placeholder_counts(
@@ -76,27 +58,6 @@ def check_placeholder_counts(
     return rows
 
 
-def answer_labels(input_ids: Tensor, prompt_lengths: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Labels that train on the answer only: prompt tokens and padding become -100.
-
-    Args:
-        input_ids: (B, S) prompt followed by answer, padded on either side.
-        prompt_lengths: (B,) number of prompt tokens of each row, counted from its first non-padding token.
-        attention_mask: (B, S) 1 for tokens, 0 for padding; None means no padding.
-
-    Returns:
-        (B, S) long labels: the answer's token ids, -100 elsewhere.
-    """
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if prompt_lengths.shape != input_ids.shape[:1]:
-        raise ValueError(f"prompt_lengths should be ({input_ids.shape[0]},), got {tuple(prompt_lengths.shape)}")
-    valid = attention_mask.bool()
-    index_in_row = valid.long().cumsum(-1) - 1
-    is_answer = valid & (index_in_row >= prompt_lengths.to(input_ids.device)[:, None])
-    return input_ids.masked_fill(~is_answer, IGNORE_INDEX)
-
-
 def splice_media(
     input_ids: Tensor,
     embed_tokens: nn.Module,
@@ -106,7 +67,7 @@ def splice_media(
     attention_mask: Tensor | None = None,
     labels: Tensor | None = None,
     padding_side: Literal["right", "left"] = "right",
-) -> SplicedInputs:
+) -> FusedInputs:
     """Replace each media placeholder with its medium's tokens and re-pad the batch.
 
     The j-th placeholder of a row takes the row's j-th medium. Masked-out media tokens are dropped, so a row
@@ -122,11 +83,13 @@ def splice_media(
         media_mask: (B, M, T) bool, True for valid tokens of padded ``media``; a medium with no valid token is
             absent. Required with a padded tensor, ignored with lists.
         attention_mask: (B, S) 1 for tokens, 0 for padding; None means no padding.
-        labels: (B, S) labels of the text (answer token ids, -100 for the prompt); see :func:`answer_labels`.
+        labels: (B, S) labels of the text (answer token ids, -100 for the prompt and padding), as
+            :class:`mmclin.tasks.qa.QACollator` gives them.
         padding_side: where the output rows are padded: ``right`` for training, ``left`` for batched generation.
 
     Returns:
-        :class:`SplicedInputs` with inputs_embeds (B, S', D), attention_mask, position_ids and labels (B, S').
+        :class:`~mmclin.fusion.base.FusedInputs`: inputs_embeds (B, S', D), attention_mask, position_ids and
+        labels (B, S').
 
     Raises:
         DataError: a row's placeholder count differs from its media count.
@@ -179,7 +142,7 @@ def splice_media(
         if out_labels is not None:
             out_labels[row, span] = rows_labels[row]
     position_ids = (out_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return SplicedInputs(out_embeds, out_mask, position_ids, out_labels)
+    return FusedInputs(out_embeds, out_mask, position_ids, out_labels)
 
 
 def _media_lists(media: list[list[Tensor]] | Tensor, media_mask: Tensor | None) -> list[list[Tensor]]:
@@ -198,3 +161,25 @@ def _media_lists(media: list[list[Tensor]] | Tensor, media_mask: Tensor | None) 
         [medium[valid] for medium, valid in zip(row, row_mask) if valid.any()]
         for row, row_mask in zip(media, media_mask)
     ]
+
+
+class SoftPromptFusion(Fusion):
+    """Each ``<media>`` placeholder's embedding replaced by its medium's connector tokens (:func:`splice_media`).
+
+    No parameters of its own: the connector's tokens are the LM's input, so the LM reads them as it reads text.
+    """
+
+    @contextlib.contextmanager
+    def fuse(
+        self,
+        lm: nn.Module,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        media: MediaTokens,
+        media_token_id: int,
+        labels: Tensor | None = None,
+        padding_side: Literal["right", "left"] = "right",
+    ) -> Iterator[FusedInputs]:
+        """See :meth:`Fusion.fuse`; rows grow by their media's valid tokens, less one per placeholder."""
+        yield splice_media(input_ids, lm.get_input_embeddings(), media_token_id, media.tokens, media.mask,
+                           attention_mask, labels, padding_side)

@@ -1,4 +1,4 @@
-"""Encoder(s) + connector + causal LM, fused by soft prompt or gated cross-attention, trained on answers."""
+"""Encoder(s) + connector + causal LM, joined by a fusion (soft prompt, cross-attention, ...), trained on answers."""
 
 from __future__ import annotations
 
@@ -22,11 +22,12 @@ from mmclin.contracts import IGNORE_INDEX, ClinicalDataModule, Encoder, Servable
 from mmclin.distributed import gather_rows
 from mmclin.errors import CheckpointError, ConfigError
 from mmclin.export import LM_DIR
-from mmclin.fusion.cross_attention import attach_cross_attention, placeholder_positions
+from mmclin.fusion.base import Fusion, MediaTokens
+from mmclin.fusion.legacy import fusion_from_settings
 from mmclin.fusion.projector import MLPProjector
-from mmclin.fusion.soft_prompt import splice_media
 from mmclin.llm import MEDIA_TOKEN, bpe_tokenizer, lm_hidden_size, load_causal_lm, tokenizer_from_json
 from mmclin.metrics.f1 import macro_f1
+from mmclin.models.mllm_export import load_multimodal_lm, save_lm_for_export
 from mmclin.models.optim import adamw_cosine
 from mmclin.plots import log_figure, log_text, plot_confusion_matrix
 from mmclin.runs import run_dir
@@ -44,21 +45,23 @@ from mmclin.tasks.qa import QACollator, parse_choice
 class MultimodalLM(Servable, L.LightningModule):
     """Question answering (or any text output) over media with a causal LM from transformers.
 
-    ``fusion="soft_prompt"`` replaces each ``<media>`` placeholder's embedding by the connector's tokens
-    (LLaVA / OpenTSLM-SoftPrompt); ``fusion="cross_attention"`` keeps the placeholder in the text and lets the
-    text attend to the tokens of every medium before it through gated cross-attention (Flamingo /
-    OpenTSLM-Flamingo). The loss covers answer tokens only. Validation scores closed questions twice: by
-    parsing greedy generations into a choice, and by ranking the allowed choices by their likelihood.
+    The fusion decides how the connector's tokens enter the LM: :class:`~mmclin.fusion.SoftPromptFusion`
+    replaces each ``<media>`` placeholder's embedding by them (LLaVA / OpenTSLM-SoftPrompt);
+    :class:`~mmclin.fusion.CrossAttentionFusion` keeps the placeholder in the text and lets the text attend to the
+    tokens of every medium before it through gated cross-attention (Flamingo / OpenTSLM-Flamingo); any other
+    :class:`~mmclin.fusion.Fusion` works the same way. The loss covers answer tokens only. Validation scores closed
+    questions twice: by parsing greedy generations into a choice, and by ranking the allowed choices by their
+    likelihood.
     """
 
     def __init__(
         self,
         encoders: dict[str, nn.Module],
         lm: dict[str, Any],
-        fusion: Literal["soft_prompt", "cross_attention"] = "soft_prompt",
+        fusion: Fusion | Literal["soft_prompt", "cross_attention"] | None = None,
         connector: Callable[[int, int], nn.Module] | None = None,
-        xattn_every_n: int = 1,
-        xattn_gate_init: float = 0.0,
+        xattn_every_n: int | None = None,
+        xattn_gate_init: float | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup: float = 0.05,
@@ -77,12 +80,13 @@ class MultimodalLM(Servable, L.LightningModule):
             encoders: one encoder per modality key of the batch (e.g. ``{"series": PatchTransformerEncoder}``);
                 each maps (N, C, L) + lengths to tokens with an ``out_dim`` width.
             lm: arguments of :func:`mmclin.llm.load_causal_lm` (``source`` or ``tiny``, ``freeze``, ``lora``...).
-            fusion: ``soft_prompt`` or ``cross_attention``.
+            fusion: how media enter the LM, a :class:`~mmclin.fusion.Fusion` (in a config its ``class_path`` and
+                ``init_args``, e.g. ``mmclin.fusion.CrossAttentionFusion`` with ``every_n``, ``gate_init``);
+                None: :class:`~mmclin.fusion.SoftPromptFusion`. Deprecated: ``soft_prompt`` or ``cross_attention``.
             connector: builds the connector from (encoder width, LM width); default an MLP projector
                 (use ``PerceiverResampler`` for a token count independent of the series length).
-            xattn_every_n: cross-attention blocks before every n-th decoder layer.
-            xattn_gate_init: initial attention gate of the cross-attention blocks: 0 (Flamingo) for a pretrained
-                LM; > 0 for an LM trained from scratch, which can otherwise stay at the closed-gate saddle.
+            xattn_every_n: deprecated, with ``fusion="cross_attention"`` only: ``CrossAttentionFusion.every_n``.
+            xattn_gate_init: deprecated, with ``fusion="cross_attention"`` only: ``CrossAttentionFusion.gate_init``.
             lr: peak AdamW learning rate for the trainable parameters.
             weight_decay: AdamW weight decay.
             warmup: linear warm-up: a fraction of the total steps if < 1, else a number of steps.
@@ -125,17 +129,17 @@ class MultimodalLM(Servable, L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         _check_settings(encoders, lm, tokenizer_vocab, aux_classes, aux_level, aux_tokens)
-        # The parts, in this order (it fixes the random init): encoders -> connectors -> LM, with cross-attention
-        # blocks hooked into the LM for that fusion; auxiliary heads on the encoders.
+        fusion = fusion_from_settings(fusion, xattn_every_n, xattn_gate_init)
+        # The parts, in this order (it fixes the random init): encoders -> LM -> connectors -> what the fusion
+        # attaches to the LM (cross-attention blocks); auxiliary heads on the encoders.
         self.encoders = nn.ModuleDict(encoders)
         self.lm, self.tokenizer = load_causal_lm(**lm)
         self.media_token_id = self.tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
         width = lm_hidden_size(self.lm)
         build = connector or (lambda d_in, d_out: MLPProjector(d_in, d_out))
         self.connectors = nn.ModuleDict({k: build(e.out_dim, width) for k, e in encoders.items()})
-        self.fusion = attach_cross_attention(self.lm, width, every_n=xattn_every_n,
-                                             gate_init=xattn_gate_init) if fusion == "cross_attention" \
-            else None
+        self.fusion = fusion
+        self.fusion.attach(self.lm, width)
         self.collator = QACollator(self.tokenizer, media_keys=tuple(encoders))
         # The split's loss: a token-weighted mean that two processes sum exactly as one (not a mean of batch means)
         self.eval_loss = nn.ModuleDict({split: MeanMetric() for split in ("val", "test")})
@@ -301,28 +305,22 @@ class MultimodalLM(Servable, L.LightningModule):
         order = torch.argsort(owner, stable=True)
         grouped[owner[order], slot] = tokens[order]
         grouped_mask[owner[order], slot] = mask[order]
-        return grouped, grouped_mask, grouped_mask.any(-1)
+        return MediaTokens(grouped, grouped_mask, grouped_mask.any(-1))
 
-    def lm_forward(self, input_ids, attention_mask, media, labels=None, repeat: int = 1):
-        """LM outputs for text with media; `repeat` > 1 repeats each sample's media for consecutive rows."""
-        tokens, mask, present = media
+    def lm_forward(self, input_ids, attention_mask, media: MediaTokens, labels=None, repeat: int = 1):
+        """LM outputs for text with media, through the fusion, and the labels at the LM's positions; `repeat` > 1
+        repeats each sample's media for consecutive rows."""
         if repeat > 1:
-            tokens, mask, present = (x.repeat_interleave(repeat, 0) for x in (tokens, mask, present))
-        if self.fusion is None:
-            spliced = splice_media(input_ids, self.lm.get_input_embeddings(), self.media_token_id, tokens, mask,
-                                   attention_mask, labels)
-            return self.lm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
-                           position_ids=spliced.position_ids, labels=spliced.labels), spliced.labels
-        positions = placeholder_positions(input_ids, self.media_token_id, present, attention_mask)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with self.fusion.media(tokens, mask, positions):
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
-        return out, labels
+            media = MediaTokens(*(x.repeat_interleave(repeat, 0) for x in media))
+        with self.fusion.fuse(self.lm, input_ids, attention_mask, media, self.media_token_id, labels) as fused:
+            out = self.lm(inputs_embeds=fused.inputs_embeds, attention_mask=fused.attention_mask,
+                          position_ids=fused.position_ids, labels=fused.labels)
+        return out, fused.labels
 
     def batch_media(self, batch: dict, aux_loss: bool = False):
         """The batch's media for :meth:`lm_forward`, :meth:`rank_choices` and :meth:`generate_answers`: tokens
-        (B, M, T, D_lm), mask (B, M, T) and presence (B, M), each sample's media in text order; with `aux_loss`,
-        also the auxiliary loss (or None)."""
+        (B, M, T, D_lm), mask (B, M, T) and presence (B, M), each sample's media in text order (a
+        :class:`~mmclin.fusion.MediaTokens`); with `aux_loss`, also the auxiliary loss (or None)."""
         tokens, mask, owner, *loss = self.encode_media(batch, aux_loss)
         media = self._group(tokens, mask, owner, len(batch["input_ids"]))
         return (media, *loss) if aux_loss else media
@@ -344,8 +342,6 @@ class MultimodalLM(Servable, L.LightningModule):
     # -- export ------------------------------------------------------------------------------------------
     def save_lm(self, directory) -> tuple[dict, dict]:
         """The LM and tokenizer into an export's `directory` (:func:`mmclin.models.mllm_export.save_lm_for_export`)."""
-        from mmclin.models.mllm_export import save_lm_for_export
-
         return save_lm_for_export(self, directory)
 
     @classmethod
@@ -356,8 +352,6 @@ class MultimodalLM(Servable, L.LightningModule):
             directory: the export.
             base_lm: for an export of LoRA adapters: the base LM's local directory, where not the one recorded.
         """
-        from mmclin.models.mllm_export import load_multimodal_lm
-
         return load_multimodal_lm(cls, directory, base_lm).eval()
 
     def export_to(self, out: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -433,16 +427,9 @@ class MultimodalLM(Servable, L.LightningModule):
         ids, mask = batch["prompt_ids"], batch["prompt_mask"]
         lengths = [self.generation_length(c) for c in batch.get("choices") or [None] * len(ids)]
         options = {"max_new_tokens": max(lengths), "do_sample": False, "pad_token_id": self.tokenizer.pad_token_id}
-        tokens, tmask, present = media
-        if self.fusion is None:
-            spliced = splice_media(ids, self.lm.get_input_embeddings(), self.media_token_id, tokens, tmask, mask,
-                                   padding_side="left")
-            new = self.lm.generate(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
-                                   **options)
-        else:
-            positions = placeholder_positions(ids, self.media_token_id, present, mask)
-            with self.fusion.media(tokens, tmask, positions):
-                new = self.lm.generate(input_ids=ids, attention_mask=mask, **options)[:, ids.shape[1]:]
+        # From inputs_embeds, generate returns the new tokens only; it derives the position ids from the mask.
+        with self.fusion.fuse(self.lm, ids, mask, media, self.media_token_id, padding_side="left") as fused:
+            new = self.lm.generate(inputs_embeds=fused.inputs_embeds, attention_mask=fused.attention_mask, **options)
         return self.tokenizer.batch_decode([row[:n] for row, n in zip(new, lengths)], skip_special_tokens=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

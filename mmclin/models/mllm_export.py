@@ -11,16 +11,14 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import lightning as L
 import torch
 
 from mmclin.errors import CheckpointError
 from mmclin.export import CONFIG_NAME, LM_DIR, ExportConfig, build_from_config, read_weights
 from mmclin.llm import save_lm
-
-if TYPE_CHECKING:
-    from mmclin.models.mllm import MultimodalLM
 
 ADDED_ROWS = "lm_added_rows."  # weight-file prefix of the added tokens' embedding rows
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -35,9 +33,9 @@ def _embeddings(base) -> dict[str, torch.Tensor]:
     return found
 
 
-def save_lm_for_export(module: MultimodalLM, directory: str | os.PathLike) -> tuple[dict[str, Any], dict]:
-    """Write `module`'s LM and tokenizer to `directory`; returns the export's ``lm`` entry and the tensors the
-    weight file must carry beside the module's own (the added tokens' rows under an adapter)."""
+def save_lm_for_export(module: L.LightningModule, directory: str | os.PathLike) -> tuple[dict[str, Any], dict]:
+    """Write the LM and tokenizer of `module` (a MultimodalLM) to `directory`; returns the export's ``lm`` entry and
+    the tensors the weight file must carry beside the module's own (the added tokens' rows under an adapter)."""
     settings = module.hparams.lm
     directory = Path(directory)
     vocabulary = len(module.tokenizer)
@@ -53,9 +51,10 @@ def save_lm_for_export(module: MultimodalLM, directory: str | os.PathLike) -> tu
     return {"kind": "full", "vocabulary": vocabulary}, {}
 
 
-def load_multimodal_lm(cls: type[MultimodalLM], directory: str | os.PathLike,
-                       base_lm: str | None = None) -> MultimodalLM:
-    """`cls` built and loaded from an export directory; `base_lm` overrides where an adapter's base LM is."""
+def load_multimodal_lm(cls: type[L.LightningModule], directory: str | os.PathLike,
+                       base_lm: str | None = None) -> L.LightningModule:
+    """`cls` (MultimodalLM or a subclass) built and loaded from an export directory; `base_lm` overrides where an
+    adapter's base LM is. This module imports no model: MultimodalLM imports it, so there is no import circle."""
     directory = Path(directory)
     config = ExportConfig.read(directory)
     found = config.model_class(directory / CONFIG_NAME)

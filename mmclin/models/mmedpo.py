@@ -256,8 +256,7 @@ class MMedPO(Servable, L.LightningModule):
             self.reference.eval()  # always: no dropout in the reference's log-probabilities
         else:  # LoRA: the frozen encoders are the reference's too; their norm statistics must not move
             for part in (self.policy.encoders, self.policy.connectors, self.policy.fusion):
-                if part is not None:
-                    part.eval()
+                part.eval()
         return self
 
 
