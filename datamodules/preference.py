@@ -27,7 +27,7 @@ from lightning.pytorch.cli import instantiate_class
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.loaders import split_loader
-from mmclin.checkpoints import own_hyperparameters
+from mmclin.checkpoints import own_hyperparameters, read_checkpoint
 from mmclin.contracts import ClinicalDataModule
 from mmclin.errors import ConfigError, DataError
 from mmclin.preference.pairs import (
@@ -47,7 +47,7 @@ from mmclin.preference.pairs import (
 )
 from mmclin.runs import run_dir
 from mmclin.tasks.qa import parse_choice
-from mmclin.trusted import trusted_class
+from mmclin.trusted import datamodule_class, trusted_class
 
 log = logging.getLogger(__name__)
 MEDIA_KEYS = ("image", "series", "volume")
@@ -96,7 +96,8 @@ class PreferenceDataModule(ClinicalDataModule):
 
     def __init__(
         self,
-        base: dict[str, Any],
+        base: dict[str, Any] | None = None,
+        init_from: str | None = None,
         pairs: str | None = None,
         kinds: list[str] | None = None,
         pairs_per_study: int = 2,
@@ -111,7 +112,10 @@ class PreferenceDataModule(ClinicalDataModule):
         """
         Args:
             base: the supervised run's datamodule as ``{"class_path": "datamodules...", "init_args": {...}}`` (the
-                same settings, so the same preprocessing and splits).
+                same settings, so the same preprocessing and splits). Default: the one the `init_from` checkpoint
+                records, with the settings of a `base` given without ``class_path`` (``{"init_args": {"root":
+                ...}}``) on top.
+            init_from: the supervised checkpoint the model starts from (``mmclin fit`` passes on the model's).
             pairs: a ``pairs.jsonl`` to train on instead of building pairs.
             kinds: pair kinds to build (:data:`mmclin.preference.pairs.KINDS`); default every answer kind that
                 applies: the injected report errors, ``other_study`` and ``lesion_noise`` for reports,
@@ -139,13 +143,36 @@ class PreferenceDataModule(ClinicalDataModule):
         if on_bad_pair not in ("raise", "skip"):
             raise ConfigError(f"on_bad_pair must be 'raise' or 'skip', got {on_bad_pair!r}")
         self.save_hyperparameters()
-        if not isinstance(base, dict):
+        if base is not None and not isinstance(base, dict):
             raise ConfigError(f"base: a datamodule of this project as {{class_path, init_args}}, got {base!r}")
+        if not (base or {}).get("class_path"):
+            # the checkpoint's data, recorded as the base: the run's own checkpoints then name it
+            self.hparams.base = base = self._recorded_base(init_from, base or {})
         trusted_class(base.get("class_path"), ClinicalDataModule, "base.class_path", ConfigError)
         self._base: ClinicalDataModule | None = None
         self._masks: list[torch.Tensor] | None = None
         self._pairs: list[Pair] = []
         self.skipped: Counter[str] = Counter()
+
+    @staticmethod
+    def _recorded_base(init_from: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+        """``{class_path, init_args}`` of the datamodule the supervised checkpoint `init_from` was trained on, its
+        settings updated by `overrides` (a ``base`` without ``class_path``); the classes it names are checked before
+        anything is built (:func:`mmclin.trusted.datamodule_class`)."""
+        if not init_from:
+            raise ConfigError("base: the supervised run's datamodule, or init_from: its checkpoint, which records it "
+                              "(e.g. --model.init_args.init_from runs/fundus-report/.../checkpoints/last.ckpt)")
+        where = f"{init_from}: datamodule_hyper_parameters"
+        recorded = dict(read_checkpoint(init_from).get("datamodule_hyper_parameters") or {})
+        cls = datamodule_class(recorded, where)
+        if issubclass(cls, PreferenceDataModule):
+            raise ConfigError(f"init_from: {init_from} is a checkpoint of preference data ({where}); start from the "
+                              "supervised run's checkpoint")
+        # `--data.init_args.base.init_args.X v` on the command line arrives as overrides["X"], beside init_args
+        changed = {**(overrides.get("init_args") or {}), **{k: v for k, v in overrides.items() if k != "init_args"}}
+        init_args = {k: v for k, v in recorded.items() if not k.startswith("_")} | changed
+        datamodule_class({"_class_path": recorded["_class_path"], **init_args}, f"{where} with base.init_args")
+        return {"class_path": recorded["_class_path"], "init_args": init_args}
 
     @property
     def base(self) -> ClinicalDataModule:

@@ -173,9 +173,14 @@ def check_checkpoint_fits(checkpoint: dict, path: str | os.PathLike, model: dict
 
 
 def _data_class(settings: dict, key: str, resolve: Callable[[str], type | None]) -> type | None:
-    """The datamodule class `settings` name under `key`, or that of the ``base`` datamodule they wrap."""
-    base = (settings.get("init_args") or settings).get("base")
-    name = base.get("class_path") if isinstance(base, dict) and base.get("class_path") else settings.get(key)
+    """The datamodule class `settings` name under `key`, or that of the ``base`` datamodule they wrap; None when
+    unnamed, as for a wrapper whose base comes from its ``init_from`` checkpoint (which then follows the model's)."""
+    settings_of = settings.get("init_args") or settings
+    if "base" in settings_of:
+        base = settings_of["base"]
+        name = base.get("class_path") if isinstance(base, dict) else None
+    else:
+        name = settings.get(key)
     return resolve(name) if isinstance(name, str) and name else None
 
 

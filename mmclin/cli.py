@@ -13,7 +13,8 @@ from typing import NoReturn
 
 import lightning as L
 import torch
-from jsonargparse import Namespace
+import yaml
+from jsonargparse import ActionConfigFile, Namespace, get_loader
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -21,10 +22,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import datamodules  # noqa: F401  (registers datamodules so configs can name them by class)
 import encoders  # noqa: F401
 import mmclin.models  # noqa: F401
-from mmclin.checkpoints import check_checkpoint_fits, checkpoint_class, config_class, read_checkpoint
+from datamodules.preference import PreferenceDataModule
+from mmclin.checkpoints import check_checkpoint_fits, config_class, read_checkpoint
 from mmclin.contracts import ClinicalDataModule
 from mmclin.errors import ConfigError, run_entry_point
-from mmclin.runs import SaveRunConfig
+from mmclin.runs import CSVRunLogger, SaveRunConfig
 from mmclin.setting_checks import check_numbers
 
 
@@ -87,27 +89,85 @@ def _closest(key: str, known: list[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
+class ConfigFile(ActionConfigFile):
+    """``-c FILE``, where FILE may start from other config files: a top-level ``config: BASE`` (a path relative to
+    FILE, or a list of them, each of which may start from others) is applied first and the rest of FILE on top,
+    exactly as ``-c BASE -c FILE`` would: sections merge key by key, a class's ``init_args`` merge while its
+    ``class_path`` stays, and a list (``trainer.callbacks``) replaces the base's (``callbacks+:`` appends to it).
+
+    jsonargparse (4.53) reads a ``config:`` key inside a file itself, but then lets each top-level section of the
+    file replace the included one whole: a run config's ``trainer:`` would drop every shared trainer setting.
+    """
+
+    def __call__(self, parser, cfg, values, option_string=None):
+        self._apply(parser, cfg, values, ())
+
+    def _apply(self, parser, cfg, value, chain: tuple[Path, ...]) -> None:
+        if not (isinstance(value, str) and os.path.isfile(value)):  # a YAML string on the command line
+            self.apply_config(parser, cfg, self.dest, value)
+            return
+        path = Path(value)
+        content = get_loader("yaml")(path.read_text(encoding="utf-8"))  # as jsonargparse reads it
+        if not isinstance(content, dict) or "config" not in content:
+            self.apply_config(parser, cfg, self.dest, value)
+            return
+        if path.resolve() in chain:
+            raise ConfigError(f"{path}: config: includes itself ({' -> '.join(map(str, (*chain, path)))})")
+        bases = content.pop("config")
+        for base in [bases] if isinstance(bases, str) else bases:
+            if not (path.parent / base).is_file():
+                raise ConfigError(f"{path}: config: {base!r} not found (relative to {path.parent})")
+            self._apply(parser, cfg, str(path.parent / base), (*chain, path.resolve()))
+        self.apply_config(parser, cfg, self.dest, yaml.safe_dump(content, sort_keys=False))
+
+
 class MMClinCLI(LightningCLI):
-    """LightningCLI in subclass mode: ``model:`` and ``data:`` take ``class_path``/``init_args``.
+    """LightningCLI in subclass mode: ``model:`` and ``data:`` take ``class_path``/``init_args``; a config file may
+    start from others (:class:`ConfigFile`).
 
     Before anything is built: a checkpoint of another model or data family (``--ckpt_path``) and impossible
     numbers (:func:`mmclin.setting_checks.check_numbers`) are refused; parse errors and the trainer's own checks
     end in one ConfigError line.
     """
 
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        """LightningCLI's parser, its ``-c/--config`` a :class:`ConfigFile`."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={L.__version__}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=ConfigFile,
+                            help="Path to a configuration file in yaml or json format (it may start from others: "
+                                 "`config: BASE` in it, relative to it), or the configuration itself.")
+        return parser
+
     def add_arguments_to_parser(self, parser) -> None:
-        # Class names are known only once the data is; the model needs them for zero-shot evaluation.
-        parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="fit only: then test the best checkpoint (the last one without a monitored metric) "
                                  "on the test split and print its figures")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """As LightningCLI's; then a ``--ckpt_path`` checkpoint is read with our named errors and refused when it is
+        of another model or data family than the config (:func:`~mmclin.checkpoints.check_checkpoint_fits`), before
+        LightningCLI makes its model settings the config's."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint_fits(read_checkpoint(ckpt_path), ckpt_path, _as_dict(config.get("model")),
+                                  _as_dict(config.get("data")))
+
     def before_instantiate_classes(self) -> None:
-        """Impossible numbers refused (see :func:`~mmclin.setting_checks.check_numbers`). bf16 on a CPU without bf16
+        """Impossible numbers refused (see :func:`~mmclin.setting_checks.check_numbers`). A :class:`CSVRunLogger`
+        given no ``save_dir`` writes under the trainer's ``default_root_dir`` (so a run config names its directory
+        once: ``default_root_dir: runs/<name>``). Preference data given no ``init_from`` reads the base data of the
+        supervised checkpoint the model starts from (``model.init_args.init_from``). bf16 on a CPU without bf16
         units runs its matrix products ~100x slower than fp32 (docs/benchmarks.md): there, a config's ``bf16-mixed``
         becomes ``32-true``, with a warning."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         check_numbers(config.as_dict())
+        _drop_unknown_recorded_settings(config.get("model"))
+        _logger_under_root_dir(config.get("trainer"))
+        _preference_data_from_init(config)
         trainer = config.get("trainer") if config is not None else None
         if trainer is None or not str(trainer.get("precision") or "").startswith("bf16"):
             return
@@ -117,27 +177,6 @@ class MMClinCLI(LightningCLI):
             rank_zero_warn(f"precision {trainer['precision']}: this CPU has no bf16 units, where bf16 matrix products "
                            "run far slower than fp32; training in 32-true instead")
             trainer["precision"] = "32-true"
-
-    def _parse_ckpt_path(self) -> None:
-        """As LightningCLI's (``--ckpt_path``: the checkpoint's model settings become the config's), but passing on
-        only the arguments the model's constructor takes: the ``data.classnames`` link records class names in the
-        settings of models without such an argument (a MultimodalLM on sleep stages), which would then be refused;
-        the checkpoint is read with our named errors."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        checkpoint = read_checkpoint(ckpt_path)
-        config = self.config[subcommand]
-        check_checkpoint_fits(checkpoint, ckpt_path, _as_dict(config.get("model")), _as_dict(config.get("data")))
-        hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k != "_instantiator"}
-        if not hparams:
-            return
-        if "_class_path" in hparams:
-            accepted = set(inspect.signature(checkpoint_class(checkpoint, ckpt_path).__init__).parameters)
-            hparams = {"class_path": hparams.pop("_class_path"),
-                       "dict_kwargs": {k: v for k, v in hparams.items() if k in accepted}}
-        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def instantiate_trainer(self, **kwargs):
         """Lightning's own checks of the trainer settings (``devices``, ``strategy``, ...) as one ConfigError line."""
@@ -214,6 +253,51 @@ def metrics_table(metrics: dict[str, float], depth: int = 2) -> str:
 def _as_dict(settings: Namespace | dict | None) -> dict | None:
     """A config's ``model`` or ``data`` as plain dicts; None when unset."""
     return settings.as_dict() if isinstance(settings, Namespace) else settings
+
+
+def _drop_unknown_recorded_settings(model: Namespace | None) -> None:
+    """``--ckpt_path``: LightningCLI passes every hyper-parameter the checkpoint records as ``dict_kwargs``; those the
+    model no longer takes are dropped with a warning (checkpoints written before class names went to CLIP alone
+    recorded the data's ``classnames`` for every model)."""
+    extra = model.get("dict_kwargs") if isinstance(model, Namespace) else None
+    cls = config_class(model.get("class_path")) if extra else None
+    if cls is None:
+        return
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    unknown = sorted(set(extra) - accepted)
+    if unknown:
+        rank_zero_warn(f"--ckpt_path: the checkpoint records settings {cls.__name__} does not take: {unknown}; "
+                       "ignored")
+        model.dict_kwargs = {k: v for k, v in extra.items() if k in accepted}
+
+
+def _logger_under_root_dir(trainer: Namespace | None) -> None:
+    """A :class:`~mmclin.runs.CSVRunLogger` without a ``save_dir`` gets the trainer's ``default_root_dir`` (Lightning's
+    default, the working directory, when that is unset too)."""
+    loggers = trainer.get("logger") if trainer is not None else None
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not isinstance(logger, Namespace) or logger.get("init_args") is None:
+            continue
+        cls = config_class(logger.get("class_path"))
+        if cls is not None and issubclass(cls, CSVRunLogger) and logger.init_args.get("save_dir") is None:
+            logger.init_args.save_dir = trainer.get("default_root_dir") or os.getcwd()
+
+
+def _preference_data_from_init(config: Namespace) -> None:
+    """:class:`~datamodules.preference.PreferenceDataModule` without its own ``init_from`` gets the model's: the
+    supervised checkpoint whose recorded datamodule is the base of the pairs."""
+    data, model = config.get("data"), config.get("model")
+    if not isinstance(data, Namespace) or not isinstance(model, Namespace):
+        return
+    cls = config_class(data.get("class_path"))
+    if cls is None or not issubclass(cls, PreferenceDataModule) or data.get("init_args") is None:
+        return
+    init_from = model.init_args.get("init_from") if model.get("init_args") is not None else None
+    if data.init_args.get("init_from") is None:
+        data.init_args.init_from = init_from
+    elif init_from is not None and str(data.init_args.init_from) != str(init_from):
+        raise ConfigError(f"data.init_args.init_from ({data.init_args.init_from}) and model.init_args.init_from "
+                          f"({init_from}) name two supervised checkpoints; give one (the model's is enough)")
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMClinCLI:

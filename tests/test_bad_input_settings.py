@@ -7,8 +7,11 @@ Fresh processes for what a user types (`python -m mmclin` is `lightning`), in-pr
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
 import inspect
+import io
 import json
 import math
 import pkgutil
@@ -108,6 +111,15 @@ def test_a_negative_learning_rate_is_refused_before_any_data_is_read(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.fixture(scope="module")
+def sleep_qa_resolved() -> dict:
+    """The whole config of sleep-qa-softprompt.yaml (its own settings and its bases'), as the CLI checks it."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli_main(["fit", "-c", SLEEP_QA, "--print_config"])
+    return yaml.safe_load(out.getvalue())
+
+
 @pytest.mark.parametrize("where, value, words", [
     (("model", "init_args", "lr"), 0.0, "model.init_args.lr=0.0: must be > 0"),
     (("model", "init_args", "lr"), math.nan, "model.init_args.lr=nan: must be > 0"),
@@ -123,8 +135,8 @@ def test_a_negative_learning_rate_is_refused_before_any_data_is_read(tmp_path):
     (("trainer", "accumulate_grad_batches"), 0, "trainer.accumulate_grad_batches=0: must be >= 1"),
     (("optimizer",), {"class_path": "torch.optim.SGD", "init_args": {"lr": -1.0}}, "optimizer.init_args.lr=-1.0"),
 ])
-def test_impossible_numbers_are_named(where, value, words):
-    config = yaml.safe_load(open(SLEEP_QA))
+def test_impossible_numbers_are_named(where, value, words, sleep_qa_resolved):
+    config = copy.deepcopy(sleep_qa_resolved)
     node = config
     for key in where[:-1]:
         node = node[key]
@@ -190,8 +202,12 @@ def test_a_misspelt_key_is_one_line_with_the_closest_key(tmp_path):
     (["--trainer.max_epoch", "3"], "unrecognized arguments: --trainer.max_epoch 3; did you mean "
                                    "'--trainer.max_epochs'?"),
     (["--trainer.max_epochs", "abc"], "trainer.max_epochs: Expected a <class 'int'>; got abc"),
-    (["--model.init_args.fusion", "soft"], "model.init_args.fusion: Expected a typing.Literal['soft_prompt', "
-                                           "'cross_attention']. Got value: soft"),
+    (["--model.init_args.aux_level", "pixel"], "model.init_args.aux_level: Expected a typing.Literal['token', "
+                                               "'medium']. Got value: pixel"),
+    # a fusion is a class (or a config file of one); the deprecated names are still accepted
+    (["--model.init_args.fusion", "soft"], "model.init_args.fusion: Expected a path but soft either not accessible or "
+                                           "invalid; Expected a dot import path string: soft; Expected a "
+                                           "typing.Literal['soft_prompt', 'cross_attention']; got soft; got 'soft'"),
 ])
 def test_parse_errors_are_one_line_without_the_usage(args, words, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MMCLIN_DEBUG", raising=False)

@@ -166,3 +166,54 @@ def test_llm_lora_overlay_runs_a_step(demo_cache, tmp_path):
     assert cli.trainer.global_step == 1
     trainable = [n for n, p in cli.model.lm.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def _resolved(*args: str) -> dict:
+    """The whole config `--print_config` shows for these arguments."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_cli([*args, "--print_config"], run=False)
+    return yaml.safe_load(out.getvalue())
+
+
+def test_a_variant_is_its_twin_with_its_differences():
+    """`config:` applies the twin (and, through it, the shared defaults) first, key by key, then the variant."""
+    variant = _resolved("-c", str(CONFIGS / "ecg-qa-xattn.yaml"))
+    twin_args = ["-c", str(CONFIGS / "ecg-qa-softprompt.yaml"), "-c", str(CONFIGS / "base" / "xattn.yaml")]
+    twin = _resolved(*twin_args, "--trainer.default_root_dir", "runs/ecg-qa-xattn",
+                     "--model.init_args.encoders.series.init_args.window", "32",
+                     "--model.init_args.connector", "mmclin.fusion.PerceiverResampler",
+                     "--model.init_args.connector.init_args.n_latents", "16",
+                     "--model.init_args.connector.init_args.depth", "1")
+    assert variant == twin
+    encoder = variant["model"]["init_args"]["encoders"]["series"]["init_args"]
+    assert encoder["window"] == 32 and encoder["n_channels"] == 12  # the variant's setting beside the twin's
+    trainer = variant["trainer"]
+    assert trainer["log_every_n_steps"] == 10 and trainer["max_epochs"] == 8  # base/defaults.yaml, the twin
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in trainer["callbacks"]] == [
+        "JSONLPredictionWriter", "BestCheckpoint", "ExactResume"]
+
+
+def test_a_config_including_itself_or_a_missing_file_is_named(tmp_path):
+    from mmclin.errors import ConfigError
+
+    (tmp_path / "a.yaml").write_text("config: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("config: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: config: includes itself"):
+        build_cli(["-c", str(tmp_path / "a.yaml")], run=False)
+    (tmp_path / "c.yaml").write_text("config: base/nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: config: 'base/nowhere.yaml' not found"):
+        build_cli(["-c", str(tmp_path / "c.yaml")], run=False)
+
+
+def test_the_logger_writes_under_the_run_directory_unless_told_otherwise(demo_cache, tmp_path):
+    cli = build_cli(["-c", str(CONFIGS / "derm-clip.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")],
+                    run=False)
+    assert cli.trainer.logger.save_dir == str(tmp_path / "run")
+    assert _resolved("-c", str(CONFIGS / "derm-clip.yaml"))["trainer"]["default_root_dir"] == "runs/derm-clip"
+    cli = build_cli(["-c", str(CONFIGS / "derm-clip.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
+                     "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")], run=False)
+    assert cli.trainer.logger.save_dir == str(tmp_path / "logs")

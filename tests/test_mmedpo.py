@@ -306,6 +306,9 @@ def test_ecg_pairs_from_the_models_answers_and_another_record(demo_cache, tmp_pa
     _one_step(cli)
     data = cli.datamodule
     assert data.base.hparams.demo_records == 120  # the command line reaches the base datamodule
+    # the config names no base: it is the data the supervised checkpoint records, and the run records it in turn
+    assert data.hparams.base["class_path"] == "datamodules.ecg_qa_data.ECGQADataModule"
+    assert data.hparams.init_from == str(ckpt)
     train = data.base.datasets["train"]
     kinds = {p.kind for p in data.train_pairs}
     assert kinds == {"lesion_noise", "own_answer", "other_input"}, (kinds, dict(data.skipped))
