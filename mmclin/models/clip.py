@@ -13,11 +13,9 @@ import lightning as L
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 from sklearn.metrics import confusion_matrix
-from timm.optim import param_groups_weight_decay
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import default_collate
 from torchvision import transforms
-from transformers import get_cosine_schedule_with_warmup
 
 from mmclin.checkpoints import load_module
 from mmclin.contracts import ClinicalDataModule, Servable
@@ -26,6 +24,7 @@ from mmclin.errors import CheckpointError, ConfigError
 from mmclin.export import ExportConfig, load_own_tensors
 from mmclin.models.clip_losses import UniCLLoss
 from mmclin.models.open_clip_build import build_open_clip
+from mmclin.models.optim import adamw_cosine
 from mmclin.plots import log_figure, plot_confusion_matrix, plot_roc_curves
 from mmclin.tasks.zero_shot import (
     classification_metrics,
@@ -41,7 +40,7 @@ class CLIPModule(Servable, L.LightningModule):
     """Contrastive image-text training (CLIP or SigLIP loss) around any open_clip model.
 
     Validation logs zero-shot classification (``val/zs_acc``, ``val/zs_bacc``, ``val/zs_auroc``) with a
-    prompt-template ensemble over ``classnames`` (linked from the datamodule), and image<->text
+    prompt-template ensemble over ``classnames`` (by default the datamodule's), and image<->text
     retrieval (``val/i2t_r{1,5,10}``, ``val/t2i_r{1,5,10}``) over the whole validation split.
     """
 
@@ -83,7 +82,8 @@ class CLIPModule(Servable, L.LightningModule):
             warmup: linear warm-up length: a fraction of the total steps if < 1, else a number of steps.
             grad_checkpointing: recompute activations in the backward pass to save memory.
             aug_cfg: open_clip AugmentationCfg fields for the training transform (scale, color_jitter, ...).
-            classnames: zero-shot class names in label order (linked from the datamodule).
+            classnames: zero-shot class names in label order; default the datamodule's, taken at ``setup`` and
+                recorded in the checkpoint's hyper-parameters (``mmclin predict`` names its classes from them).
             templates: prompt templates: a set name (``derm``) or a list of strings with one ``{}``.
             sdpa_backend: attention kernel; ``auto`` uses the math kernel for bf16 on CPU, where the
                 fused kernels' backward is slower (see docs/benchmarks.md), and the default elsewhere.
@@ -131,8 +131,11 @@ class CLIPModule(Servable, L.LightningModule):
             self.connect_data(self.trainer.datamodule)
 
     def connect_data(self, datamodule: ClinicalDataModule) -> None:
-        """The datamodule's images and captions go through this model's transforms and tokenizer."""
+        """The datamodule's images and captions go through this model's transforms and tokenizer; without class
+        names of its own, the model takes the datamodule's."""
         datamodule.connect(transforms=(self.train_transform, self.eval_transform), tokenizer=self.tokenizer)
+        if self.hparams.classnames is None and datamodule.classnames is not None:
+            self.hparams.classnames = list(datamodule.classnames)
 
     def study_batch(self, items: list[dict]) -> dict:
         return default_collate(items)
@@ -199,15 +202,11 @@ class CLIPModule(Servable, L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        groups = param_groups_weight_decay(self.model, h.weight_decay)  # as open_clip_train: no decay on 1-D
         # The fused kernel updates all tensors in one pass: ~9x faster optimizer step than foreach on CPU
         # for the demo model (docs/benchmarks.md); it needs every parameter on CPU or CUDA as a plain tensor.
         fused = all(p.device.type in ("cpu", "cuda") and type(p.data) is torch.Tensor for p in self.parameters())
-        optimizer = torch.optim.AdamW(groups, lr=h.lr, betas=h.betas, eps=h.eps, fused=fused)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(h.warmup * total) if h.warmup < 1 else int(h.warmup)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # as open_clip_train: no weight decay on 1-D parameters
+        return adamw_cosine(self, h.lr, h.weight_decay, h.warmup, h.betas, h.eps, decay_1d=False, fused=fused)
 
     # -- validation: zero-shot and retrieval over the whole split -------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -230,9 +229,14 @@ class CLIPModule(Servable, L.LightningModule):
 
     # -- prediction: zero-shot class probabilities per image ------------------------------------------
     def on_predict_epoch_start(self) -> None:
+        self._classifier = self.zero_shot_classes()
+
+    def zero_shot_classes(self) -> torch.Tensor | None:
+        """(D, K) class embeddings of ``classnames`` under the current weights (prompt-template ensemble), or None
+        without class names."""
         names = self.hparams.classnames
-        self._classifier = zero_shot_classifier(self.model, self.tokenizer, names, self.hparams.templates,
-                                                self.device).float() if names else None
+        return zero_shot_classifier(self.model, self.tokenizer, names, self.hparams.templates,
+                                    self.device).float() if names else None
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict]:
@@ -258,24 +262,26 @@ class CLIPModule(Servable, L.LightningModule):
             return
         local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in ("image", "text", "label")}
         gathered = gather_in_order(self, local)
-        metrics = evaluate_embeddings(self, gathered["image"], gathered["text"], gathered["label"])
+        # The text tower runs over every class name and template: once per split end, shared by the figures below.
+        classifier = self.zero_shot_classes() if (gathered["label"] >= 0).any() else None
+        metrics = evaluate_embeddings(self, gathered["image"], gathered["text"], gathered["label"], classifier)
         if prefix == "test":
-            metrics.update(test_figures(self, gathered["image"], gathered["label"]))
+            metrics.update(test_figures(self, gathered["image"], gathered["label"], classifier))
         if not self.trainer.sanity_checking:
-            zero_shot_figures(self, prefix, gathered["image"], gathered["label"])
+            zero_shot_figures(self, prefix, gathered["image"], gathered["label"], classifier)
         # Every process holds the gathered split, so all compute (and log) the same figures; callbacks such
         # as ModelCheckpoint then find the monitored metric on every rank.
         self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self._val_outputs = []
 
 
-def zero_shot_figures(module: CLIPModule, prefix: str, image: torch.Tensor, label: torch.Tensor) -> None:
-    """Zero-shot confusion matrix and one-vs-rest ROC curves of a split, to the run's logger and its plots/."""
+def zero_shot_figures(module: CLIPModule, prefix: str, image: torch.Tensor, label: torch.Tensor,
+                      classifier: torch.Tensor | None) -> None:
+    """Zero-shot confusion matrix and one-vs-rest ROC curves of a split, to the run's logger and its plots/;
+    `classifier` is :meth:`CLIPModule.zero_shot_classes` (None: nothing to draw)."""
     names, has_label = module.hparams.classnames, label >= 0
-    if not names or not has_label.any():
+    if classifier is None or not has_label.any():
         return
-    classifier = zero_shot_classifier(module.model, module.tokenizer, names, module.hparams.templates,
-                                      module.device).float()
     scores = (image[has_label] @ classifier).cpu().numpy()
     truth = label[has_label].cpu().numpy()
     matrix = confusion_matrix(truth, scores.argmax(1), labels=range(len(names)))
@@ -284,26 +290,26 @@ def zero_shot_figures(module: CLIPModule, prefix: str, image: torch.Tensor, labe
     log_figure(module, f"{prefix}/zero_shot_roc", plot_roc_curves(scores, truth, names, f"{prefix}: zero-shot ROC"))
 
 
-def test_figures(module: CLIPModule, image: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+def test_figures(module: CLIPModule, image: torch.Tensor, label: torch.Tensor,
+                 classifier: torch.Tensor | None) -> dict[str, float]:
     """Zero-shot balanced accuracy, macro AUROC and the configured two-class AUROCs with bootstrap 95% intervals,
-    and each class's recall (:func:`mmclin.tasks.zero_shot.zero_shot_figures_with_ci`)."""
+    and each class's recall (:func:`mmclin.tasks.zero_shot.zero_shot_figures_with_ci`); `classifier` as in
+    :func:`zero_shot_figures`."""
     names, has_label = module.hparams.classnames, label >= 0
-    if not names or not has_label.any():
+    if classifier is None or not has_label.any():
         return {}
-    classifier = zero_shot_classifier(module.model, module.tokenizer, names, module.hparams.templates,
-                                      module.device).float()
     return zero_shot_figures_with_ci(image[has_label] @ classifier, label[has_label], names,
                                      module.hparams.binary_aurocs)
 
 
-def evaluate_embeddings(module: CLIPModule, image: torch.Tensor, text: torch.Tensor, label: torch.Tensor) -> dict:
-    """Retrieval recall@K, and zero-shot figures where the module has classnames and rows have labels."""
+def evaluate_embeddings(module: CLIPModule, image: torch.Tensor, text: torch.Tensor, label: torch.Tensor,
+                        classifier: torch.Tensor | None) -> dict:
+    """Retrieval recall@K, and zero-shot figures where there is a `classifier` (as in :func:`zero_shot_figures`)
+    and rows have labels."""
     metrics = retrieval_metrics(image, text)
     names = module.hparams.classnames
     has_label = label >= 0
-    if names and has_label.any():
-        classifier = zero_shot_classifier(module.model, module.tokenizer, names, module.hparams.templates,
-                                          module.device).float()
+    if classifier is not None and has_label.any():
         scores = image[has_label] @ classifier
         zs = classification_metrics(scores, label[has_label], names)
         metrics.update(zs_acc=zs["accuracy"], zs_bacc=zs["balanced_accuracy"], zs_auroc=zs["macro_auroc"])
