@@ -395,7 +395,8 @@ def test_a_new_fusion_is_a_class_only_it_trains_a_step_and_generates(tmp_path):
     samples = [{"series": [torch.randn(1, 64, generator=generator)], "question": "Is the rhythm slow or fast?",
                 "answer": answer, "choices": ["slow", "fast"]} for answer in ("slow", "fast")]
     loader = DataLoader(samples, batch_size=2, collate_fn=model.collator)
-    trainer = L.Trainer(accelerator="cpu", fast_dev_run=1, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", fast_dev_run=1, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
     trainer.fit(model, loader, loader)  # one training step, then validation: generation and choice ranking
 
     assert not torch.equal(model.fusion.gain.detach(), torch.ones(32))  # the fusion's parameter trained
