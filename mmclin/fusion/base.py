@@ -66,16 +66,9 @@ class Fusion(nn.Module, ABC):
         """
 
     @abstractmethod
-    def fuse(
-        self,
-        lm: nn.Module,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        media: MediaTokens,
-        media_token_id: int,
-        labels: Tensor | None = None,
-        padding_side: Literal["right", "left"] = "right",
-    ) -> AbstractContextManager[FusedInputs]:
+    def fuse(self, lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, media: MediaTokens, media_token_id: int,
+             labels: Tensor | None = None,
+             padding_side: Literal["right", "left"] = "right") -> AbstractContextManager[FusedInputs]:
         """``with fusion.fuse(...) as fused: lm(**fields)`` or ``lm.generate(...)``: the LM's inputs for text
         with media, valid for the LM calls made inside the block (every step of a cached generation included).
 

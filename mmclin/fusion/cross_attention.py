@@ -208,16 +208,8 @@ class CrossAttentionFusion(Fusion):
             self._handles.append(layers[index].register_forward_pre_hook(_PreHook(self, block), with_kwargs=True))
 
     @contextlib.contextmanager
-    def fuse(
-        self,
-        lm: nn.Module,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        media: MediaTokens,
-        media_token_id: int,
-        labels: Tensor | None = None,
-        padding_side: Literal["right", "left"] = "right",
-    ) -> Iterator[FusedInputs]:
+    def fuse(self, lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, media: MediaTokens, media_token_id: int,
+             labels: Tensor | None = None, padding_side: Literal["right", "left"] = "right") -> Iterator[FusedInputs]:
         """See :meth:`Fusion.fuse`; the text goes to the LM as it is (placeholders included, padding kept), and
         the blocks read the media while the block lasts."""
         positions = placeholder_positions(input_ids, media_token_id, media.present, attention_mask)

@@ -170,16 +170,8 @@ class SoftPromptFusion(Fusion):
     """
 
     @contextlib.contextmanager
-    def fuse(
-        self,
-        lm: nn.Module,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        media: MediaTokens,
-        media_token_id: int,
-        labels: Tensor | None = None,
-        padding_side: Literal["right", "left"] = "right",
-    ) -> Iterator[FusedInputs]:
+    def fuse(self, lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, media: MediaTokens, media_token_id: int,
+             labels: Tensor | None = None, padding_side: Literal["right", "left"] = "right") -> Iterator[FusedInputs]:
         """See :meth:`Fusion.fuse`; rows grow by their media's valid tokens, less one per placeholder."""
         yield splice_media(input_ids, lm.get_input_embeddings(), media_token_id, media.tokens, media.mask,
                            attention_mask, labels, padding_side)
