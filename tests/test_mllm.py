@@ -139,6 +139,13 @@ def test_tokenizer_fitted_on_the_corpus_is_shorter_and_comes_back_from_the_check
         got = loaded.lm_forward(batch["input_ids"], batch["attention_mask"], loaded.batch_media(batch))[0].logits
     torch.testing.assert_close(got, expected)
 
+    # `lightning predict --ckpt_path`: the fitted tokenizer arrives after setup connected the data; batches use it
+    fresh = MultimodalLM({"series": PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=16, n_layers=1,
+                                                            n_heads=2)}, lm=tiny_lm, tokenizer_vocab=300)
+    rows = trainer.predict(fresh, datamodule=_SeriesData(), ckpt_path=trainer.checkpoint_callback.best_model_path,
+                           weights_only=False)  # (the encoders given as objects are pickled in its settings)
+    assert fresh.tokenizer.get_vocab() == tok.get_vocab() and len(rows[0]) == 4
+
 
 def test_tokenizer_vocab_needs_a_tiny_lm_and_a_corpus():
     encoder = PatchTransformerEncoder(n_channels=1, patch_size=16, d_model=16, n_layers=1, n_heads=2)

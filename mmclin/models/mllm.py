@@ -190,7 +190,12 @@ class MultimodalLM(Servable, L.LightningModule):
         self.connect_data(datamodule)
 
     def connect_data(self, datamodule: ClinicalDataModule) -> None:
-        datamodule.connect(collator=self.collator)
+        datamodule.connect(collator=self.collate)
+
+    def collate(self, samples: list[dict]) -> dict:
+        """The batch of `samples` by the model's current collator: a checkpoint's fitted tokenizer replaces it after
+        ``setup`` (``lightning predict --ckpt_path``), so the datamodule holds this, not the collator of the moment."""
+        return self.collator(samples)
 
     def study_batch(self, items: list[dict]) -> dict:
         return self.collator(items)

@@ -286,7 +286,12 @@ class ReportChecker(Servable, L.LightningModule):
         self.connect_data(datamodule)
 
     def connect_data(self, datamodule: ClinicalDataModule) -> None:
-        datamodule.connect(collator=self.collator)
+        datamodule.connect(collator=self.collate)
+
+    def collate(self, samples: list[dict]) -> dict:
+        """The batch of `samples` by the model's current collator: a checkpoint's vocabulary rebuilds it after
+        ``setup`` (``on_load_checkpoint``), so the datamodule holds this, not the collator of the moment."""
+        return self.collator(samples)
 
     def study_data(self) -> dict:
         """Reports read as text (a checker trained without LightningCLI records no datamodule)."""
