@@ -202,9 +202,14 @@ class PreferenceDataModule(ClinicalDataModule):
         super().connect(collator, transforms, tokenizer, answerer)
         self.base.connect(collator, transforms, tokenizer)
 
+    def study_item(self, path: str | os.PathLike, question: str | None = None,
+                   choices: list[str] | None = None) -> dict:
+        """A study of a user's, read by the base."""
+        return self.base.study_item(path, question, choices)
+
     def study_items(self, path: str | os.PathLike, question: str | None = None,
                     choices: list[str] | None = None) -> list[dict]:
-        """A study of a user's, read by the base."""
+        """A study of a user's, read by the base (several samples where the base splits it)."""
         return self.base.study_items(path, question, choices)
 
     def prepare_data(self) -> None:

@@ -206,3 +206,20 @@ def test_a_new_model_kind_trains_exports_and_reloads(tmp_path, monkeypatch):
     export_module(model, checkpoint, tmp_path / "export")
     reloaded, _ = load_exported(tmp_path / "export")
     torch.testing.assert_close(reference_outputs(reloaded), reference_outputs(model))
+
+
+def test_preference_data_reads_a_study_as_its_base_does(tmp_path):
+    from PIL import Image
+
+    from datamodules.fundus import FundusReportDataModule
+    from datamodules.preference import PreferenceDataModule
+
+    photo = tmp_path / "fundus.png"
+    Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(photo)
+    settings = {"image_size": 32, "crop_border": False}
+    pairs = PreferenceDataModule(base={"class_path": "datamodules.fundus.FundusReportDataModule",
+                                       "init_args": settings})
+    expected = FundusReportDataModule(**settings).study_item(photo)
+    for got in (pairs.study_item(photo), *pairs.study_items(photo)):
+        torch.testing.assert_close(got["image"][0], expected["image"][0])
+        assert got["question"] == expected["question"]
