@@ -69,19 +69,6 @@ def _check_question(study: dict, where: str) -> None:
         raise DataError(f"{where}: 'choices' lists an answer twice: {choices!r}")
 
 
-class StudyDataset(Dataset):
-    """The studies of a prediction list, each read by the datamodule's `read` (its ``read_study``)."""
-
-    def __init__(self, studies: list[dict], read: Callable[[dict], dict]) -> None:
-        self.studies, self.read = studies, read
-
-    def __len__(self) -> int:
-        return len(self.studies)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.read(self.studies[i])
-
-
 def split_loader(dataset: Dataset, train: bool, trainer: L.Trainer | None, hparams: Any, weights: Any = None,
                  collate_fn: Callable | None = None) -> DataLoader:
     """The loader of one split, exact under resume and under several processes.

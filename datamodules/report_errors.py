@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.loaders import read_studies, split_loader
+from datamodules.loaders import read_studies
 from datamodules.reports import content_key, duplicate_groups, split_studies
 from datamodules.synthetic.cxr import REPORTS_CSV, generate_cxr_demo
 from mmclin.contracts import QADataModule
@@ -317,8 +317,7 @@ class ReportErrorDataModule(QADataModule):
                 raise DataError(f"{path}: no .txt reports in the folder")
         else:
             studies = read_studies(path) if path.suffix == ".jsonl" else [{"input": str(path)}]
-        items = [item for study in studies for item in self.read_study_items(study)]
-        return split_loader(items, False, self.trainer, self.hparams, collate_fn=self.study_collate())
+        return self.study_loader(studies)
 
     def read_study_items(self, study: dict) -> list[dict]:
         return [self.study_item(study["input"], image=study.get("image"))]

@@ -190,12 +190,18 @@ class ClinicalDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Every sample of every study of the ``predict`` setting when the datamodule has one (see
         :func:`datamodules.loaders.read_studies`), read by :meth:`read_study_items`; else the test split."""
-        from datamodules.loaders import read_studies, split_loader
+        from datamodules.loaders import read_studies
 
         spec = self.hparams.get("predict")  # a setting of the datamodules that predict from a list of studies
         if not spec:
             return self._loader("test", train=False)
-        items = [item for study in read_studies(spec) for item in self.read_study_items(study)]
+        return self.study_loader(read_studies(spec))
+
+    def study_loader(self, studies: list[dict]) -> DataLoader:
+        """Every sample of `studies` (``{"input", ...}`` rows, each read by :meth:`read_study_items`), in order."""
+        from datamodules.loaders import split_loader
+
+        items = [item for study in studies for item in self.read_study_items(study)]
         return split_loader(items, False, self.trainer, self.hparams, collate_fn=self.study_collate())
 
     def model_batches(self, dataset: Dataset, split: str, train: bool, source: object, unit: str,
